@@ -1,0 +1,71 @@
+"""The adapter interface: every architecture difference the algorithm needs, in one place.
+
+The transform, calibration and runtime speak only of *roles* (the attention input, the linears
+that read it, the matrix whose right-singular vectors give its basis, ...). An adapter maps those
+roles to the tensor names of one model family. Adding a family means adding one small file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Rows ``start:stop`` of a (possibly fused) weight matrix."""
+
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Tensor names of one decoder-only family, relative to ``{layers_prefix}.{i}.``.
+
+    ``attn_inputs``/``mlp_inputs`` read the normalized residual; ``attn_output``/``mlp_output``
+    write into it. ``*_basis`` name the linear (and the rows of it, for fused projections) whose
+    right-singular vectors become the sub-block's input basis.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    attn_inputs: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    attn_output: str = "self_attn.o_proj"
+    mlp_inputs: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
+    mlp_output: str = "mlp.down_proj"
+    attn_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    attn_module: str = "self_attn"
+    mlp_module: str = "mlp"
+    embed: str = "model.embed_tokens.weight"
+    final_norm: str = "model.norm.weight"
+    lm_head: str = "lm_head.weight"
+    layers_prefix: str = "model.layers"
+
+    def attn_basis(self, config: Any) -> tuple[str, Slice | None]:
+        """The matrix (and rows) whose V rotates the attention input: k_proj."""
+        return "self_attn.k_proj", None
+
+    def mlp_basis(self, config: Any) -> tuple[str, Slice | None]:
+        """The matrix (and rows) whose V rotates the MLP input: gate_proj."""
+        return "mlp.gate_proj", None
+
+    def gated_linears(self) -> tuple[str, ...]:
+        """Every linear whose input is gated, in layer order."""
+        return (*self.attn_inputs, self.attn_output, *self.mlp_inputs, self.mlp_output)
+
+    def linear_outputs(self, name: str, config: Any) -> tuple[tuple[str, int], ...]:
+        """The logical matrices stacked in a (possibly fused) linear, with their row counts.
+
+        Unfused linears hold one matrix named after their last component.
+        """
+        return ((name.rsplit(".", 1)[-1], -1),)
+
+    def splits(self, name: str, config: Any, out_features: int) -> list[int]:
+        """Row counts of the matrices stacked in linear ``name`` (``[out_features]`` if unfused)."""
+        parts = self.linear_outputs(name, config)
+        return [out_features] if parts[0][1] == -1 else [rows for _, rows in parts]
+
+    def layer_key(self, layer: int, name: str) -> str:
+        return f"{self.layers_prefix}.{layer}.{name}"

@@ -1,0 +1,173 @@
+"""Turning a sidecar into thresholds, and the swaps that make a transformers model sparse.
+
+Sidecar tensors (all float32), for every gated linear ``M`` (full module name) with ``P`` stacked
+matrices (1, or 3 for a fused qkv_proj):
+
+* ``M.column_norms``  ``[P, in]``  ``||W[:, i]||`` of each matrix, the WINA weights;
+* ``M.quantiles``     ``[P, Q]``   score quantiles at ``meta["quantile_levels"]`` (after calibration);
+* ``{layer}.allocation`` ``[A, G]`` the sparsity of each of the layer's ``G`` gates when the layer
+  as a whole is at ``meta["allocation_levels"][a]`` (uniform allocation: every column equals the
+  levels).
+
+The threshold of a matrix at its sparsity ``s`` is the ``s``-quantile ``t`` of its scores; the
+per-channel threshold is ``t / column_norms`` for WINA (``|x_i| c_i > t``) and ``t`` for TEAL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..arch import Adapter
+from ..errors import WinaError
+from .modules import GatedLinear
+
+MAX_SPARSITY = 0.9
+
+
+def interp(x: float | torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation of ``ys`` (``[..., len(xs)]``) at ``x``, clamped to the ends."""
+    x = torch.as_tensor(x, dtype=torch.float64).clamp(float(xs[0]), float(xs[-1]))
+    hi = int(torch.searchsorted(xs, x.reshape(1), right=False).clamp(1, len(xs) - 1))
+    lo = hi - 1
+    w = ((x - xs[lo]) / (xs[hi] - xs[lo])).to(ys.dtype) if xs[hi] > xs[lo] else torch.zeros((), dtype=ys.dtype)
+    return ys[..., lo] + w * (ys[..., hi] - ys[..., lo])
+
+
+@dataclass
+class GateTable:
+    """Everything needed to derive one gated linear's thresholds at any sparsity."""
+
+    module: str
+    column_norms: torch.Tensor  # [P, in]
+    quantiles: torch.Tensor | None  # [P, Q]
+
+    def thresholds(self, sparsities: torch.Tensor, levels: torch.Tensor, method: str) -> torch.Tensor:
+        """Per-channel thresholds ``[P, in]`` for the per-matrix sparsities ``[P]``."""
+        rows = []
+        for p, s in enumerate(sparsities.tolist()):
+            if s <= 0:
+                rows.append(torch.zeros_like(self.column_norms[p]))
+                continue
+            if self.quantiles is None:
+                raise WinaError("this checkpoint is not calibrated: only sparsity 0 is available (convert with calibration)")
+            t = float(interp(s, levels, self.quantiles[p].to(torch.float64)))
+            if method == "teal":
+                rows.append(torch.full_like(self.column_norms[p], t))
+            else:
+                norms = self.column_norms[p]
+                rows.append(torch.where(norms > 0, t / norms.clamp_min(1e-30), torch.full_like(norms, float("inf"))))
+        return torch.stack(rows)
+
+
+def gate_modules(adapter: Adapter, num_layers: int) -> list[list[str]]:
+    """The full names of the gated linears, per layer."""
+    return [[adapter.layer_key(layer, name) for name in adapter.gated_linears()] for layer in range(num_layers)]
+
+
+def swap_gated_linears(model: nn.Module, modules: list[str], splits: dict[str, list[int]]) -> dict[str, GatedLinear]:
+    """Replace each named ``nn.Linear`` by a ``GatedLinear`` sharing its parameters."""
+    swapped = {}
+    for name in modules:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        gated = linear if isinstance(linear, GatedLinear) else GatedLinear(linear, splits[name])
+        setattr(parent, child, gated)
+        swapped[name] = gated
+    return swapped
+
+
+class WinaControl:
+    """``model.wina``: choose the sparsity, count what the gates zero, report it.
+
+    ``set_sparsity(s)`` derives every gate's thresholds from the sidecar (any ``s`` in
+    [0, 0.9], no recalibration); ``stats()`` gives the fraction of inputs zeroed per gate and the
+    parameter-weighted total since ``reset_stats()``.
+    """
+
+    def __init__(self, gates: dict[str, GatedLinear], tables: dict[str, GateTable], allocation: list[torch.Tensor | None],
+                 layers: list[list[str]], meta: dict[str, Any]):
+        self.gates = gates
+        self.tables = tables
+        self.allocation = allocation
+        self.layers = layers
+        self.meta = meta
+        self.method = meta.get("method", "wina")
+        self.quantile_levels = torch.tensor(meta.get("quantile_levels", [0.0, 1.0]), dtype=torch.float64)
+        self.allocation_levels = torch.tensor(meta.get("allocation_levels", [0.0, 1.0]), dtype=torch.float64)
+        self.sparsity = 0.0
+
+    @property
+    def target_sparsity(self) -> float:
+        return float(self.meta.get("target_sparsity") or 0.0)
+
+    @property
+    def calibrated(self) -> bool:
+        return all(t.quantiles is not None for t in self.tables.values())
+
+    def gate_sparsities(self, sparsity: float) -> dict[str, torch.Tensor]:
+        """Per gated linear, the sparsity of each stacked matrix when the model is at ``sparsity``."""
+        out = {}
+        for layer, names in enumerate(self.layers):
+            alloc = self.allocation[layer]
+            col = 0
+            for name in names:
+                parts = self.tables[name].column_norms.shape[0]
+                if alloc is None or sparsity <= 0:
+                    out[name] = torch.full((parts,), float(sparsity), dtype=torch.float64)
+                else:
+                    out[name] = interp(sparsity, self.allocation_levels, alloc[:, col : col + parts].T.to(torch.float64))
+                col += parts
+        return out
+
+    def set_sparsity(self, sparsity: float | None = None) -> float:
+        """Gate every linear for ``sparsity`` (None: the calibrated target). Returns it."""
+        if sparsity is None:
+            sparsity = self.target_sparsity
+        try:
+            sparsity = float(sparsity)
+        except (TypeError, ValueError) as e:
+            raise WinaError(f"sparsity must be a number in [0, {MAX_SPARSITY}], got {sparsity!r}") from e
+        if not 0.0 <= sparsity <= MAX_SPARSITY:
+            raise WinaError(f"sparsity must be in [0, {MAX_SPARSITY}], got {sparsity}")
+        if sparsity > 0 and not self.calibrated:
+            raise WinaError("this checkpoint is not calibrated: only sparsity 0 is available (convert it with calibration)")
+        for name, per_matrix in self.gate_sparsities(sparsity).items():
+            self.gates[name].set_thresholds(self.tables[name].thresholds(per_matrix, self.quantile_levels, self.method))
+        self.sparsity = sparsity
+        return sparsity
+
+    def set_gate_prefill(self, enabled: bool) -> None:
+        for gate in self.gates.values():
+            gate.gate_prefill = enabled
+
+    def reset_stats(self) -> None:
+        for gate in self.gates.values():
+            gate.reset_stats()
+
+    def stats(self) -> dict[str, Any]:
+        """Achieved sparsity: per gate (by module name), per role, and parameter-weighted overall."""
+        per_gate, by_role = {}, {}
+        total_w = total_zero = 0.0
+        for name, gate in self.gates.items():
+            if gate.tokens == 0:
+                continue
+            fractions = (gate.zeroed / (gate.tokens * gate.in_features)).tolist()
+            weights = [size * gate.in_features for size in gate.splits]
+            zero = sum(f * w for f, w in zip(fractions, weights))
+            per_gate[name] = zero / sum(weights)
+            role = name.rsplit(".", 1)[-1]
+            acc = by_role.setdefault(role, [0.0, 0.0])
+            acc[0] += zero
+            acc[1] += sum(weights)
+            total_zero += zero
+            total_w += sum(weights)
+        return {
+            "sparsity": total_zero / total_w if total_w else 0.0,
+            "by_role": {role: z / w for role, (z, w) in by_role.items()},
+            "per_gate": per_gate,
+        }

@@ -1,0 +1,192 @@
+"""``wina_convert.load``: a WINA checkpoint as a real transformers ``PreTrainedModel``, sparse."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..arch import Adapter, adapter_for
+from ..checkpoint import INDEX, SIDECAR, WINA_MODEL_TYPE, read_sidecar, read_wina_config, verify_checkpoint
+from ..errors import WinaError
+from ..transform import ATTN_SHORTCUT, MLP_SHORTCUT, column_norms
+from .gating import GateTable, WinaControl, gate_modules, swap_gated_linears
+from .modules import Shortcut, WinaDecoderLayer
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' warnings about the shortcut weights it does not know."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def base_config(config: dict[str, Any]) -> Any:
+    """The transformers config of the base architecture behind a WINA config.json."""
+    from transformers import AutoConfig
+
+    raw = {k: v for k, v in config.items() if k != "wina"}
+    wina = config.get("wina", {})
+    if raw.get("model_type") == WINA_MODEL_TYPE:
+        raw["model_type"] = wina["base_model_type"]
+        raw["architectures"] = wina.get("base_architectures")
+    raw.pop("auto_map", None)
+    with quiet_transformers():
+        return AutoConfig.for_model(**raw)
+
+
+def model_classes(config: Any) -> tuple[type, type, type]:
+    """``(XForCausalLM, XDecoderLayer, XRotaryEmbedding)`` of a config's family."""
+    from transformers import AutoModelForCausalLM
+
+    causal_lm = AutoModelForCausalLM._model_mapping[type(config)]
+    module = sys.modules[causal_lm.__module__]
+    prefix = causal_lm.__name__.removesuffix("ForCausalLM")
+    return causal_lm, getattr(module, f"{prefix}DecoderLayer"), getattr(module, f"{prefix}RotaryEmbedding")
+
+
+def layer_names(adapter: Adapter) -> dict[str, str]:
+    return {"attn_module": adapter.attn_module, "mlp_module": adapter.mlp_module,
+            "attn_norm": adapter.attn_norm, "mlp_norm": adapter.mlp_norm}
+
+
+def wrap_layer(layer: nn.Module, adapter: Adapter, dim: int) -> WinaDecoderLayer:
+    ref = next(layer.parameters())
+    shortcuts = (Shortcut(dim, device=ref.device, dtype=ref.dtype), Shortcut(dim, device=ref.device, dtype=ref.dtype))
+    return WinaDecoderLayer(layer, layer_names(adapter), shortcuts)
+
+
+def _read_tensors(directory: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
+    by_shard: dict[str, list[str]] = {}
+    for name in names:
+        if name not in weight_map:
+            raise WinaError(f"{directory} is missing tensor {name!r}: the checkpoint is incomplete or not from wina-convert")
+        by_shard.setdefault(weight_map[name], []).append(name)
+    out = {}
+    for shard, shard_names in by_shard.items():
+        with safe_open(str(directory / shard), framework="pt") as f:
+            out.update({n: f.get_tensor(n) for n in shard_names})
+    return out
+
+
+def attach_gates(model: nn.Module, adapter: Adapter, config: Any, sidecar: dict[str, torch.Tensor], meta: dict[str, Any]) -> WinaControl:
+    """Swap every gated linear for a ``GatedLinear`` and hang the control on ``model.wina``."""
+    layers = gate_modules(adapter, config.num_hidden_layers)
+    splits = {}
+    for layer in range(config.num_hidden_layers):
+        for name in adapter.gated_linears():
+            full = adapter.layer_key(layer, name)
+            splits[full] = adapter.splits(name, config, model.get_submodule(full).out_features)
+    gates = swap_gated_linears(model, [n for names in layers for n in names], splits)
+    tables = {}
+    for name, gate in gates.items():
+        norms = sidecar.get(f"{name}.column_norms")
+        if norms is None or tuple(norms.shape) != (len(gate.splits), gate.in_features):
+            raise WinaError(f"the sidecar does not match the weights: column norms of {name} are missing or of the wrong shape")
+        tables[name] = GateTable(name, norms.float(), sidecar.get(f"{name}.quantiles"))
+    allocation = [sidecar.get(f"{adapter.layers_prefix}.{layer}.allocation") for layer in range(config.num_hidden_layers)]
+    control = WinaControl(gates, tables, allocation, layers, meta)
+    model.wina = control
+    return control
+
+
+def check_sidecar(control: WinaControl, meta: dict[str, Any], num_layers: int) -> None:
+    """Refuse a sidecar that was edited by hand or belongs to other weights."""
+    if meta.get("num_layers") != num_layers:
+        raise WinaError(f"the sidecar is for {meta.get('num_layers')} layers but the weights have {num_layers}")
+    for name, gate in control.gates.items():
+        table = control.tables[name]
+        actual = column_norms(gate.weight.detach(), gate.splits)
+        if not torch.allclose(actual.cpu(), table.column_norms, rtol=1e-2, atol=1e-3):
+            raise WinaError(f"the sidecar does not match the weights: column norms of {name} differ (edited or from another model)")
+        q = table.quantiles
+        if q is not None and (not torch.isfinite(q).all() or (q.diff(dim=-1) < 0).any() or (q < 0).any()):
+            raise WinaError(f"the sidecar's quantile table of {name} is invalid (not finite, negative or decreasing)")
+    for layer, alloc in enumerate(control.allocation):
+        if alloc is not None and (not torch.isfinite(alloc).all() or (alloc < 0).any() or (alloc > 1).any()):
+            raise WinaError(f"the sidecar's allocation of layer {layer} is invalid (values must be in [0, 1])")
+
+
+def load(
+    model: str | Path,
+    sparsity: float | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    gate_prefill: bool = True,
+    revision: str | None = None,
+    token: str | None = None,
+    kernels: bool = True,
+) -> Any:
+    """Load a WINA checkpoint (directory or Hub id) as a transformers model, gated at ``sparsity``.
+
+    ``sparsity=None`` uses the calibrated target; any value in [0, 0.9] is derived from the
+    sidecar's quantile tables; 0 runs dense. ``gate_prefill`` decides whether prompt tokens are
+    gated too (decode tokens always are). On CUDA with triton the gated linears use the sparse
+    kernels (``kernels=False`` keeps the masking reference).
+    """
+    from ..checkpoint import parse_dtype
+
+    directory = _resolve(model, revision, token)
+    config_dict = read_wina_config(directory)
+    verify_checkpoint(directory, hashes=False)
+    sidecar, meta = read_sidecar(directory / SIDECAR)
+    config = base_config(config_dict)
+    adapter = adapter_for(config.model_type)
+    causal_lm, _, _ = model_classes(config)
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    with quiet_transformers():
+        try:
+            hf_model = causal_lm.from_pretrained(directory, config=config, dtype=torch_dtype or "auto")
+        except (OSError, ValueError, RuntimeError) as e:
+            raise WinaError(f"cannot load the weights of {directory}: {' '.join(str(e).split())[:300]}") from e
+    if config_dict["wina"].get("transform"):
+        _install_shortcuts(hf_model, adapter, config, directory)
+    control = attach_gates(hf_model, adapter, config, sidecar, meta)
+    check_sidecar(control, meta, config.num_hidden_layers)
+    hf_model.to(device)
+    hf_model.eval()
+    control.set_gate_prefill(gate_prefill)
+    control.set_sparsity(sparsity)
+    if kernels:
+        from .kernels_hook import enable_kernels
+
+        enable_kernels(control)
+    return hf_model
+
+
+def _install_shortcuts(model: nn.Module, adapter: Adapter, config: Any, directory: Path) -> None:
+    layers = model.get_submodule(adapter.layers_prefix)
+    names = [f"{adapter.layers_prefix}.{i}.{s}" for i in range(config.num_hidden_layers) for s in (ATTN_SHORTCUT, MLP_SHORTCUT)]
+    tensors = _read_tensors(directory, names)
+    for i in range(config.num_hidden_layers):
+        wrapped = wrap_layer(layers[i], adapter, config.hidden_size)
+        dtype = wrapped.attn_shortcut.weight.dtype
+        with torch.no_grad():
+            wrapped.attn_shortcut.weight.copy_(tensors[f"{adapter.layers_prefix}.{i}.{ATTN_SHORTCUT}"].to(dtype))
+            wrapped.mlp_shortcut.weight.copy_(tensors[f"{adapter.layers_prefix}.{i}.{MLP_SHORTCUT}"].to(dtype))
+        layers[i] = wrapped
+
+
+def _resolve(model: str | Path, revision: str | None, token: str | None) -> Path:
+    path = Path(str(model)).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or str(model).startswith((".", "/", "~")):
+        raise WinaError(f"no such checkpoint directory: {model}")
+    from ..hub import resolve_model
+
+    return resolve_model(str(model), revision=revision, token=token, purpose="load")

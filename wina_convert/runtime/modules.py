@@ -1,0 +1,111 @@
+"""The modules swapped into a transformers model (gpt-fast style): gated linears, shortcut layers.
+
+``GatedLinear`` replaces an ``nn.Linear``: input channel ``i`` of a token is kept when
+``|x_i| > thresholds[i]``, where ``thresholds = t / column_norms`` (WINA) or ``t`` (TEAL). A fused
+linear (Phi-3's qkv_proj) stacks several matrices, each with its own threshold row.
+``WinaDecoderLayer`` replaces a decoder layer of a transformed model: the same submodules plus the
+two shortcut rotations that move the residual stream between the attention and MLP bases.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Signature of a fast kernel: (x, gated_linear) -> y, or None to fall back to the reference.
+Kernel = Callable[[torch.Tensor, "GatedLinear"], "torch.Tensor | None"]
+
+
+class GatedLinear(nn.Module):
+    """``y = (x * [|x| > thresholds]) W^T + b``, counting how many inputs it zeroes.
+
+    ``splits`` are the output sizes of the stacked matrices (one entry for a plain linear);
+    ``thresholds`` has one row per matrix. Prompt tokens (more than one position per sequence)
+    are gated only when ``gate_prefill`` is set.
+    """
+
+    def __init__(self, linear: nn.Linear, splits: list[int]):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.splits = list(splits)
+        self.register_buffer("thresholds", torch.zeros(len(splits), self.in_features, device=linear.weight.device), persistent=False)
+        self.active = False
+        self.gate_prefill = True
+        self.counting = True
+        self.kernel: Kernel | None = None
+        self.register_buffer("zeroed", torch.zeros(len(splits), dtype=torch.float64, device=linear.weight.device), persistent=False)
+        self.tokens = 0
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, splits={self.splits}, active={self.active}"
+
+    def set_thresholds(self, thresholds: torch.Tensor) -> None:
+        """Per-channel thresholds ``[len(splits), in]``; all zeros (or ``active=False``) is dense."""
+        self.thresholds = thresholds.to(device=self.weight.device, dtype=torch.float32).reshape(len(self.splits), -1)
+        self.active = bool((self.thresholds > 0).any())
+
+    def reset_stats(self) -> None:
+        self.zeroed.zero_()
+        self.tokens = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active or (x.dim() > 2 and x.shape[-2] > 1 and not self.gate_prefill):
+            return F.linear(x, self.weight, self.bias)
+        if self.kernel is not None and not self.counting:
+            y = self.kernel(x, self)
+            if y is not None:
+                return y
+        keep = x.abs().unsqueeze(-2) > self.thresholds  # [..., n_mats, in]
+        if self.counting:
+            flat = keep.reshape(-1, len(self.splits), self.in_features)
+            self.zeroed += (~flat).sum(dim=(0, 2)).to(torch.float64)
+            self.tokens += flat.shape[0]
+        if len(self.splits) == 1:
+            return F.linear(x * keep[..., 0, :], self.weight, self.bias)
+        outs, start = [], 0
+        for m, size in enumerate(self.splits):
+            bias = None if self.bias is None else self.bias[start : start + size]
+            outs.append(F.linear(x * keep[..., m, :], self.weight[start : start + size], bias))
+            start += size
+        return torch.cat(outs, dim=-1)
+
+
+class Shortcut(nn.Linear):
+    """The rotation of the residual stream between two bases (a ``d x d`` orthogonal matrix)."""
+
+    def __init__(self, dim: int, device=None, dtype=None):
+        super().__init__(dim, dim, bias=False, device=device, dtype=dtype)
+
+
+class WinaDecoderLayer(nn.Module):
+    """A pre-norm decoder layer whose residual changes basis around each sub-block.
+
+    ``h -> attn_shortcut(h) + attn(norm1(h))`` then ``h -> mlp_shortcut(h) + mlp(norm2(h))``.
+    It takes over the original layer's submodules, so parameter names (and the checkpoint) are
+    the original ones plus ``attn_shortcut`` / ``mlp_shortcut``. Residual dropouts (Phi-3) are
+    dropped: WINA checkpoints are for inference.
+    """
+
+    def __init__(self, layer: nn.Module, names: dict[str, str], shortcuts: tuple[Shortcut, Shortcut]):
+        super().__init__()
+        for name, child in layer.named_children():
+            self.add_module(name, child)
+        for attr in ("attention_type", "layer_idx", "hidden_size"):
+            if hasattr(layer, attr):
+                setattr(self, attr, getattr(layer, attr))
+        self._names = names
+        self.attn_shortcut, self.mlp_shortcut = shortcuts
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs):
+        n = self._names
+        residual = self.attn_shortcut(hidden_states)
+        attn_out = getattr(self, n["attn_module"])(hidden_states=getattr(self, n["attn_norm"])(hidden_states), **kwargs)
+        hidden_states = residual + (attn_out[0] if isinstance(attn_out, tuple) else attn_out)
+        residual = self.mlp_shortcut(hidden_states)
+        hidden_states = residual + getattr(self, n["mlp_module"])(getattr(self, n["mlp_norm"])(hidden_states))
+        return hidden_states
