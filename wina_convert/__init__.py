@@ -15,7 +15,7 @@ __all__ = ["WinaError", "__version__", "convert", "load", "evaluate", "push"]
 
 def __getattr__(name: str):
     if name == "evaluate":
-        from .evaluate import evaluate
+        from .perplexity import evaluate
 
         return evaluate
     if name == "push":

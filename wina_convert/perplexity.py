@@ -1,0 +1,124 @@
+"""``wina eval``: dense vs sparse perplexity on held-out text, and the sparsity actually achieved."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import WinaError
+
+HELDOUT = Path(__file__).resolve().parent.parent / "calibration" / "heldout"
+DEFAULT_EVAL_TOKENS = 8192
+
+
+def heldout_texts(text: str | os.PathLike | None) -> tuple[list[str], str]:
+    """The evaluation text: a file or directory, else the held-out part of the bundled set."""
+    from .calibrate import _read_path
+
+    if text is None:
+        if not HELDOUT.is_dir():
+            raise WinaError(f"the bundled held-out text is missing ({HELDOUT}): pass --text FILE")
+        return _read_path(HELDOUT), "bundled:calibration/heldout"
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise WinaError(f"evaluation text not found: {text}")
+    return _read_path(path), str(path)
+
+
+def eval_windows(tokenizer: Any, texts: list[str], seq_len: int, max_tokens: int) -> torch.Tensor:
+    """Consecutive ``seq_len`` windows of the text (documents joined by EOS), at most ``max_tokens``."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    stream: list[int] = []
+    for t in texts:
+        stream.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        stream.append(eos)
+        if len(stream) >= max_tokens:
+            break
+    stream = stream[:max_tokens]
+    count = len(stream) // seq_len
+    if count == 0:
+        raise WinaError(f"evaluation text too short: {len(stream)} tokens, need at least --seq-len {seq_len}")
+    return torch.tensor(stream[: count * seq_len]).reshape(count, seq_len)
+
+
+@torch.no_grad()
+def perplexity(model: Any, windows: torch.Tensor, batch: int = 4) -> float:
+    """exp of the mean next-token loss over all windows."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, windows.shape[0], batch):
+        ids = windows[start : start + batch].to(device)
+        logits = model(ids).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        total += float(loss)
+        count += ids[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def evaluate(
+    model: str | os.PathLike | Any,
+    *,
+    text: str | os.PathLike | None = None,
+    sparsity: float | None = None,
+    seq_len: int = 512,
+    max_tokens: int = DEFAULT_EVAL_TOKENS,
+    device: str = "cpu",
+    dtype: str | None = None,
+) -> dict[str, Any]:
+    """Dense and sparse perplexity of a WINA checkpoint (path, Hub id, or a loaded model).
+
+    Every token is gated (prompt tokens too), as TEAL and WINA measure perplexity. Returns
+    ``dense_perplexity``, ``perplexity``, ``ratio``, ``sparsity`` (parameter-weighted fraction of
+    weight columns skipped), ``by_role``, ``per_layer``, ``tokens``, ``target_sparsity``.
+    """
+    from transformers import AutoTokenizer
+
+    from .runtime import load
+    from .runtime.loading import quiet_transformers
+
+    if isinstance(model, (str, os.PathLike)):
+        directory = Path(model)
+        net = load(model, sparsity=0, device=device, dtype=dtype)
+        source = directory if directory.is_dir() else net.name_or_path
+    else:
+        net, source = model, model.name_or_path
+    control = net.wina
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    texts, text_name = heldout_texts(text)
+    if seq_len < 2:
+        raise WinaError("--seq-len must be at least 2")
+    windows = eval_windows(tokenizer, texts, seq_len, max_tokens)
+    target = control.target_sparsity if sparsity is None else sparsity
+    previous = control.sparsity
+    control.set_gate_prefill(True)
+    try:
+        control.set_sparsity(0.0)
+        dense = perplexity(net, windows)
+        control.set_sparsity(target)
+        control.reset_stats()
+        sparse = perplexity(net, windows)
+        stats = control.stats()
+    finally:
+        control.set_sparsity(previous)
+    per_layer: dict[int, float] = {}
+    for layer, names in enumerate(control.layers):
+        values = [stats["per_gate"][n] for n in names if n in stats["per_gate"]]
+        if values:
+            weights = [control.gates[n].weight.numel() for n in names if n in stats["per_gate"]]
+            per_layer[layer] = sum(v * w for v, w in zip(values, weights)) / sum(weights)
+    return {
+        "dense_perplexity": dense,
+        "perplexity": sparse,
+        "ratio": sparse / dense,
+        "target_sparsity": target,
+        "sparsity": stats["sparsity"],
+        "by_role": stats["by_role"],
+        "per_layer": per_layer,
+        "tokens": int(windows[:, 1:].numel()),
+        "text": text_name,
+    }
