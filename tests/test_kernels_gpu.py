@@ -1,0 +1,147 @@
+"""The triton gated-linear kernels against the float64 masking reference (needs CUDA and triton)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wina_convert.runtime import kernels
+
+pytestmark = pytest.mark.gpu
+
+needs_gpu = pytest.mark.skipif(
+    not (torch.cuda.is_available() and kernels.triton_available("cuda")), reason="needs CUDA and triton"
+)
+
+DEV = "cuda"
+TOL = 1e-2
+
+# (in, splits): single matrices and fused ones, Llama-3-8B's and odd sizes
+SHAPES = [
+    (4096, [4096, 1024, 1024]),  # q/k/v fused
+    (4096, [4096]),  # o
+    (4096, [14336, 14336]),  # gate/up fused
+    (14336, [4096]),  # down
+    (576, [192]),
+    (1000, [333]),
+    (576, [576, 192, 192]),  # SmolLM2-135M q/k/v (aligned at 64)
+    (1000, [333, 100, 7]),  # unaligned boundaries: one launch per matrix
+]
+SPARSITIES = [0.0, 0.25, 0.5, 0.9]
+
+
+def _case(n_in, splits, sparsity, rows, dtype, bias=False, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = torch.randn(rows, n_in, device=DEV, generator=g).to(dtype)
+    w = (torch.randn(n_in, sum(splits), device=DEV, generator=g) / n_in**0.5).to(dtype)
+    norms = torch.rand(len(splits), n_in, device=DEV, generator=g) + 0.25
+    if sparsity > 0:
+        scores = x.float().abs()[None] * norms[:, None, :]  # [mats, rows, in]
+        t = torch.quantile(scores.reshape(len(splits), -1), sparsity, dim=1)
+        thr = (t[:, None] / norms).float()
+    else:
+        thr = torch.zeros(len(splits), n_in, device=DEV)
+    b = (torch.randn(sum(splits), device=DEV, generator=g)).to(dtype) if bias else None
+    return x, w, thr, splits, b
+
+
+def _ref(x, w, thr, splits, b):
+    return kernels.reference_gated_linear(x.double(), w.double(), thr, splits, None if b is None else b.double())
+
+
+def _rel(y, ref):
+    assert not torch.isnan(y).any(), "unwritten (NaN) outputs"
+    return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("n_in,splits", SHAPES)
+def test_gemv_batch1(n_in, splits, sparsity, dtype):
+    x, w, thr, splits, b = _case(n_in, splits, sparsity, 1, dtype, bias=(n_in % 2 == 0), seed=int(sparsity * 100) + n_in)
+    ref = _ref(x, w, thr, splits, b)[0]
+    out = torch.full((w.shape[1],), float("nan"), dtype=dtype, device=DEV)
+    for _ in range(2):  # twice: the workspace must come back clean
+        out.fill_(float("nan"))
+        y = kernels._gemv(x, w, thr, splits, b, out=out)
+        assert y.data_ptr() == out.data_ptr()
+        assert _rel(y, ref) <= TOL
+    y = kernels.gated_linear(x[0], w, thr, splits, b)  # public API, 1-D input
+    assert y.shape == (w.shape[1],) and y.dtype == dtype
+    assert _rel(y, ref) <= TOL
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [2, 4, 16, 64])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("n_in,splits", [SHAPES[0], SHAPES[3], SHAPES[5], SHAPES[7]])
+def test_batched(n_in, splits, sparsity, rows, dtype):
+    x, w, thr, splits, b = _case(n_in, splits, sparsity, rows, dtype, bias=True, seed=rows + n_in)
+    ref = _ref(x, w, thr, splits, b)
+    out = torch.full((rows, w.shape[1]), float("nan"), dtype=dtype, device=DEV)
+    y = kernels._gemm_sparse(x, w, thr, splits, b, out=out)
+    assert _rel(y, ref) <= TOL
+    y = kernels._gemm_sparse(x, w, thr, splits, b)
+    assert _rel(y, ref) <= TOL
+    y = kernels.gated_linear(x.reshape(rows, 1, n_in), w, thr, splits, b)  # public API, dispatching
+    assert y.shape == (rows, 1, w.shape[1]) and y.dtype == dtype
+    assert _rel(y, ref[:, None]) <= TOL
+
+
+@needs_gpu
+def test_single_threshold_row_and_inf():
+    x, w, thr, splits, b = _case(4096, [4096, 1024, 1024], 0.5, 1, torch.bfloat16, bias=True)
+    one = thr[0]  # [in]: shared by all three matrices
+    ref = kernels.reference_gated_linear(x.double(), w.double(), one, None, b.double())
+    assert _rel(kernels.gated_linear(x, w, one, splits, b), ref) <= TOL
+    assert _rel(kernels.gated_linear(x, w, one, None, b), ref) <= TOL
+    inf = torch.full_like(thr, float("inf"))
+    y = kernels.gated_linear(x, w, inf, splits, b)  # every channel dropped: the bias alone
+    assert torch.equal(y[0], b)
+    y = kernels.gated_linear(x, w, inf, splits)
+    assert torch.count_nonzero(y) == 0
+
+
+@needs_gpu
+def test_pack_weight_and_repeat_consistency():
+    g = torch.Generator(device=DEV).manual_seed(3)
+    mats = [torch.randn(o, 512, device=DEV, generator=g).bfloat16() for o in (256, 64, 64)]
+    wt = kernels.pack_weight(mats)
+    assert wt.shape == (512, 384) and wt.is_contiguous()
+    assert torch.equal(wt[:, 256:320], mats[1].t())
+    x = torch.randn(1, 512, device=DEV, generator=g).bfloat16()
+    thr = torch.rand(3, 512, device=DEV, generator=g)
+    ref = kernels.reference_gated_linear(x.double(), wt.double(), thr, [256, 64, 64])
+    ys = [kernels.gated_linear(x, wt, thr, [256, 64, 64]) for _ in range(50)]
+    for y in ys:  # atomics may reorder sums, but never lose one
+        assert _rel(y, ref) <= TOL
+
+
+@needs_gpu
+def test_cuda_graph_capture():
+    x, w, thr, splits, b = _case(4096, [14336, 14336], 0.5, 1, torch.bfloat16)
+    kernels.gated_linear(x, w, thr, splits)  # warm up (compiles, makes the workspace)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = kernels.gated_linear(x, w, thr, splits)
+    for seed in range(3):
+        x.copy_(torch.randn(x.shape, device=DEV, generator=torch.Generator(device=DEV).manual_seed(seed + 10)))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _rel(y, _ref(x, w, thr, splits, None)) <= TOL
+
+
+@needs_gpu
+def test_unaligned_views():
+    """Inputs at odd addresses (a view into a larger tensor) after aligned ones: cached launches must not reuse
+    a specialization compiled for 16-byte-aligned pointers."""
+    x, w, thr, splits, b = _case(4096, [4096], 0.5, 1, torch.bfloat16, bias=True)
+    ref = _ref(x, w, thr, splits, b)[0]
+    assert _rel(kernels.gated_linear(x[0], w, thr, None, b), ref) <= TOL
+    big = torch.empty(4096 + 1, dtype=torch.bfloat16, device=DEV)
+    big[1:].copy_(x[0])
+    assert _rel(kernels.gated_linear(big[1:], w, thr, None, b), ref) <= TOL
+    assert _rel(kernels.gated_linear(x[0], w, thr, None, b), ref) <= TOL
