@@ -26,11 +26,15 @@ def quiet_transformers() -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def base_config(config: dict[str, Any]) -> Any:
@@ -142,7 +146,7 @@ def load(
 
     directory = _resolve(model, revision, token)
     config_dict = read_wina_config(directory)
-    verify_checkpoint(directory, hashes=False)
+    verify_checkpoint(directory, hashes=False)  # sizes of all files, sha256 of the small ones
     sidecar, meta = read_sidecar(directory / SIDECAR)
     config = base_config(config_dict)
     adapter = adapter_for(config.model_type)

