@@ -338,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = app(args=argv, prog_name="wina", standalone_mode=False)
         if isinstance(result, int):  # standalone_mode=False returns Exit codes instead of raising
+            if result == 130:  # newer Typer turns Ctrl-C into this code itself
+                err.print("interrupted", style="red", highlight=False)
             return result
     except exits as e:
         return getattr(e, "exit_code", 0)

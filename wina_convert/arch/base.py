@@ -69,3 +69,45 @@ class Adapter:
 
     def layer_key(self, layer: int, name: str) -> str:
         return f"{self.layers_prefix}.{layer}.{name}"
+
+
+def expected_shapes(adapter: Adapter, config: Any, layer: int) -> dict[str, tuple[int | None, ...]]:
+    """Shapes the config implies for the embedding and one layer's tensors (None: not implied)."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    key = lambda name: adapter.layer_key(layer, name)  # noqa: E731
+    shapes: dict[str, tuple[int | None, ...]] = {adapter.embed: (config.vocab_size, hidden)}
+    for name in adapter.attn_inputs:
+        shapes[key(f"{name}.weight")] = (None, hidden)
+    shapes[key(f"{adapter.attn_output}.weight")] = (hidden, None)
+    for name in adapter.mlp_inputs:
+        parts = adapter.linear_outputs(name, config)
+        rows = inter if parts[0][1] == -1 else sum(r for _, r in parts)
+        shapes[key(f"{name}.weight")] = (rows, hidden)
+    shapes[key(f"{adapter.mlp_output}.weight")] = (hidden, inter)
+    shapes[key(f"{adapter.attn_norm}.weight")] = (hidden,)
+    shapes[key(f"{adapter.mlp_norm}.weight")] = (hidden,)
+    return shapes
+
+
+def check_shapes(adapter: Adapter, config: Any, names: list[str], shape_of: Any) -> None:
+    """Refuse weights that do not fit the config (first and last layer checked, plus layer count).
+
+    ``shape_of(name)`` returns a tensor's shape. Raises ``WinaError`` naming the first mismatch.
+    """
+    from ..errors import WinaError
+
+    count = config.num_hidden_layers
+    prefix = f"{adapter.layers_prefix}."
+    present = {int(n[len(prefix):].split(".", 1)[0]) for n in names if n.startswith(prefix)}
+    if present != set(range(count)):
+        raise WinaError(f"config and weights do not match: the config says {count} layers, the weights have "
+                        f"{len(present)} (layers {min(present, default=0)}..{max(present, default=-1)})")
+    for layer in sorted({0, count - 1}):
+        for name, want in expected_shapes(adapter, config, layer).items():
+            if name not in names:
+                raise WinaError(f"config and weights do not match: the weights have no {name}")
+            got = tuple(shape_of(name))
+            if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
+                shown = "x".join("?" if w is None else str(w) for w in want)
+                raise WinaError(f"config and weights do not match: {name} is {'x'.join(map(str, got))}, "
+                                f"the config implies {shown}")

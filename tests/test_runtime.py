@@ -1,0 +1,335 @@
+"""The runtime: sparse outputs equal an independent masked reference; batching, prefill, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT, build_tiny
+from wina_convert import convert, evaluate, load
+from wina_convert.checkpoint import write_manifest
+from wina_convert.errors import WinaError
+
+# Gated linears of a layer in execution order, with the row counts of their stacked matrices.
+LLAMA_GATES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+PHI3_GATES = ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
+
+
+# --------------------------------------------------------------------------- the reference
+
+def _sidecar(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    with safe_open(str(directory / "wina.safetensors"), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["wina"])
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(directory.glob("model-*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def _splits(name: str, weight: torch.Tensor, config) -> list[int]:
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if name.endswith("qkv_proj"):
+        return [config.num_attention_heads * head, config.num_key_value_heads * head, config.num_key_value_heads * head]
+    if name.endswith("gate_up_proj"):
+        return [config.intermediate_size] * 2
+    return [weight.shape[0]]
+
+
+def reference_model(directory: Path, sparsity: float):
+    """A plain transformers model of the base architecture, gated by hooks written here.
+
+    Thresholds are derived independently of the runtime: per-gate sparsity from the sidecar's
+    allocation (numpy interpolation), the score quantile at that sparsity, divided by the column norms
+    from the sidecar (checked against the weights). Transformed checkpoints get their residual rotations from a
+    decoder-layer wrapper written here too.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = json.loads((directory / "config.json").read_text())
+    wina = raw.pop("wina")
+    for key in ("model_type", "architectures", "dtype", "torch_dtype"):
+        raw.pop(key, None)
+    config = AutoConfig.for_model(wina["base_model_type"], **raw)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    weights = _weights(directory)
+    shortcuts = {k: v for k, v in weights.items() if "shortcut" in k}
+    missing, unexpected = model.load_state_dict({k: v for k, v in weights.items() if k not in shortcuts}, strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
+    sidecar, meta = _sidecar(directory)
+    q_levels, a_levels = np.array(meta["quantile_levels"]), np.array(meta["allocation_levels"])
+    gates = PHI3_GATES if wina["base_model_type"] == "phi3" else LLAMA_GATES
+    for i, layer in enumerate(model.model.layers):
+        alloc = sidecar[f"model.layers.{i}.allocation"].double().numpy()
+        column = 0
+        for name in gates:
+            full = f"model.layers.{i}.{name}"
+            linear = layer.get_submodule(name)
+            splits = _splits(name, linear.weight, config)
+            thresholds, start = [], 0
+            for p, rows in enumerate(splits):
+                s = float(np.interp(sparsity, a_levels, alloc[:, column]))
+                t = float(np.interp(s, q_levels, sidecar[f"{full}.quantiles"][p].double().numpy())) if s > 0 else 0.0
+                # float32 like the runtime: calibration scores tie exactly with repeated tokens' inputs
+                norms = sidecar[f"{full}.column_norms"][p].float()
+                assert torch.allclose(norms, linear.weight[start : start + rows].float().norm(dim=0), rtol=1e-4)
+                thr = torch.full_like(norms, t) if meta["method"] == "teal" else t / norms
+                thresholds.append(torch.where(norms > 0, thr, torch.full_like(thr, float("inf"))) if t > 0 else torch.zeros_like(norms))
+                start += rows
+                column += 1
+
+            def masked(module, args, output, thresholds=thresholds, splits=splits):
+                x = args[0]
+                outs, start = [], 0
+                for thr, rows in zip(thresholds, splits):
+                    bias = None if module.bias is None else module.bias[start : start + rows]
+                    keep = x.abs() > thr
+                    outs.append(F.linear(x * keep, module.weight[start : start + rows], bias))
+                    start += rows
+                return torch.cat(outs, dim=-1)
+
+            linear.register_forward_hook(masked)
+        if shortcuts:
+            layer.forward = _rotating_forward(layer, shortcuts[f"model.layers.{i}.attn_shortcut.weight"],
+                                              shortcuts[f"model.layers.{i}.mlp_shortcut.weight"])
+    return model
+
+
+def _rotating_forward(layer, attn_rotation: torch.Tensor, mlp_rotation: torch.Tensor):
+    def forward(hidden_states, **kwargs):
+        residual = hidden_states @ attn_rotation.T
+        attn = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
+        hidden_states = residual + (attn[0] if isinstance(attn, tuple) else attn)
+        residual = hidden_states @ mlp_rotation.T
+        return residual + layer.mlp(layer.post_attention_layernorm(hidden_states))
+
+    return forward
+
+
+def _ids(directory: Path, n: int) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(directory)
+    text = (ROOT / "calibration" / "heldout" / "heldout.txt").read_text(encoding="utf-8")
+    return torch.tensor([tok(text)["input_ids"][1000 : 1000 + n]])
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / a.double().norm())
+
+
+# --------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("calibrated")
+    cases = {
+        "llama": dict(transform=True),
+        "llama-plain": dict(transform=False),
+        "phi3": dict(transform=True),
+        "qwen2-teal": dict(transform=True, method="teal", allocation="uniform"),
+    }
+    return {
+        case: convert(tiny_models[case.split("-")[0]], root / case, sparsity=0.5, samples=4, seq_len=64, quiet=True, **kw).output
+        for case, kw in cases.items()
+    }
+
+
+# --------------------------------------------------------------------------- sparse == reference
+
+@pytest.mark.parametrize("case", ["llama", "llama-plain", "phi3", "qwen2-teal"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
+def test_sparse_logits_equal_masked_reference(case, sparsity, calibrated):
+    directory = calibrated[case]
+    model = load(directory, sparsity=sparsity)
+    reference = reference_model(directory, sparsity)
+    ids = _ids(directory, 64)
+    with torch.no_grad():
+        got, want = model(ids).logits, reference(ids).logits
+        dense = load(directory, sparsity=0)(ids).logits
+    assert _rel(want, got) <= 1e-4
+    assert _rel(dense, got) > 1e-3, "the gates must actually change the output"
+    stats = model.wina.stats()
+    assert stats["sparsity"] > 0
+
+
+def test_sparse_greedy_text_equals_reference(calibrated):
+    directory = calibrated["llama"]
+    model, reference = load(directory, sparsity=0.5), reference_model(directory, 0.5)
+    ids = _ids(directory, 8)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **kw), reference.generate(ids, **kw))
+
+
+# --------------------------------------------------------------------------- prefill, batching, control
+
+def test_gate_prefill_flag(calibrated):
+    directory = calibrated["llama"]
+    ids = _ids(directory, 32)
+    with torch.no_grad():
+        dense = load(directory, sparsity=0)(ids).logits
+        ungated = load(directory, sparsity=0.5, gate_prefill=False)
+        assert torch.equal(ungated(ids).logits, dense), "prompt tokens are not gated when gate_prefill=False"
+        ungated.wina.reset_stats()
+        ungated.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert ungated.wina.stats()["sparsity"] > 0.2, "decode tokens are always gated"
+        gated = load(directory, sparsity=0.5, gate_prefill=True)
+        assert not torch.equal(gated(ids).logits, dense)
+
+
+def test_batched_generation_with_padding_equals_one_by_one(tiny_models, calibrated):
+    from transformers import AutoTokenizer
+
+    directory = calibrated["llama"]
+    tok = AutoTokenizer.from_pretrained(directory)
+    tok.padding_side = "left"
+    prompts = ["The river", "A longer prompt about the weather in the mountains, which"]
+    model = load(directory, sparsity=0)
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        batch = tok(prompts, return_tensors="pt", padding=True)
+        together = model.generate(**batch, **kw)[:, batch["input_ids"].shape[1]:]
+        for row, prompt in enumerate(prompts):
+            single = tok(prompt, return_tensors="pt")
+            alone = model.generate(**single, **kw)[0, single["input_ids"].shape[1]:]
+            assert torch.equal(together[row], alone), prompt
+
+
+def test_set_sparsity_and_stats(calibrated):
+    model = load(calibrated["llama"])
+    assert model.wina.sparsity == pytest.approx(0.5), "sparsity=None is the calibrated target"
+    for bad in (-0.1, 0.95, "x"):
+        with pytest.raises(WinaError):
+            model.wina.set_sparsity(bad)
+    model.wina.set_sparsity(0)
+    model.wina.reset_stats()
+    with torch.no_grad():
+        model(_ids(calibrated["llama"], 16))
+    assert model.wina.stats()["sparsity"] == 0.0
+
+
+def test_uncalibrated_checkpoint_runs_dense_only(tiny_models, tmp_path):
+    out = convert(tiny_models["llama"], tmp_path / "o", calibrate=False, quiet=True).output
+    load(out, sparsity=0)
+    with pytest.raises(WinaError, match="not calibrated"):
+        load(out, sparsity=0.5)
+
+
+def test_model_is_a_transformers_model(calibrated):
+    from transformers import PreTrainedModel
+
+    model = load(calibrated["llama"])
+    assert isinstance(model, PreTrainedModel)
+    assert not any(type(m).__name__ == "Linear" and "layers" in n and "shortcut" not in n for n, m in model.named_modules())
+
+
+# --------------------------------------------------------------------------- refusals
+
+def _copy(directory: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(directory, target)
+    return target
+
+
+def _edit_sidecar(directory: Path, edit) -> None:
+    tensors, meta = _sidecar(directory)
+    edit(tensors, meta)
+    save_file(tensors, str(directory / "wina.safetensors"), metadata={"wina": json.dumps(meta)})
+
+
+def test_load_refuses_a_directory_without_sidecar(calibrated, tmp_path):
+    d = _copy(calibrated["llama"], tmp_path)
+    (d / "wina.safetensors").unlink()
+    with pytest.raises(WinaError, match="wina.safetensors"):
+        load(d)
+
+
+def test_load_refuses_a_plain_model(tiny_models):
+    with pytest.raises(WinaError, match="not a WINA checkpoint"):
+        load(tiny_models["llama"])
+
+
+def test_load_refuses_unknown_sidecar_version(calibrated, tmp_path):
+    d = _copy(calibrated["llama"], tmp_path)
+    _edit_sidecar(d, lambda t, m: m.update(format_version=99))
+    write_manifest(d)
+    with pytest.raises(WinaError, match="version 99"):
+        load(d)
+
+
+def test_load_refuses_a_hand_edited_sidecar(calibrated, tmp_path):
+    d = _copy(calibrated["llama"], tmp_path)
+    _edit_sidecar(d, lambda t, m: t["model.layers.0.mlp.down_proj.quantiles"].mul_(-1))
+    with pytest.raises(WinaError, match="changed since conversion"):
+        load(d)
+    write_manifest(d)  # even with the manifest redone, the values are checked
+    with pytest.raises(WinaError, match="quantile table"):
+        load(d)
+
+
+def test_load_refuses_a_sidecar_of_other_weights(calibrated, tiny_models, tiny_tokenizer_dir, tmp_path):
+    other = convert(build_tiny("llama", tmp_path / "other", tiny_tokenizer_dir, seed=1), tmp_path / "other-out",
+                    sparsity=0.5, samples=2, seq_len=64, quiet=True).output
+    d = _copy(calibrated["llama"], tmp_path)
+    shutil.copy(other / "wina.safetensors", d / "wina.safetensors")
+    write_manifest(d)
+    with pytest.raises(WinaError, match="does not match the weights"):
+        load(d)
+
+
+def test_load_refuses_wrong_layer_count(calibrated, tmp_path):
+    d = _copy(calibrated["llama"], tmp_path)
+    _edit_sidecar(d, lambda t, m: m.update(num_layers=4))
+    write_manifest(d)
+    with pytest.raises(WinaError, match="4 layers"):
+        load(d)
+
+
+def test_load_refuses_a_missing_shard(calibrated, tmp_path):
+    d = _copy(calibrated["llama"], tmp_path)
+    next(d.glob("model-*.safetensors")).unlink()
+    with pytest.raises(WinaError, match="incomplete"):
+        load(d)
+
+
+# --------------------------------------------------------------------------- the real model
+
+@pytest.mark.slow
+def test_smollm2_sparse_equals_reference_and_hits_target(smollm2_converted):
+    ids = _ids(smollm2_converted, 128)
+    model = load(smollm2_converted)
+    reference = reference_model(smollm2_converted, 0.5)
+    with torch.no_grad():
+        assert _rel(reference(ids).logits, model(ids).logits) <= 1e-4
+    result = evaluate(model, max_tokens=4096)
+    assert abs(result["sparsity"] - 0.5) <= 0.02, result["sparsity"]
+    assert result["perplexity"] > result["dense_perplexity"]
+
+
+@pytest.mark.slow
+def test_smollm2_batched_generation_equals_one_by_one(smollm2_converted):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_converted)
+    tok.padding_side = "left"
+    prompts = ["Hello", "Write a short poem about the sea and the", "The capital of France is"]
+    model = load(smollm2_converted, sparsity=0)
+    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    with torch.no_grad():
+        batch = tok(prompts, return_tensors="pt", padding=True)
+        together = model.generate(**batch, **kw)[:, batch["input_ids"].shape[1]:]
+        for row, prompt in enumerate(prompts):
+            single = tok(prompt, return_tensors="pt")
+            assert torch.equal(together[row], model.generate(**single, **kw)[0, single["input_ids"].shape[1]:]), prompt
