@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -52,12 +53,20 @@ TOKENIZER_FILES = (
 TMP_MARK = ".wina-partial-"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
+    buffer = bytearray(chunk)  # one reused buffer: hashing a 5 GB shard allocates nothing per block
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while count := f.readinto(buffer):
+            digest.update(view[:count])
     return digest.hexdigest()
+
+
+def weights_sha256(files: list[Path]) -> str:
+    """Identity of local weights: sha256 of the sorted ``name sha256(file)`` lines of its files."""
+    lines = "".join(f"{p.name} {sha256_file(p)}\n" for p in sorted(set(files), key=lambda p: p.name))
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -72,12 +81,64 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 # --------------------------------------------------------------------------- reading
 
+DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file, read one tensor at a time into memory that the tensor owns.
+
+    Deliberately not memory-mapped: every page of a mapping that a tensor touched counts in the
+    process's resident memory for as long as the mapping lives, so walking a 16 GB model through
+    ``safe_open`` ends with 16 GB resident. A positioned read copies from the page cache instead
+    (one memcpy, the same work ``.to()`` would do), and the memory goes when the tensor does.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                if not 0 < length <= os.path.getsize(path) - 8:
+                    raise ValueError(f"header length {length} does not fit in the file")
+                header = json.loads(f.read(length))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise WinaError(f"{path} is not a valid safetensors file: {_one_line(e)} (corrupt or truncated?)") from e
+        header.pop("__metadata__", None)
+        self.entries: dict[str, dict[str, Any]] = header
+        self.data_start = 8 + length
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        return DTYPES.get(self.entries[name]["dtype"])
+
+    def read(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        dtype = DTYPES.get(entry["dtype"])
+        if dtype is None:  # a dtype this reader does not know: let safetensors decode it
+            with safe_open(str(self.path), framework="pt") as f:
+                return f.get_tensor(name).clone()
+        start, stop = entry["data_offsets"]
+        data = torch.empty(stop - start, dtype=torch.uint8)
+        view = memoryview(data.numpy())
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.data_start + start)
+            done = 0
+            while done < len(view):
+                count = f.readinto(view[done:])
+                if not count:
+                    raise OSError(f"file ends {len(view) - done} bytes early")
+                done += count
+        return data.view(dtype).reshape(entry["shape"])
+
+
 @dataclass
 class Source:
     """A model to convert: its config and a way to read one tensor at a time.
 
-    ``tensor(name)`` reads lazily from memory-mapped safetensors, so a converter that walks the
-    layers holds one layer at a time, never the whole model.
+    ``tensor(name)`` reads one tensor from its safetensors file (see ``SafetensorsFile``), so a
+    converter that walks the layers holds one layer at a time, never the whole model.
     """
 
     config: Any  # transformers.PretrainedConfig, without quantization_config
@@ -96,23 +157,33 @@ class Source:
         return name in self._tensors or name in self._files
 
     def tensor(self, name: str) -> torch.Tensor:
+        """A fresh copy of tensor ``name``, owned by the caller (who may modify it in place)."""
         if name in self._tensors:
-            return self._tensors[name]
+            return self._tensors[name].clone()
         if name not in self._files:
             raise WinaError(f"the checkpoint has no tensor {name!r}: config and weights do not match")
         path = self._files[name]
         try:
-            if path not in self._handles:
-                self._handles[path] = safe_open(str(path), framework="pt")
-            return self._handles[path].get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as e:
+            return self._file(path).read(name)
+        except (SafetensorError, OSError, RuntimeError, KeyError) as e:
             raise WinaError(f"cannot read {name!r} from {path.name}: {_one_line(e)} (corrupt or truncated file?)") from e
+
+    def _file(self, path: Path) -> SafetensorsFile:
+        if path not in self._handles:
+            self._handles[path] = SafetensorsFile(path)
+        return self._handles[path]
+
+    def dtype_of(self, name: str) -> torch.dtype | None:
+        """The stored dtype of a tensor, from the file's header (nothing is read)."""
+        if name in self._tensors:
+            return self._tensors[name].dtype
+        return self._file(self._files[name]).dtype(name) if name in self._files else None
 
     @property
     def dtype(self) -> torch.dtype:
         for name in self.names:
             if name.endswith("embed_tokens.weight"):
-                return self.tensor(name).dtype
+                return self.dtype_of(name) or torch.float32
         return torch.float32
 
 
@@ -252,56 +323,116 @@ def open_source(model: str | os.PathLike, *, revision: str | None = None, token:
 # --------------------------------------------------------------------------- writing
 
 class ShardWriter:
-    """Writes tensors into safetensors shards of at most ``max_shard_bytes`` each.
+    """Writes tensors into safetensors shards of at most ``max_shard_bytes`` each, as they come.
 
-    Shards get their final ``model-0000k-of-0000n`` names in ``finish``, once ``n`` is known.
+    ``add`` puts the tensor's bytes on disk at once, so the writer holds nothing between calls:
+    converting a model never materializes it, whatever the shard size. A safetensors file starts
+    with its header (names, shapes, offsets), known only once the shard is complete, so a shard's
+    data starts after ``header_reserve`` bytes and closing it writes the header there, padded
+    with spaces (which the format allows). A header that outgrows the reservation (thousands of
+    tensors in one shard) makes the close rewrite the shard once with room for it.
+
+    Each closed shard is hashed (sha256, for the manifest) in a background thread while the
+    conversion goes on. Shards get their final ``model-0000k-of-0000n`` names in ``finish``,
+    once ``n`` is known.
     """
 
-    def __init__(self, directory: Path, max_shard_bytes: int):
+    def __init__(self, directory: Path, max_shard_bytes: int, header_reserve: int = 1 << 16):
         self.directory = directory
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []
+        self.header_reserve = -(-header_reserve // 8) * 8
         self.total_bytes = 0
+        self._file: Any = None
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._offset = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self._names: set[str] = set()
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wina-sha256")
+        self._hashes: list[Future] = []
+        self.sha256: dict[str, str] = {}  # final shard name -> sha256, filled by ``finish``
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._names:
+            raise ValueError(f"tensor {name!r} written twice")
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.dtype not in DTYPE_NAMES:
+            raise WinaError(f"cannot write {name!r}: safetensors has no dtype {tensor.dtype}")
         size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.contiguous()
-        self._pending_bytes += size
+        if self._file is not None and self._entries and (
+            self._offset + size > self.max_shard_bytes or self._offset % tensor.element_size()
+        ):
+            self._close()
+        if self._file is None:
+            self._open()
+        self._file.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        self._entries[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                               "data_offsets": [self._offset, self._offset + size]}
+        self._names.add(name)
+        self._offset += size
         self.total_bytes += size
 
-    def _flush(self) -> None:
+    def _open(self) -> None:
         path = self.directory / f"shard-{len(self._shards):05d}.tmp"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        self._shards.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        self._file = open(path, "wb")
+        self._file.seek(8 + self.header_reserve)
+        self._offset = 0
+
+    def _close(self) -> None:
+        file, self._file = self._file, None
+        path = Path(file.name)
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
+        if len(header) <= self.header_reserve:
+            file.seek(0)
+            file.write(self.header_reserve.to_bytes(8, "little") + header.ljust(self.header_reserve, b" "))
+            file.close()
+        else:
+            file.close()
+            _rewrite_with_header(path, header, 8 + self.header_reserve)
+        self._shards.append((path, list(self._entries)))
+        self._hashes.append(self._hasher.submit(sha256_file, path))
+        self._entries = {}
 
     def finish(self) -> list[str]:
-        if self._pending:
-            self._flush()
+        """Close the last shard, name the shards, write the index; return the shard names."""
+        if self._file is not None:
+            self._close()
         count = len(self._shards)
         weight_map: dict[str, str] = {}
         names = []
-        for i, (path, tensors) in enumerate(self._shards):
+        for i, ((path, tensors), digest) in enumerate(zip(self._shards, self._hashes)):
             name = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            self.sha256[name] = digest.result()
             path.rename(self.directory / name)
             names.append(name)
             weight_map.update({t: name for t in tensors})
+        self._hasher.shutdown()
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         return names
 
 
-def write_manifest(directory: Path) -> None:
-    """sha256 of every file but the model card; written last, so its presence means complete."""
+def _rewrite_with_header(path: Path, header: bytes, data_start: int) -> None:
+    """Rewrite a shard whose data starts at ``data_start`` with ``header`` (8-byte aligned) in front."""
+    header = header.ljust(-(-len(header) // 8) * 8, b" ")
+    moved = path.with_name(path.name + ".moving")
+    with open(path, "rb") as src, open(moved, "wb") as dst:
+        dst.write(len(header).to_bytes(8, "little") + header)
+        src.seek(data_start)
+        shutil.copyfileobj(src, dst, 1 << 24)
+    os.replace(moved, path)
+
+
+def write_manifest(directory: Path, known: dict[str, str] | None = None) -> None:
+    """sha256 of every file but the model card; written last, so its presence means complete.
+
+    ``known`` maps file names to hashes already computed (the shards, hashed as they were closed).
+    """
+    known = known or {}
     files = {}
     for path in sorted(directory.rglob("*")):
         rel = path.relative_to(directory).as_posix()
         if path.is_file() and rel not in (MANIFEST, "README.md"):
-            files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+            files[rel] = {"size": path.stat().st_size, "sha256": known.get(rel) or sha256_file(path)}
     manifest = {"format_version": FORMAT_VERSION, "tool_version": __version__, "files": files}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .defaults import DEFAULTS
 from .errors import WinaError
 
 app = typer.Typer(
@@ -98,14 +99,14 @@ def convert(
     model: str = typer.Argument(..., help="Hub id (org/name), local Hugging Face directory, or .gguf file."),
     output: Path = typer.Option(..., "--output", "-o", help="Output directory (must not exist or be empty, unless --overwrite)."),
     sparsity: str = typer.Option("0.5", "--sparsity", "-s", help="Target sparsity in [0, 0.9] (fraction of weight columns skipped)."),
-    transform: bool = typer.Option(True, "--transform/--no-transform", help="Rotate the weights into per-layer column-orthogonal bases (exact at sparsity 0)."),
+    transform: bool = typer.Option(DEFAULTS["transform"], "--transform/--no-transform", help="Rotate the weights into per-layer column-orthogonal bases (exact at sparsity 0)."),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Calibrate thresholds (without it only sparsity 0 is available)."),
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration text: PATH (.txt/.jsonl/dir), hf:DATASET[:CONFIG[:SPLIT]], or 'self'. Default: the bundled set."),
     samples: Optional[int] = typer.Option(None, "--samples", help="Calibration windows (default 16)."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per calibration window (default 512)."),
     seed: int = typer.Option(0, "--seed", help="Seed for choosing calibration windows."),
-    allocation: str = typer.Option("greedy", "--allocation", help="Per-gate sparsity allocation: greedy or uniform."),
-    method: str = typer.Option("wina", "--method", help="Gate scores: wina (|x|·column norm) or teal (|x|)."),
+    allocation: str = typer.Option(DEFAULTS["allocation"], "--allocation", help="Per-gate sparsity allocation: greedy or uniform."),
+    method: str = typer.Option(DEFAULTS["method"], "--method", help="Gate scores: wina (|x|·column norm) or teal (|x|)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype: float32, bfloat16 or float16 (default: the input's)."),
     device: str = typer.Option("cpu", "--device", help="Where to transform and calibrate: cpu or cuda."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) of MODEL."),

@@ -30,74 +30,140 @@ Tensors = dict[str, torch.Tensor]
 
 ATTN_SHORTCUT = "attn_shortcut.weight"
 MLP_SHORTCUT = "mlp_shortcut.weight"
+BLOCK_ELEMENTS = 1 << 21  # float64 elements of one block of a blocked product: 16 MiB
 
 
-def input_basis(weight: torch.Tensor) -> torch.Tensor:
-    """``Q`` (``in x in``, orthogonal) such that ``weight @ Q`` has orthogonal columns.
+def input_basis(weight: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
+    """``Q`` (``in x in``, orthogonal, float64) such that ``W diag(gain) Q`` has orthogonal columns.
 
-    ``Q`` is ``V`` of ``weight = U S V^T``, computed as the eigenvectors of ``W^T W`` (an
-    ``in x in`` problem however many rows ``W`` has; a full SVD would also build ``U``, which is
-    never used). Columns are ordered by decreasing singular value; for a wide-but-short matrix
-    (a grouped-query k_proj) the trailing columns span its null space, an arbitrary but
-    orthonormal completion.
+    ``Q`` is ``V`` of ``W diag(gain) = U S V^T``, columns ordered by decreasing singular value, on
+    the device of ``gain`` (else of ``weight``). A full SVD would also build ``U`` (14336 x 14336
+    for a Llama-3-8B gate_proj), which is never used, so:
+
+    * ``out >= in`` (gate_proj): ``V`` = eigenvectors of ``W^T W``, an ``in x in`` problem
+      whatever the row count, the Gram matrix accumulated block by block in float64.
+    * ``out < in`` (a grouped-query k_proj, 1024 x 4096): ``W^T = Q_1 R`` (Householder QR,
+      ``mode="complete"``), so ``W = R^T Q_1^T`` and ``V = [Q_1 Z, Q_2]`` with ``Z`` the
+      eigenvectors of the small ``R R^T``; ``Q_2`` spans the null space of ``W``, an arbitrary
+      but orthonormal completion. No ``in x in`` eigenproblem is solved.
     """
-    w = weight.to(torch.float64)
-    _, vectors = torch.linalg.eigh(w.T @ w)
-    return vectors.flip(-1)
+    rows, cols = weight.shape
+    device = (gain if gain is not None else weight).device
+    if rows >= cols:
+        _, vectors = torch.linalg.eigh(_gram(weight, gain, device))
+        return vectors.flip(-1)
+    w = _folded(weight, gain, device)
+    q, r = torch.linalg.qr(w.T, mode="complete")
+    r = r[:rows]
+    _, z = torch.linalg.eigh(r @ r.T)
+    return torch.cat([q[:, :rows] @ z.flip(-1), q[:, rows:]], dim=1)
+
+
+def _folded(block: torch.Tensor, gain: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """``block diag(gain)`` in float64 on ``device``."""
+    block = block.to(device=device, dtype=torch.float64)
+    return block if gain is None else block * gain.to(device=device, dtype=torch.float64)
+
+
+def _row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
+    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _gram(weight: torch.Tensor, gain: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """``(W diag(g))^T (W diag(g))`` in float64, summed over row blocks of ``W``."""
+    cols = weight.shape[1]
+    gram = torch.zeros(cols, cols, dtype=torch.float64, device=device)
+    for start, stop in _row_blocks(*weight.shape):
+        block = _folded(weight[start:stop], gain, device)
+        gram.addmm_(block.T, block)
+    return gram
+
+
+def rotate_inputs(weight: torch.Tensor, q: torch.Tensor, gain: torch.Tensor | None = None,
+                  dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``W diag(gain) Q`` for a linear reading the residual (norm gain folded in), cast to ``dtype``.
+
+    Computed in float64 on ``q``'s device one block of rows at a time, so the float64 working set
+    is one block whatever the matrix (a 128256-row embedding included). ``out`` (any device) takes
+    the result, and may be ``weight`` itself: each block is read before it is overwritten.
+    """
+    dtype = dtype or weight.dtype
+    if out is None:
+        out = torch.empty(weight.shape, dtype=dtype, device=q.device)
+    for start, stop in _row_blocks(*weight.shape):
+        out[start:stop] = (_folded(weight[start:stop], gain, q.device) @ q).to(dtype)
+    return out
+
+
+def rotate_outputs(weight: torch.Tensor, q: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``Q^T W`` for a linear writing into the residual (or ``Q^T b`` for its bias), cast to ``dtype``.
+
+    float64 on ``q``'s device, one block of columns at a time.
+    """
+    dtype = dtype or weight.dtype
+    if weight.dim() == 1:
+        return (q.T @ weight.to(device=q.device, dtype=torch.float64)).to(dtype)
+    rows, cols = weight.shape
+    out = torch.empty(weight.shape, dtype=dtype, device=q.device)
+    for start, stop in _row_blocks(cols, rows):
+        out[:, start:stop] = (q.T @ weight[:, start:stop].to(device=q.device, dtype=torch.float64)).to(dtype)
+    return out
 
 
 def _rows(weight: torch.Tensor, rows: Slice | None) -> torch.Tensor:
     return weight if rows is None else weight[rows.start : rows.stop]
 
 
-def fold_norms(layer: Tensors, adapter: Adapter) -> None:
-    """Move each RMSNorm weight ``g`` into the columns of the linears reading its output (in place).
+def attention_basis(layer: Tensors, adapter: Adapter, config: Any, device: torch.device) -> torch.Tensor:
+    """The attention input basis of a layer: ``V`` of its (norm-folded) k_proj.
 
-    ``W diag(g)`` replaces ``W``, and ``g`` becomes ones; exact because ``norm(h) * g`` feeds
-    only those linears.
+    Needs only two of the layer's tensors (the k_proj rows and the attention norm), which is all
+    a converter must read ahead: layer ``l``'s down_proj writes into layer ``l+1``'s basis.
     """
-    for norm, consumers in ((adapter.attn_norm, adapter.attn_inputs), (adapter.mlp_norm, adapter.mlp_inputs)):
-        gain = layer[f"{norm}.weight"]
-        for name in consumers:
-            layer[f"{name}.weight"] = layer[f"{name}.weight"] * gain
-        layer[f"{norm}.weight"] = torch.ones_like(gain)
+    name, rows = adapter.attn_basis(config)
+    gain = layer[f"{adapter.attn_norm}.weight"].to(device=device, dtype=torch.float64)
+    return input_basis(_rows(layer[f"{name}.weight"], rows), gain)
 
 
-def layer_bases(layer: Tensors, adapter: Adapter, config: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """The attention and MLP input bases of a layer whose norms are already folded."""
-    attn_name, attn_rows = adapter.attn_basis(config)
-    mlp_name, mlp_rows = adapter.mlp_basis(config)
-    q_attn = input_basis(_rows(layer[f"{attn_name}.weight"], attn_rows))
-    q_mlp = input_basis(_rows(layer[f"{mlp_name}.weight"], mlp_rows))
-    return q_attn, q_mlp
+def mlp_basis(layer: Tensors, adapter: Adapter, config: Any, device: torch.device) -> torch.Tensor:
+    """The MLP input basis of a layer: ``V`` of its (norm-folded) gate_proj."""
+    name, rows = adapter.mlp_basis(config)
+    gain = layer[f"{adapter.mlp_norm}.weight"].to(device=device, dtype=torch.float64)
+    return input_basis(_rows(layer[f"{name}.weight"], rows), gain)
 
 
-def _rotate_output(layer: Tensors, name: str, q: torch.Tensor) -> None:
-    layer[f"{name}.weight"] = q.T @ layer[f"{name}.weight"]
-    if f"{name}.bias" in layer:
-        layer[f"{name}.bias"] = q.T @ layer[f"{name}.bias"]
+def transform_layer(layer: Tensors, adapter: Adapter, config: Any, q_attn: torch.Tensor, q_next: torch.Tensor,
+                    dtype: torch.dtype) -> Tensors:
+    """One decoder layer folded, rotated into its bases, with its two shortcut rotations.
 
-
-def rotate_layer(
-    layer: Tensors,
-    adapter: Adapter,
-    q_attn: torch.Tensor,
-    q_mlp: torch.Tensor,
-    q_next: torch.Tensor,
-) -> None:
-    """Rotate a folded layer into its bases and add its two shortcut rotations (in place).
-
-    ``q_next`` is the basis the residual must be in after this layer: the next layer's attention
-    basis, or the identity after the last layer.
+    ``layer`` holds the original tensors (names relative to the layer, any device and dtype);
+    ``q_attn`` is its attention basis and ``q_next`` the basis the residual must be in after the
+    layer (the next layer's attention basis, or the identity after the last). Every product is
+    float64 on ``q_attn``'s device; the result is cast to ``dtype`` and stays on that device.
+    Folding is ``W <- W diag(g)`` for each linear reading a norm with gain ``g``, the gain then
+    ones: exact because ``norm(h) * g`` feeds only those linears.
     """
-    for name in adapter.attn_inputs:
-        layer[f"{name}.weight"] = layer[f"{name}.weight"] @ q_attn
-    _rotate_output(layer, adapter.attn_output, q_mlp)
-    for name in adapter.mlp_inputs:
-        layer[f"{name}.weight"] = layer[f"{name}.weight"] @ q_mlp
-    _rotate_output(layer, adapter.mlp_output, q_next)
-    layer[ATTN_SHORTCUT] = shortcut_rotation(q_attn, q_mlp)
-    layer[MLP_SHORTCUT] = shortcut_rotation(q_mlp, q_next)
+    device = q_attn.device
+    q_mlp = mlp_basis(layer, adapter, config, device)
+    norms = {adapter.attn_norm: (adapter.attn_inputs, q_attn), adapter.mlp_norm: (adapter.mlp_inputs, q_mlp)}
+    reads = {name: (f"{norm}.weight", q) for norm, (names, q) in norms.items() for name in names}
+    writes = {adapter.attn_output: q_mlp, adapter.mlp_output: q_next}
+    out: Tensors = {}
+    for key, tensor in layer.items():
+        module, _, kind = key.rpartition(".")
+        if module in reads and kind == "weight":
+            norm, q = reads[module]
+            out[key] = rotate_inputs(tensor, q, layer[norm], dtype)
+        elif module in writes:
+            out[key] = rotate_outputs(tensor, writes[module], dtype)
+        elif module in norms:
+            out[key] = torch.ones(tensor.shape, dtype=dtype, device=device)
+        else:  # q/k/v biases, per-head q/k norms: untouched by input rotations
+            out[key] = tensor.to(device=device, dtype=dtype)
+    out[ATTN_SHORTCUT] = shortcut_rotation(q_attn, q_mlp).to(dtype)
+    out[MLP_SHORTCUT] = shortcut_rotation(q_mlp, q_next).to(dtype)
+    return out
 
 
 def shortcut_rotation(q_from: torch.Tensor, q_to: torch.Tensor) -> torch.Tensor:
@@ -105,11 +171,17 @@ def shortcut_rotation(q_from: torch.Tensor, q_to: torch.Tensor) -> torch.Tensor:
     return q_to.T @ q_from
 
 
-def rotate_embedding(embedding: torch.Tensor, q_attn0: torch.Tensor) -> torch.Tensor:
-    """Token embeddings are residual vectors: ``E Q_attn(0)``."""
-    return embedding.to(torch.float64) @ q_attn0
-
-
 def column_norms(weight: torch.Tensor, splits: list[int]) -> torch.Tensor:
     """``[P, in]``: ``||W[:, i]||`` of each of the ``P`` matrices stacked in ``weight``; WINA's ``c``."""
     return torch.stack([w.float().norm(dim=0) for w in weight.split(splits, dim=0)])
+
+
+def rotate_embedding(embedding: torch.Tensor, q_attn0: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Token embeddings are residual vectors: ``E Q_attn(0)``, block by block, left on ``E``'s device.
+
+    ``E`` stays where it is (the host, for a 1 GB table) and only one block at a time visits
+    ``q_attn0``'s device. When ``E`` already has ``dtype`` it is overwritten in place (the caller
+    gives it up), so the table is in memory once, not twice.
+    """
+    out = embedding if embedding.dtype == dtype else torch.empty(embedding.shape, dtype=dtype, device=embedding.device)
+    return rotate_inputs(embedding, q_attn0, None, dtype, out=out)
