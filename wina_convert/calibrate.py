@@ -17,10 +17,11 @@ the activations. For each layer it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -36,8 +37,8 @@ QUANTILE_LEVELS = torch.linspace(0.0, 1.0, 201, dtype=torch.float64)
 ALLOCATION_LEVELS = torch.linspace(0.0, 0.9, 37, dtype=torch.float64)
 GREEDY_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.97)
 MAX_SCORES = 1 << 18  # scores kept per gate for the quantiles (a uniform subsample)
-GREEDY_TOKENS = 512
-STATS_TOKENS = 4096  # tokens whose scores give the quantile tables
+CURVE_TOKENS = 1024  # tokens on which the greedy allocation's error curves are measured
+CURVE_WINDOW = 256  # ... as the first positions of several calibration samples
 DEFAULT_SAMPLES = 16
 DEFAULT_SEQ_LEN = 512
 BUNDLED = Path(__file__).resolve().parent.parent / "calibration" / "train"
@@ -143,7 +144,7 @@ def load_calibration_tokens(source: Any, spec: str | None, *, samples: int | Non
     if spec == "self":
         from .selfcal import self_generated_texts
 
-        texts, name = self_generated_texts(source, samples=samples, seq_len=seq_len, seed=seed), "self"
+        texts, name = self_generated_texts(source, samples=samples, seq_len=seq_len, seed=seed, device=device), "self"
     else:
         texts, name = _read_texts(spec)
     tokens = token_windows(tokenizer_of(source), texts, samples, seq_len, seed)
@@ -154,16 +155,25 @@ def load_calibration_tokens(source: Any, spec: str | None, *, samples: int | Non
 # --------------------------------------------------------------------------- scores and quantiles
 
 def score_quantiles(x: torch.Tensor, norms: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
-    """Quantiles (at ``QUANTILE_LEVELS``) of ``|x_i| * norms_i`` over tokens and channels."""
-    scores = x.reshape(-1, x.shape[-1]).abs().float()
-    if norms is not None:
-        scores = scores * norms.to(scores.device)
-    flat = scores.reshape(-1)
+    """Quantiles (at ``QUANTILE_LEVELS``) of ``|x_i| * norms_i`` over tokens and channels.
+
+    At most ``MAX_SCORES`` entries, drawn uniformly, are scored: gathering them before scoring
+    keeps the working memory small however large ``tokens x channels`` is (117M entries for 8k
+    tokens of a Llama-3-8B down_proj).
+    """
+    flat = x.reshape(-1)
+    width = x.shape[-1]
+    index = None
     if flat.numel() > MAX_SCORES:
-        flat = flat[torch.randint(flat.numel(), (MAX_SCORES,), generator=generator, device="cpu").to(flat.device)]
-    ordered = flat.sort().values
-    index = (QUANTILE_LEVELS * (ordered.numel() - 1)).round().long().to(ordered.device)
-    return ordered[index].cpu()
+        index = torch.randint(flat.numel(), (MAX_SCORES,), generator=generator).to(flat.device)
+        flat = flat[index]
+    scores = flat.abs().float()
+    if norms is not None:
+        norms = norms.to(scores.device, torch.float32)
+        scores = scores * (norms[index % width] if index is not None else norms.repeat(flat.numel() // width))
+    ordered = scores.sort().values
+    position = (QUANTILE_LEVELS * (ordered.numel() - 1)).round().long().to(ordered.device)
+    return ordered[position].cpu()
 
 
 def thresholds_at(quantiles: torch.Tensor, norms: torch.Tensor, sparsity: float, method: str) -> torch.Tensor:
@@ -174,6 +184,26 @@ def thresholds_at(quantiles: torch.Tensor, norms: torch.Tensor, sparsity: float,
     if method == "teal":
         return torch.full_like(norms, t)
     return torch.where(norms > 0, t / norms.clamp_min(1e-30), torch.full_like(norms, float("inf")))
+
+
+class _Passthrough(nn.Module):
+    """Stands in for a sub-block's output linear, so that the sub-block returns that linear's input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@contextlib.contextmanager
+def _bypassed(layer: nn.Module, name: str) -> Iterator[nn.Module]:
+    """Temporarily replace submodule ``name`` of ``layer`` by a passthrough; yields the original."""
+    parent_name, _, child = name.rpartition(".")
+    parent = layer.get_submodule(parent_name) if parent_name else layer
+    original = getattr(parent, child)
+    setattr(parent, child, _Passthrough())
+    try:
+        yield original
+    finally:
+        setattr(parent, child, original)
 
 
 # --------------------------------------------------------------------------- the calibrator
@@ -204,8 +234,8 @@ class Calibrator:
         seq = tokens.shape[1]
         position_ids = torch.arange(seq, device=device).unsqueeze(0)
         probe = torch.zeros(1, seq, 1, device=device, dtype=self.compute_dtype)
-        cos, sin = rotary(probe, position_ids)
-        self.position = {"position_embeddings": (cos, sin), "position_ids": position_ids}
+        self.rotary = rotary(probe, position_ids)  # (cos, sin), each [1, seq, head_dim]
+        self.position_ids = position_ids
 
     @staticmethod
     def _attn_config(config: Any) -> Any:
@@ -216,7 +246,8 @@ class Calibrator:
         return config
 
     def embed(self, embedding: torch.Tensor) -> None:
-        self.hidden = embedding.to(self.device, self.compute_dtype)[self.tokens]
+        # Gather the calibration tokens' rows first: a whole embedding table in float32 is 2 GB for Llama-3.
+        self.hidden = embedding[self.tokens.to(embedding.device)].to(self.device, self.compute_dtype)
 
     def _build_layer(self, index: int, tensors: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, GatedLinear]]:
         with quiet_transformers(), torch.device("meta"):
@@ -237,25 +268,39 @@ class Calibrator:
             gates[name] = gate
         return layer.eval(), gates
 
-    def _run(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        def step(chunk: torch.Tensor, pos: dict[str, Any]) -> torch.Tensor:
-            out = layer(chunk, attention_mask=None, **pos)
-            return out[0] if isinstance(out, tuple) else out
+    # ----------------------------------------------------------------------- running sub-blocks
 
-        with torch.no_grad():
-            return self._batched(hidden, step)
+    def _batched(self, hidden: torch.Tensor, fn, batch: int = 4) -> torch.Tensor:
+        """``fn(chunk, positions)`` over chunks of ``batch`` sequences, concatenated."""
+        outs = []
+        cos, sin = self.rotary
+        length = hidden.shape[1]
+        for start in range(0, hidden.shape[0], batch):
+            chunk = hidden[start : start + batch]
+            n = chunk.shape[0]
+            pos = {"position_embeddings": (cos[:, :length].expand(n, -1, -1), sin[:, :length].expand(n, -1, -1)),
+                   "position_ids": self.position_ids[:, :length]}
+            outs.append(fn(chunk, pos))
+        return torch.cat(outs)
 
-    def _collect_inputs(self, layer: nn.Module, gates: dict[str, GatedLinear], hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Dense run of the layer; returns each gate's inputs (subsampled tokens)."""
-        inputs: dict[str, list[torch.Tensor]] = {name: [] for name in gates}
-        handles = [gate.register_forward_pre_hook(lambda m, args, name=name: inputs[name].append(args[0].detach()))
-                   for name, gate in gates.items()]
-        try:
-            self._run(layer, hidden)
-        finally:
-            for h in handles:
-                h.remove()
-        return {name: torch.cat(xs) for name, xs in inputs.items()}
+    def _attention(self, layer: nn.Module, normed: torch.Tensor) -> torch.Tensor:
+        """The attention sub-block (causal) on its normalized input ``[n, seq, d]``."""
+        attn = getattr(layer, self.adapter.attn_module)
+        return self._batched(normed, lambda c, pos: attn(hidden_states=c, attention_mask=None, **pos)[0])
+
+    def _mlp(self, layer: nn.Module, normed: torch.Tensor) -> torch.Tensor:
+        mlp = getattr(layer, self.adapter.mlp_module)
+        return self._batched(normed, lambda c, pos: mlp(c))
+
+    def _apply(self, gate: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self._batched(x, lambda c, pos: gate(c))
+
+    @staticmethod
+    def _shortcut(layer: nn.Module, name: str, h: torch.Tensor) -> torch.Tensor:
+        shortcut = getattr(layer, name, None)
+        return h if shortcut is None else shortcut(h)
+
+    # ----------------------------------------------------------------------- scores
 
     def _norms(self, gate: GatedLinear) -> torch.Tensor:
         if not hasattr(gate, "column_norms"):
@@ -273,26 +318,29 @@ class Calibrator:
             gate.set_thresholds(torch.stack([thresholds_at(quantiles[name][p], norms[p], sparsities[name][p], self.method)
                                              for p in range(len(gate.splits))]))
 
+    # ----------------------------------------------------------------------- one layer
+
     def layer(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         if self.hidden is None:
             raise RuntimeError("Calibrator.embed() must come before the first layer")
         layer, gates = self._build_layer(index, tensors)
-        stats = self.hidden[: max(1, STATS_TOKENS // self.hidden.shape[1])]
-        inputs = self._collect_inputs(layer, gates, stats)
-        quantiles = {name: self._quantiles(gate, inputs[name]) for name, gate in gates.items()}
-        del inputs
-        parts = [(name, p) for name in gates for p in range(len(gates[name].splits))]
-        sizes = torch.tensor([gates[n].splits[p] * gates[n].in_features for n, p in parts], dtype=torch.float64)
-        free = torch.tensor([_zero_fraction(quantiles[n][p]) for n, p in parts], dtype=torch.float64)
-        if self.allocation == "greedy":
-            alloc = greedy_path(self._error_curves(layer, gates, quantiles, parts, free), sizes, free)
-        else:
-            alloc = uniform_path(len(parts), free, sizes)
-        at_target = interp(self.target, ALLOCATION_LEVELS, alloc.T).tolist()
-        sparsities: dict[str, list[float]] = {name: [] for name in gates}
-        for (name, _), s in zip(parts, at_target):
-            sparsities[name].append(s)
-        self.hidden = self._propagate(layer, gates, quantiles, sparsities)
+        with torch.no_grad():
+            inputs, attn_ref, mlp_ref = self._dense_sample(layer, gates, self._curve_sample())
+            quantiles = {name: self._quantiles(gate, inputs[name]) for name, gate in gates.items()}
+            parts = [(name, p) for name in gates for p in range(len(gates[name].splits))]
+            sizes = torch.tensor([gates[n].splits[p] * gates[n].in_features for n, p in parts], dtype=torch.float64)
+            free = torch.tensor([_zero_fraction(quantiles[n][p]) for n, p in parts], dtype=torch.float64)
+            if self.allocation == "greedy":
+                curves = self._error_curves(layer, gates, quantiles, parts, free, inputs, attn_ref, mlp_ref)
+                alloc = greedy_path(curves, sizes, free)
+            else:
+                alloc = uniform_path(len(parts), free, sizes)
+            del inputs, attn_ref, mlp_ref
+            at_target = interp(self.target, ALLOCATION_LEVELS, alloc.T).tolist()
+            sparsities: dict[str, list[float]] = {name: [] for name in gates}
+            for (name, _), s in zip(parts, at_target):
+                sparsities[name].append(s)
+            self.hidden, quantiles = self._propagate(layer, gates, sparsities)
         prefix = f"{self.adapter.layers_prefix}.{index}"
         for name, gate in gates.items():
             self.tensors[f"{prefix}.{name}.quantiles"] = quantiles[name].float()
@@ -301,94 +349,108 @@ class Calibrator:
             self.report.setdefault(role, []).append(fraction)
         self.tensors[f"{prefix}.allocation"] = alloc.float()
 
-    def _stage(self, gates: dict[str, GatedLinear], names: tuple[str, ...], quantiles: dict[str, torch.Tensor],
-               sparsities: dict[str, list[float]], run, inputs: torch.Tensor) -> torch.Tensor | None:
-        """Re-measure ``names``' quantiles on their input as produced by ``run`` (upstream gated), then gate them.
+    def _curve_sample(self) -> torch.Tensor:
+        """``[n, w, d]``: the first ``w <= CURVE_WINDOW`` positions of ``n`` samples spread over the set,
+        ``n * w ~ CURVE_TOKENS``; the tokens on which allocation error curves are measured."""
+        count, length = self.hidden.shape[:2]
+        window = min(length, CURVE_WINDOW)
+        n = min(count, max(1, CURVE_TOKENS // window))
+        index = torch.linspace(0, count - 1, n).round().long().to(self.hidden.device)
+        return self.hidden[index, :window]
 
-        ``run=None`` means ``inputs`` are the gates' inputs themselves.
-        """
-        stats = inputs[: max(1, STATS_TOKENS // inputs.shape[1])]
-        if run is None:
-            for n in names:
-                quantiles[n] = self._quantiles(gates[n], stats)
-            self._set({n: gates[n] for n in names}, quantiles, sparsities)
-            return None
-        collected: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-        handles = [gates[n].register_forward_pre_hook(lambda m, a, n=n: collected[n].append(a[0].detach())) for n in names]
-        for n in names:
-            gates[n].active = False
+    def _dense_sample(self, layer: nn.Module, gates: dict[str, GatedLinear], sample: torch.Tensor
+                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Dense run of the layer on ``sample``: every gate's input, the attention and MLP outputs."""
+        a = self.adapter
+        inputs: dict[str, list[torch.Tensor]] = {name: [] for name in gates}
+        handles = [gate.register_forward_pre_hook(lambda m, args, name=name: inputs[name].append(args[0].detach()))
+                   for name, gate in gates.items()]
+        for gate in gates.values():
+            gate.active = False
         try:
-            run(stats)
+            attn_out = self._attention(layer, getattr(layer, a.attn_norm)(sample))
+            mid = self._shortcut(layer, "attn_shortcut", sample) + attn_out
+            mlp_out = self._mlp(layer, getattr(layer, a.mlp_norm)(mid))
         finally:
             for h in handles:
                 h.remove()
-        for n in names:
-            quantiles[n] = self._quantiles(gates[n], torch.cat(collected[n]))
-        self._set({n: gates[n] for n in names}, quantiles, sparsities)
-        return run(inputs)
-
-    def _propagate(self, layer: nn.Module, gates: dict[str, GatedLinear], quantiles: dict[str, torch.Tensor],
-                   sparsities: dict[str, list[float]]) -> torch.Tensor:
-        """The layer's output with every gate at the target, computed sub-block by sub-block.
-
-        q/k/v read the layer input, so their dense quantiles are final. o_proj, gate/up and
-        down_proj re-measure theirs on inputs shaped by the gates upstream of them in the same
-        layer, so that the stored thresholds hit the target on the sparse model's activations.
-        """
-        a = self.adapter
-        attn_norm, attn = getattr(layer, a.attn_norm), getattr(layer, a.attn_module)
-        mlp_norm, mlp = getattr(layer, a.mlp_norm), getattr(layer, a.mlp_module)
-        attn_shortcut = getattr(layer, "attn_shortcut", nn.Identity())
-        mlp_shortcut = getattr(layer, "mlp_shortcut", nn.Identity())
-        self._set({n: gates[n] for n in a.attn_inputs}, quantiles, sparsities)
-
-        def run_attn(h: torch.Tensor) -> torch.Tensor:
-            return self._batched(h, lambda c, pos: attn(hidden_states=attn_norm(c), attention_mask=None, **pos)[0])
-
-        with torch.no_grad():
-            attn_out = self._stage(gates, (a.attn_output,), quantiles, sparsities, run_attn, self.hidden)
-            mid = attn_shortcut(self.hidden) + attn_out
-            del attn_out
-            normed = mlp_norm(mid)
-            self._stage(gates, a.mlp_inputs, quantiles, sparsities, None, normed)
-            mlp_out = self._stage(gates, (a.mlp_output,), quantiles, sparsities,
-                                  lambda x: self._batched(x, lambda c, pos: mlp(c)), normed)
-            return mlp_shortcut(mid) + mlp_out
-
-    def _batched(self, hidden: torch.Tensor, fn, batch: int = 4) -> torch.Tensor:
-        outs = []
-        for start in range(0, hidden.shape[0], batch):
-            chunk = hidden[start : start + batch]
-            cos, sin = self.position["position_embeddings"]
-            pos = {"position_embeddings": (cos.expand(chunk.shape[0], -1, -1), sin.expand(chunk.shape[0], -1, -1)),
-                   "position_ids": self.position["position_ids"]}
-            outs.append(fn(chunk, pos))
-        return torch.cat(outs)
+        return {name: torch.cat(xs) for name, xs in inputs.items()}, attn_out, mlp_out
 
     def _error_curves(self, layer: nn.Module, gates: dict[str, GatedLinear], quantiles: dict[str, torch.Tensor],
-                      parts: list[tuple[str, int]], free: torch.Tensor) -> list[list[tuple[float, float]]]:
-        """Layer-output error of each matrix gated alone, at ``GREEDY_GRID`` sparsities."""
-        seqs = max(1, GREEDY_TOKENS // self.hidden.shape[1])
-        hidden = self.hidden[:seqs]
-        for gate in gates.values():
-            gate.active = False
-        reference = self._run(layer, hidden)
+                      parts: list[tuple[str, int]], free: torch.Tensor, inputs: dict[str, torch.Tensor],
+                      attn_ref: torch.Tensor, mlp_ref: torch.Tensor) -> list[list[tuple[float, float]]]:
+        """Squared error of the sub-block output with each matrix gated alone, at ``GREEDY_GRID`` sparsities.
+
+        Both sub-blocks write into the residual stream, so their errors are in the same units and
+        comparable. q/k/v re-run the attention and gate/up the MLP, from their recorded inputs;
+        o_proj and down_proj are the sub-blocks' last linears, so their error is exactly
+        ``W (x - gated(x))``, computed without running anything.
+        """
+        a = self.adapter
+        attn_in, mlp_in = inputs[a.attn_inputs[0]], inputs[a.mlp_inputs[0]]
         curves = []
         for (name, p), f in zip(parts, free.tolist()):
             gate = gates[name]
             norms = self._norms(gate)
+            start = sum(gate.splits[:p])
+            weight = gate.weight[start : start + gate.splits[p]]
             curve = [(f, 0.0)]
             for s in GREEDY_GRID:
                 if s <= f:
                     continue
-                rows = torch.zeros(len(gate.splits), gate.in_features, device=norms.device)
-                rows[p] = thresholds_at(quantiles[name][p], norms[p], s, self.method)
-                gate.set_thresholds(rows)
-                error = float((self._run(layer, hidden) - reference).float().pow(2).sum())
-                curve.append((s, max(error, curve[-1][1])))
-            gate.active = False
+                t = thresholds_at(quantiles[name][p], norms[p], s, self.method)
+                if name in a.attn_inputs or name in a.mlp_inputs:
+                    rows = torch.zeros(len(gate.splits), gate.in_features, device=t.device)
+                    rows[p] = t
+                    gate.set_thresholds(rows)
+                    if name in a.attn_inputs:
+                        error = (self._attention(layer, attn_in) - attn_ref).float().pow(2).sum()
+                    else:
+                        error = (self._mlp(layer, mlp_in) - mlp_ref).float().pow(2).sum()
+                    gate.active = False
+                else:
+                    x = inputs[name]
+                    dropped = torch.where(x.abs() > t.to(x.device, x.dtype), torch.zeros_like(x), x)
+                    error = torch.nn.functional.linear(dropped, weight).float().pow(2).sum()
+                curve.append((s, max(float(error), curve[-1][1])))
             curves.append(curve)
         return curves
+
+    def _gate_at_target(self, gates: dict[str, GatedLinear], names: tuple[str, ...], x: torch.Tensor,
+                        sparsities: dict[str, list[float]], quantiles: dict[str, torch.Tensor]) -> None:
+        """Measure ``names``' quantiles on their actual input ``x`` and set their thresholds at the target."""
+        for n in names:
+            quantiles[n] = self._quantiles(gates[n], x)
+        self._set({n: gates[n] for n in names}, quantiles, sparsities)
+
+    def _propagate(self, layer: nn.Module, gates: dict[str, GatedLinear], sparsities: dict[str, list[float]]
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The layer's output with every gate at the target, and the quantile tables to store.
+
+        Computed sub-block by sub-block in execution order: each gate's quantiles are measured on
+        all calibration tokens of its *actual* input, shaped by the gates upstream of it (in this
+        layer and the earlier ones), so that the stored thresholds hit the target on the sparse
+        model's activations. A sub-block runs once: its output linear is bypassed to record its
+        input, gated from that input's quantiles, then applied.
+        """
+        a = self.adapter
+        quantiles: dict[str, torch.Tensor] = {}
+        normed = getattr(layer, a.attn_norm)(self.hidden)
+        self._gate_at_target(gates, a.attn_inputs, normed, sparsities, quantiles)
+        with _bypassed(layer, a.attn_output) as output:
+            x = self._attention(layer, normed)
+        del normed
+        self._gate_at_target(gates, (a.attn_output,), x, sparsities, quantiles)
+        mid = self._shortcut(layer, "attn_shortcut", self.hidden) + self._apply(output, x)
+        self.hidden = None  # the layer input is no longer needed: free it before the MLP's activations
+        normed = getattr(layer, a.mlp_norm)(mid)
+        self._gate_at_target(gates, a.mlp_inputs, normed, sparsities, quantiles)
+        with _bypassed(layer, a.mlp_output) as output:
+            x = self._mlp(layer, normed)
+        del normed
+        self._gate_at_target(gates, (a.mlp_output,), x, sparsities, quantiles)
+        out = self._shortcut(layer, "mlp_shortcut", mid) + self._apply(output, x)
+        return out, quantiles
 
     def finish(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         by_role = {role: sum(v) / len(v) for role, v in self.report.items()}
