@@ -145,3 +145,138 @@ def test_unaligned_views():
     big[1:].copy_(x[0])
     assert _rel(kernels.gated_linear(big[1:], w, thr, None, b), ref) <= TOL
     assert _rel(kernels.gated_linear(x[0], w, thr, None, b), ref) <= TOL
+
+
+# --------------------------------------------------------------------------------------------------
+# the runtime: kernels bound to a loaded model, decode replayed from CUDA graphs
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_models, tmp_path_factory):
+    """Tiny Llama / Qwen2 (biases) converted at 0.5: (family, transform, dtype) -> directory."""
+    from wina_convert import convert
+
+    root = tmp_path_factory.mktemp("gpu-runtime")
+    out = {}
+    for family, transform, dtype in (("llama", True, "float32"), ("qwen2", False, "float32"),
+                                     ("llama", False, "bfloat16"), ("qwen2", True, "bfloat16")):
+        target = root / f"{family}-{transform}-{dtype}"
+        convert(tiny_models[family], target, sparsity=0.5, transform=transform, dtype=dtype, quiet=True,
+                samples=4, seq_len=64)
+        out[(family, transform, dtype)] = target
+    return out
+
+
+def _pair(path, sparsity):
+    from wina_convert import load
+
+    fast = load(path, sparsity=sparsity, device=DEV)
+    ref = load(path, sparsity=sparsity, device=DEV, kernels=False)
+    assert fast.wina_decode is not None and getattr(ref, "wina_decode", None) is None
+    return fast, ref
+
+
+def _prompt(model, n=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (1, n), generator=g).to(DEV)
+
+
+@needs_gpu
+@pytest.mark.parametrize("key", [("llama", True, "float32"), ("qwen2", False, "float32")])
+def test_generate_kernel_path_equals_reference_at_zero(converted, key):
+    """model.generate through the kernels (forced on at sparsity 0) and CUDA graphs: the reference's tokens."""
+    from wina_convert.runtime.kernels_hook import force_kernels
+
+    fast, ref = _pair(converted[key], 0.0)
+    force_kernels(fast.wina)
+    force_kernels(ref.wina)
+    ids = _prompt(fast)
+    with torch.no_grad():
+        a = fast.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+        b = ref.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False, cache_implementation="static")
+    runner = fast.wina_decode
+    assert not runner.failures, runner.failures
+    from transformers import StaticCache
+
+    layers = [type(layer).__name__ for layer in StaticCache(config=fast.config, max_cache_len=32).layers]
+    # the decode steps were replayed graphs
+    assert runner.captures >= 1 and runner.replays >= 15, (runner.captures, runner.replays, layers)
+    assert torch.equal(a, b)
+
+
+def _teacher_forced_logits(model, ids, steps, step_fn):
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 1)
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :-steps], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = [out.logits[:, -1].float()]
+        for t in range(ids.shape[1] - steps, ids.shape[1]):
+            out = step_fn(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            logits.append(out.logits[:, -1].float())
+    return torch.cat(logits)
+
+
+@needs_gpu
+@pytest.mark.parametrize("key", [("llama", False, "bfloat16"), ("qwen2", True, "bfloat16")])
+def test_decode_logits_match_reference_at_half(converted, key):
+    """bf16 at sparsity 0.5: every decode step's logits (same input tokens) within bf16 tolerance of the
+    masking reference; then a sparsity change drops the graphs and the new thresholds are used."""
+    fast, ref = _pair(converted[key], 0.5)
+    ids = _prompt(fast, n=24, seed=1)
+    steps = 16
+    for sparsity in (0.5, 0.4):
+        fast.wina.set_sparsity(sparsity)
+        ref.wina.set_sparsity(sparsity)
+        before = fast.wina_decode.captures
+        a = _teacher_forced_logits(fast, ids, steps, fast.wina_decode)
+        b = _teacher_forced_logits(ref, ids, steps, ref)
+        assert not fast.wina_decode.failures, fast.wina_decode.failures
+        assert fast.wina_decode.captures == before + 1
+        rel = float((a - b).norm() / b.norm())
+        assert rel <= 1e-2, (sparsity, rel)
+
+
+@needs_gpu
+def test_decode_graph_follows_the_cache_and_fuses(converted):
+    """Two caches, the static one reused by generate, and q/k/v + gate/up fused into one launch each."""
+    from wina_convert.runtime import kernels
+
+    fast, ref = _pair(converted[("llama", True, "float32")], 0.5)
+    calls = []
+    original = kernels.gated_linear
+
+    def spy(*args, **kw):
+        calls.append(args[1].shape)
+        return original(*args, **kw)
+
+    ids = _prompt(fast, n=5, seed=2)
+    with torch.no_grad():
+        kernels.gated_linear = spy
+        try:
+            fast.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)  # warm + record
+        finally:
+            kernels.gated_linear = original
+        groups = {id(g.kernel) for g in fast.wina.gates.values()}
+        # one launch per group (q/k/v together, gate/up together) in the eager step and in the recording;
+        # none from Python in the replays
+        assert len(calls) == 2 * len(groups) == 2 * 4 * fast.config.num_hidden_layers
+        first = fast.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        second = fast.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        want = ref.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, cache_implementation="static")
+    assert torch.equal(first, second)
+    assert (first == want).float().mean() >= 0.75  # same thresholds; fp32 rounding may flip a late token
+
+
+@needs_gpu
+def test_compiled_decode_step(converted):
+    """The torch.compile'd step recorded in the graph gives the uncompiled step's logits."""
+    fast, _ = _pair(converted[("llama", True, "float32")], 0.5)
+    ids = _prompt(fast, n=20, seed=3)
+    plain = _teacher_forced_logits(fast, ids, 8, fast.wina_decode)
+    fast.wina_decode.compile = True
+    fast.wina_decode.reset()
+    compiled = _teacher_forced_logits(fast, ids, 8, fast.wina_decode)
+    assert not fast.wina_decode.failures, fast.wina_decode.failures
+    assert float((compiled - plain).norm() / plain.norm()) <= 1e-4

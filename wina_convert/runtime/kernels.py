@@ -49,7 +49,8 @@ except Exception:  # pragma: no cover - depends on the install
     _knobs = None
     _HAS_TRITON = False
 
-__all__ = ["triton_available", "pack_weight", "gated_linear", "reference_gated_linear", "BATCH_SPARSE_MAX"]
+__all__ = ["triton_available", "pack_weight", "gated_linear", "gated_linear_op", "reference_gated_linear",
+           "reserve_workspace", "BATCH_SPARSE_MAX"]
 
 # Largest number of rows that still goes through the sparse batched kernel. Measured on an H100 (CUDA
 # graphs, B = 2..64): the union mask keeps 73% of rows at B=2, s=0.5 and the tl.dot kernel lost to masked
@@ -333,6 +334,15 @@ def _workspace(device: torch.device, n_ws: int, n_cnt: int) -> tuple[torch.Tenso
     return ws, cnt
 
 
+def reserve_workspace(device: torch.device, n_out: int) -> None:
+    """Allocate the split-K workspace for outputs of up to ``n_out`` columns now.
+
+    Called when the kernels are bound to a model, so that no launch grows the workspace while a CUDA graph
+    is being captured (a buffer allocated during capture would belong to that graph's private pool).
+    """
+    _workspace(torch.device(device), n_out, _cdiv(n_out, 16) + 1)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -548,6 +558,41 @@ def gated_linear(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tens
     thr = _norm_thresholds(thresholds, K).to(device=weight_t.device, dtype=torch.float32)
     y = _dense_masked(x.reshape(-1, K).to(weight_t.dtype), weight_t, thr, _norm_splits(splits, N, thr.shape[0]), bias)
     return y.reshape(*lead, N)
+
+
+def _register_op():
+    """``torch.ops.wina.gated_linear``: ``gated_linear`` as an opaque operator for ``torch.compile``.
+
+    Dynamo cannot trace the launch code (raw addresses, cached launchers), and must not: inside a compiled
+    decode step the kernel is one node whose output shape is known (the fake implementation).
+    """
+    try:
+        from torch.library import custom_op
+
+        def _run(x, weight_t, thresholds, splits, bias):
+            return gated_linear(x, weight_t, thresholds, splits, bias)
+
+        op = custom_op("wina::gated_linear", _run, mutates_args=(),
+                       schema="(Tensor x, Tensor weight_t, Tensor thresholds, int[] splits, Tensor? bias) -> Tensor")
+
+        @op.register_fake
+        def _(x, weight_t, thresholds, splits, bias):
+            return x.new_empty((*x.shape[:-1], weight_t.shape[1]), dtype=weight_t.dtype)
+
+        return op
+    except Exception:  # pragma: no cover - torch < 2.4, or an API that changed: compile traces the launch code
+        return None
+
+
+_OP = _register_op()
+
+
+def gated_linear_op(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, splits: list[int],
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``gated_linear`` through the registered operator while ``torch.compile`` traces, directly otherwise."""
+    if _OP is not None and torch.compiler.is_compiling():
+        return _OP(x, weight_t, thresholds, list(splits), bias)
+    return gated_linear(x, weight_t, thresholds, splits, bias)
 
 
 if os.environ.get("WINA_BATCH_SPARSE_MAX"):

@@ -140,7 +140,9 @@ def load(
     ``sparsity=None`` uses the calibrated target; any value in [0, 0.9] is derived from the
     sidecar's quantile tables; 0 runs dense. ``gate_prefill`` decides whether prompt tokens are
     gated too (decode tokens always are). On CUDA with triton the gated linears use the sparse
-    kernels (``kernels=False`` keeps the masking reference).
+    kernels for one-token decode steps, which ``model.generate`` replays from CUDA graphs with a
+    static KV cache (``runtime/decode.py``; the weights of q/k/v and gate/up are then stored once,
+    packed as ``W^T``); ``kernels=False`` keeps the masking reference.
     """
     from ..checkpoint import parse_dtype
 
@@ -166,9 +168,11 @@ def load(
     control.set_gate_prefill(gate_prefill)
     control.set_sparsity(sparsity)
     if kernels:
-        from .kernels_hook import enable_kernels
+        from .decode import enable_decode_graphs
+        from .kernels_hook import enable_kernels, input_groups
 
-        enable_kernels(control)
+        if enable_kernels(control, input_groups(adapter, config.num_hidden_layers)):
+            enable_decode_graphs(hf_model, control.gates.values())
     return hf_model
 
 

@@ -27,6 +27,9 @@ class GatedLinear(nn.Module):
     are gated only when ``gate_prefill`` is set.
     """
 
+    # Bumped whenever any gate's thresholds change: recorded decode graphs (runtime/decode.py) are stale then.
+    epoch = 0
+
     def __init__(self, linear: nn.Linear, splits: list[int]):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -48,6 +51,7 @@ class GatedLinear(nn.Module):
         """Per-channel thresholds ``[len(splits), in]``; all zeros (or ``active=False``) is dense."""
         self.thresholds = thresholds.to(device=self.weight.device, dtype=torch.float32).reshape(len(self.splits), -1)
         self.active = bool((self.thresholds > 0).any())
+        GatedLinear.epoch += 1
 
     def reset_stats(self) -> None:
         self.zeroed.zero_()

@@ -1,0 +1,230 @@
+"""Decode speed at Llama-3-8B shapes, dense vs WINA-sparse, with and without the transform (one GPU, bf16).
+
+    python benchmarks/bench_decode.py --out DIR [--layers 32] [--tokens 128] [--modes graphs,compile]
+                                      [--work DIR] [--hf-dense]
+
+No download: a random-weight Llama with Llama-3-8B's shapes (32 layers, hidden 4096, intermediate 14336,
+32 heads, 8 KV heads, vocab 128256, bf16) is built on the GPU and saved with a small byte-level BPE
+tokenizer trained on the bundled calibration text (ids < 4096; the config keeps vocab 128256). It is
+converted twice on the GPU (``transform=False`` and ``True``, target 0.5, a few calibration samples:
+speed depends only on the sparsity achieved, which is measured and reported), then ``wina_convert.bench``
+decodes greedily (batch 1, static KV cache, one CUDA graph per token) dense and at 0 / 0.4 / 0.5 / 0.65,
+in each mode: ``graphs`` (the eager step recorded) and ``compile`` (the ``torch.compile``'d step recorded).
+``--hf-dense`` also measures dense through an unpacked model (``kernels=False``: transformers' weight layout),
+to check that storing q/k/v and gate/up packed as ``W^T`` costs the dense path nothing.
+
+Writes DIR/decode_h100.md (the table) and DIR/decode_h100.json (every number).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from wina_convert import convert, load  # noqa: E402
+from wina_convert.bench import bench  # noqa: E402
+from wina_convert.runtime.decode import enable_decode_graphs  # noqa: E402
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                 vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                 tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+SPARSITIES = (0.0, 0.4, 0.5, 0.65)
+
+
+def build_tokenizer(directory: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "calibration" / "train").glob("*.txt"))]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                            pad_token="<|endoftext|>").save_pretrained(directory)
+
+
+def build_model(directory: Path, layers: int, shapes: dict, device: str, seed: int = 0) -> float:
+    """Random weights (transformers' init, std 0.02; norm gains 1 +- 0.1), bf16, saved with a tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    t0 = time.perf_counter()
+    config = LlamaConfig(num_hidden_layers=layers, **shapes)
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(directory, max_shard_size="5GB")
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    build_tokenizer(directory)
+    return time.perf_counter() - t0
+
+
+def free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure(path: Path, modes: list[str], tokens: int, prompt: int, device: str) -> dict[str, dict]:
+    out = {}
+    t0 = time.perf_counter()
+    model = load(path, sparsity=0.0, device=device)
+    load_s = time.perf_counter() - t0
+    for mode in modes:
+        t1 = time.perf_counter()
+        res = bench(model, sparsities=SPARSITIES, tokens=tokens, prompt_tokens=prompt, compile=(mode == "compile"))
+        res["wall_s"] = time.perf_counter() - t1
+        res["load_s"] = load_s
+        runner = getattr(model, "wina_decode", None)
+        res["graph_failures"] = {str(k): v for k, v in runner.failures.items()} if runner else {}
+        out[mode] = res
+        print(f"  {path.name} {mode}: {res['wall_s']:.0f} s; " + ", ".join(
+            f"{r['label']} {r['tokens_per_s']:.1f} tok/s" for r in [res["dense"], *res["rows"]]), flush=True)
+    del model
+    free()
+    return out
+
+
+def measure_hf_dense(path: Path, modes: list[str], tokens: int, prompt: int, device: str) -> dict[str, dict]:
+    """Dense with transformers' own weight layout (no packing), same graphs/compile treatment."""
+    out = {}
+    model = load(path, sparsity=0.0, device=device, kernels=False)
+    runner = enable_decode_graphs(model, model.wina.gates.values())
+    for mode in modes:
+        res = bench(model, sparsities=(), tokens=tokens, prompt_tokens=prompt, compile=(mode == "compile"))
+        res["graph_failures"] = {str(k): v for k, v in runner.failures.items()} if runner else {}
+        out[mode] = res
+        print(f"  hf-layout dense {mode}: {res['dense']['tokens_per_s']:.1f} tok/s", flush=True)
+    del model, runner
+    free()
+    return out
+
+
+def table(results: dict, hf: dict | None, meta: dict) -> str:
+    lines = []
+    copy = next(iter(next(iter(results.values())).values()))["copy_gbps"]
+    plain = {mode: res["dense"] for mode, res in results["no transform"].items()}
+    lines.append(f"Device: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}. "
+                 f"Random-weight Llama-3-8B shapes ({meta['layers']} layers), bf16, batch 1, greedy, "
+                 f"prompt {meta['prompt']} tokens, {meta['tokens']} decode tokens ({meta['tokens'] - 1} timed), "
+                 f"static KV cache, one CUDA graph per token. Device-to-device copy: {copy or 0:.0f} GB/s (read + write).")
+    lines.append("")
+    lines.append("| checkpoint | mode | config | achieved sparsity | tokens/s | ms/token (median) | GB/s | x dense (same ckpt) "
+                 "| limit | % of limit | x plain dense |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for ckpt, by_mode in results.items():
+        for mode, res in by_mode.items():
+            for row in [res["dense"], *res["rows"]]:
+                dense = row["sparsity"] is None
+                vs_plain = row["tokens_per_s"] / plain[mode]["tokens_per_s"]
+                lines.append(
+                    f"| {ckpt} | {mode} | {row['label']} | {row['achieved_sparsity']:.1%} | {row['tokens_per_s']:.1f} "
+                    f"| {row['latency_ms']:.2f} | {row['gbps']:.0f} | {'1.00' if dense else format(row['speedup'], '.2f')}x "
+                    f"| {'' if dense else format(row['limit'], '.2f') + 'x'} | {'' if dense else format(row['fraction_of_limit'], '.0%')} "
+                    f"| {vs_plain:.2f}x |")
+    lines.append("")
+    for mode, d in plain.items():
+        lines.append(f"Dense baseline ({mode}): {d['tokens_per_s']:.1f} tokens/s = {d['gbps']:.0f} GB/s of "
+                     f"{results['no transform'][mode]['bytes']['dense_per_token'] / 1e9:.2f} GB per token, "
+                     f"{(d['efficiency'] or 0):.0%} of the copy bandwidth.")
+    if hf:
+        for mode, res in hf.items():
+            d = res["dense"]
+            lines.append(f"Dense with transformers' weight layout (unpacked, {mode}): {d['tokens_per_s']:.1f} tokens/s "
+                         f"({(d['efficiency'] or 0):.0%} of copy).")
+    lines.append("")
+    lines.append("'x dense' and 'limit' compare a checkpoint with its own dense run (a transformed checkpoint's dense reads "
+                 "its shortcut rotations too); 'x plain dense' compares with the dense no-transform model, i.e. the original "
+                 "model. limit = dense bytes / sparse bytes per token (weights + static KV cache, sparse bytes from the "
+                 "achieved sparsity).")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--work", default="/tmp/wina-decode-bench")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--modes", default="graphs,compile")
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--hf-dense", action="store_true")
+    ap.add_argument("--name", default="decode_h100")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="small shapes, for trying the script on a CPU")
+    args = ap.parse_args()
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+
+    modes = [m for m in args.modes.split(",") if m]
+    out_dir, work = Path(args.out), Path(args.work)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    shapes = dict(LLAMA3_8B, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=4096) if args.tiny else LLAMA3_8B
+    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
+    meta = {"gpu": gpu, "torch": torch.__version__, "triton": triton_version, "shapes": shapes,
+            "transformers": transformers.__version__, "layers": args.layers, "tokens": args.tokens, "prompt": args.prompt,
+            "modes": modes, "calibration": {"samples": args.samples, "seq_len": args.seq_len}}
+    source = work / "llama3-8b-shape"
+    ckpts = {"no transform": work / "wina-plain", "transform": work / "wina-transform"}
+    timings = {}
+    if not source.exists() and not all(p.exists() for p in ckpts.values()):
+        timings["build_s"] = build_model(source, args.layers, shapes, args.device)
+        print(f"built {source} in {timings['build_s']:.0f} s", flush=True)
+    for name, path in ckpts.items():
+        if path.exists():
+            continue
+        t0 = time.perf_counter()
+        convert(source, path, sparsity=0.5, transform=(name == "transform"), dtype="bfloat16", device=args.device,
+                samples=args.samples, seq_len=args.seq_len, quiet=True)
+        timings[f"convert_{name}_s"] = time.perf_counter() - t0
+        print(f"converted ({name}) in {timings[f'convert_{name}_s']:.0f} s", flush=True)
+        free()
+    shutil.rmtree(source, ignore_errors=True)  # disk: three 16 GB copies do not fit comfortably
+    results = {}
+    hf = None
+    for name, path in ckpts.items():
+        results[name] = measure(path, modes, args.tokens, args.prompt, args.device)
+        if name == "no transform" and args.hf_dense:
+            hf = measure_hf_dense(path, modes, args.tokens, args.prompt, args.device)
+        (out_dir / f"{args.name}.json").write_text(json.dumps({"meta": meta, "timings": timings, "results": results,
+                                                               "hf_dense": hf}, indent=1, default=str))
+    text = table(results, hf, meta)
+    (out_dir / f"{args.name}.md").write_text(text)
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""``wina bench`` on CPU: a tiny converted model, the reference path, the shape and consistency of the result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wina_convert import WinaError, convert, load
+from wina_convert.bench import bench, format_bench
+
+SPARSITIES = (0.0, 0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tiny_models, tmp_path_factory) -> dict[bool, object]:
+    """The tiny Llama converted at 0.5 with and without the transform."""
+    root = tmp_path_factory.mktemp("bench")
+    out = {}
+    for transform in (True, False):
+        target = root / f"llama-{'t' if transform else 'n'}"
+        convert(tiny_models["llama"], target, sparsity=0.5, transform=transform, quiet=True, samples=4, seq_len=64)
+        out[transform] = target
+    return out
+
+
+@pytest.fixture(scope="module")
+def result(tiny_checkpoints) -> dict:
+    return bench(tiny_checkpoints[True], sparsities=SPARSITIES, tokens=6, prompt_tokens=5, device="cpu")
+
+
+def test_result_is_well_formed(result):
+    assert result["device"] == "cpu" and result["gpu"] is None and result["copy_gbps"] is None
+    assert result["transform"] is True and result["graphs"] is False and result["kernels"] is False
+    assert result["tokens"] == 6 and result["prompt_tokens"] == 5
+    assert [r["sparsity"] for r in result["rows"]] == list(SPARSITIES)
+    keys = {"label", "sparsity", "achieved_sparsity", "path", "tokens_per_s", "latency_ms", "latency_ms_p90",
+            "bytes_per_token", "gbps", "speedup", "limit", "fraction_of_limit", "same_tokens_as_dense"}
+    for row in [result["dense"], *result["rows"]]:
+        assert keys <= set(row)
+        assert row["tokens_per_s"] > 0 and row["latency_ms"] > 0 and row["latency_ms_p90"] >= row["latency_ms"]
+        assert row["gbps"] == pytest.approx(row["bytes_per_token"] * row["tokens_per_s"] / 1e9)
+        assert row["fraction_of_limit"] == pytest.approx(row["speedup"] / row["limit"])
+    dense = result["dense"]
+    assert dense["path"] == "dense" and dense["sparsity"] is None and dense["achieved_sparsity"] == 0.0
+    assert dense["speedup"] == 1.0 and dense["limit"] == 1.0 and dense["efficiency"] is None
+    assert all(r["path"] == "reference" for r in result["rows"])
+
+
+def test_bytes_add_up(result, tiny_checkpoints):
+    b = result["bytes"]
+    assert b["dense_per_token"] == b["gated"] + b["shortcuts"] + b["lm_head"] + b["kv_cache"] + b["other"]
+    model = load(tiny_checkpoints[True], sparsity=0.0)
+    cfg = model.config
+    layer = (cfg.hidden_size * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * (cfg.hidden_size // cfg.num_attention_heads)
+             + cfg.hidden_size**2 + 3 * cfg.hidden_size * cfg.intermediate_size)
+    assert b["gated"] == 4 * cfg.num_hidden_layers * layer  # float32 weights
+    assert b["shortcuts"] == 4 * cfg.num_hidden_layers * 2 * cfg.hidden_size**2
+    assert b["lm_head"] == 4 * cfg.vocab_size * cfg.hidden_size
+    assert b["kv_cache"] > 0 and b["dense_per_token"] == result["dense"]["bytes_per_token"]
+
+
+def test_sparsity_is_achieved_and_bytes_follow(result):
+    at0, at5 = result["rows"]
+    assert at0["achieved_sparsity"] == pytest.approx(0.0, abs=1e-6)  # zero thresholds drop only exact zeros
+    assert at0["same_tokens_as_dense"]  # the sparse path at 0 computes the dense function
+    assert at0["limit"] == pytest.approx(1.0, abs=1e-6)
+    assert 0.3 < at5["achieved_sparsity"] < 0.7  # calibrated for 0.5 on other text: near, not exact
+    gated = result["bytes"]["gated"]
+    skipped = result["dense"]["bytes_per_token"] - at5["bytes_per_token"]
+    assert skipped == pytest.approx(at5["achieved_sparsity"] * gated, abs=1)  # rounded to whole bytes
+    assert at5["limit"] == pytest.approx(result["dense"]["bytes_per_token"] / at5["bytes_per_token"])
+
+
+def test_format_bench(result):
+    from rich.console import Console
+
+    console = Console(record=True, width=160)
+    console.print(format_bench(result))
+    text = console.export_text()
+    assert "dense" in text and "s=0.50" in text and "no graphs" in text and "transform" in text
+
+
+def test_loaded_model_without_transform_and_restored_state(tiny_checkpoints):
+    model = load(tiny_checkpoints[False], sparsity=0.25)
+    res = bench(model, sparsities=(0.5,), tokens=3, prompt_tokens=2)
+    assert res["transform"] is False and res["bytes"]["shortcuts"] == 0 and len(res["rows"]) == 1
+    assert model.wina.sparsity == 0.25  # the model is left as it was found
+    assert res["rows"][0]["bytes_per_token"] < res["dense"]["bytes_per_token"]
+
+
+def test_bad_arguments(tiny_checkpoints):
+    with pytest.raises(WinaError, match="tokens"):
+        bench(tiny_checkpoints[False], tokens=1, device="cpu")
+    with pytest.raises(WinaError, match="WINA model"):
+        bench(torch.nn.Linear(2, 2), tokens=3)

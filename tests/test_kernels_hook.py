@@ -1,0 +1,69 @@
+"""The kernel hooks on CPU (where ``kernels.gated_linear`` computes with torch): packing, aliasing, fusion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wina_convert import convert, load
+from wina_convert.arch import adapter_for
+from wina_convert.runtime.decode import DecodeGraphs, enable_decode_graphs, greedy
+from wina_convert.runtime.kernels_hook import bind_kernels, force_kernels, input_groups
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hook") / "qwen2"
+    convert(tiny_models["qwen2"], out, sparsity=0.5, quiet=True, samples=4, seq_len=64)  # q/k/v biases
+    return out
+
+
+def _bound(path, sparsity):
+    model = load(path, sparsity=sparsity)
+    groups = bind_kernels(model.wina, input_groups(adapter_for("qwen2"), model.config.num_hidden_layers))
+    return model, groups
+
+
+def test_groups_and_aliasing(checkpoint):
+    model, groups = _bound(checkpoint, 0.5)
+    assert [len(g.gates) for g in groups[:4]] == [3, 1, 2, 1]  # q/k/v, o, gate/up, down
+    qkv = groups[0]
+    for gate, (c0, c1) in zip(qkv.gates, qkv.columns):  # the weights live once, in the packed W^T
+        assert gate.weight.data_ptr() == qkv.weight_t[:, c0:c1].data_ptr()
+        assert torch.equal(gate.weight, qkv.weight_t[:, c0:c1].t())
+        assert gate.bias.data_ptr() == qkv.bias[c0:c1].data_ptr()
+    ref = load(checkpoint, sparsity=0.5)
+    for name, gate in model.wina.gates.items():
+        assert torch.equal(gate.weight, ref.wina.gates[name].weight)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_decode_through_hooks_equals_reference(checkpoint, sparsity):
+    """Counting off selects the hooks (one fused call per group); the tokens equal the masking reference."""
+    model, _ = _bound(checkpoint, sparsity)
+    ref = load(checkpoint, sparsity=sparsity)
+    if sparsity == 0:
+        force_kernels(model.wina)
+        force_kernels(ref.wina)
+    for gate in model.wina.gates.values():
+        gate.counting = False
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    a = greedy(model, ids, 10)
+    b = greedy(ref, ids, 10)
+    assert torch.equal(a, b)
+
+
+def test_fast_mode_restores_and_cpu_has_no_graphs(checkpoint):
+    model, _ = _bound(checkpoint, 0.5)
+    assert enable_decode_graphs(model, model.wina.gates.values()) is None  # CPU: nothing installed
+    runner = DecodeGraphs(model, model.wina.gates.values())
+    before = [(g.counting, g.active) for g in model.wina.gates.values()]
+    with runner.fast():
+        assert all(not g.counting and g.active for g in model.wina.gates.values())
+    assert [(g.counting, g.active) for g in model.wina.gates.values()] == before
+    model.wina.set_sparsity(0.0)
+    with runner.fast():  # dense stays dense
+        assert not any(g.active for g in model.wina.gates.values())
+    assert not runner.eligible({"input_ids": torch.zeros(1, 1, dtype=torch.long)})  # CPU tensors
+    out = runner(input_ids=torch.zeros(1, 3, dtype=torch.long))  # not eligible: the model runs as it is
+    assert out.logits.shape[:2] == (1, 3)
