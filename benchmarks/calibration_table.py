@@ -1,7 +1,7 @@
 """Perplexity and achieved sparsity on held-out text: dense, TEAL, WINA +- transform, uniform/greedy.
 
     python benchmarks/calibration_table.py MODEL --out DIR [--device cuda] [--sparsities 0.25,0.4,0.5,0.65]
-                                           [--only NAME,...] [--self-calibration]
+                                           [--only NAME,...] [--self-calibration] [--render]
 
 MODEL is anything ``wina convert`` takes (the README's SmolLM2 directory, ~/.cache/wina-convert/smollm2-hf).
 Every setting is a real ``wina_convert.convert`` (bundled calibration set, its defaults for samples,
@@ -73,7 +73,14 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated setting names (e.g. wina-nt-greedy)")
     parser.add_argument("--self-calibration", action="store_true")
     parser.add_argument("--work", type=Path, default=Path("/tmp/wina-calibration-table"))
+    parser.add_argument("--render", action="store_true", help="only re-render DIR/calibration.md from DIR/calibration.json")
     args = parser.parse_args()
+    if args.render:
+        report = json.loads((args.out / "calibration.json").read_text())
+        report["defaults"] = DEFAULTS
+        (args.out / "calibration.md").write_text(markdown(report))
+        print(markdown(report))
+        return
     sparsities = [float(s) for s in args.sparsities.split(",")]
     chosen = settings(args.self_calibration)
     if args.only:

@@ -14,7 +14,7 @@ from wina_convert.runtime.kernels_hook import bind_kernels, force_kernels, input
 @pytest.fixture(scope="module")
 def checkpoint(tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("hook") / "qwen2"
-    convert(tiny_models["qwen2"], out, sparsity=0.5, quiet=True, samples=4, seq_len=64)  # q/k/v biases
+    convert(tiny_models["qwen2"], out, sparsity=0.5, transform=True, quiet=True, samples=4, seq_len=64)  # q/k/v biases
     return out
 
 

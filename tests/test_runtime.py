@@ -221,7 +221,7 @@ def test_set_sparsity_and_stats(calibrated):
 
 
 def test_uncalibrated_checkpoint_runs_dense_only(tiny_models, tmp_path):
-    out = convert(tiny_models["llama"], tmp_path / "o", calibrate=False, quiet=True).output
+    out = convert(tiny_models["llama"], tmp_path / "o", calibrate=False, transform=True, quiet=True).output
     load(out, sparsity=0)
     with pytest.raises(WinaError, match="not calibrated"):
         load(out, sparsity=0.5)
@@ -281,7 +281,7 @@ def test_load_refuses_a_hand_edited_sidecar(calibrated, tmp_path):
 
 def test_load_refuses_a_sidecar_of_other_weights(calibrated, tiny_models, tiny_tokenizer_dir, tmp_path):
     other = convert(build_tiny("llama", tmp_path / "other", tiny_tokenizer_dir, seed=1), tmp_path / "other-out",
-                    sparsity=0.5, samples=2, seq_len=64, quiet=True).output
+                    sparsity=0.5, transform=True, samples=2, seq_len=64, quiet=True).output
     d = _copy(calibrated["llama"], tmp_path)
     shutil.copy(other / "wina.safetensors", d / "wina.safetensors")
     write_manifest(d)

@@ -29,7 +29,7 @@ def _read_all(directory: Path) -> dict[str, torch.Tensor]:
 def test_streamed_writer_makes_a_valid_multi_shard_checkpoint(tiny_models, tmp_path):
     source = tiny_models["llama"]
     shard_size = 40_000  # bytes: a few tensors per shard, and tensors larger than a shard alone in theirs
-    out = convert(source, tmp_path / "out", shard_size=shard_size, samples=2, seq_len=32, quiet=True).output
+    out = convert(source, tmp_path / "out", shard_size=shard_size, transform=True, samples=2, seq_len=32, quiet=True).output
     index = json.loads((out / INDEX).read_text())
     shards = sorted(set(index["weight_map"].values()))
     count = len(shards)
@@ -79,10 +79,10 @@ _MEASURE = textwrap.dedent("""
                 return int(line.split()[1]) * 1024
 
     warm, model, out = sys.argv[1:4]
-    convert(warm, out + "-warm", calibrate=False, quiet=True)  # every lazy import done, allocator warm
+    convert(warm, out + "-warm", calibrate=False, transform=True, quiet=True)  # every lazy import done, allocator warm
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     base = status("VmRSS")
-    convert(model, out, calibrate=False, shard_size="1GB", quiet=True)
+    convert(model, out, calibrate=False, transform=True, shard_size="1GB", quiet=True)
     print(json.dumps({"base": base, "peak": status("VmHWM")}))
 """)
 

@@ -43,7 +43,7 @@ def _text_ids(directory: Path, tokens: int) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def converted_tiny(tiny_models, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("converted-tiny")
-    return {f: convert(tiny_models[f], root / f, calibrate=False, quiet=True).output for f in FAMILIES}
+    return {f: convert(tiny_models[f], root / f, calibrate=False, transform=True, quiet=True).output for f in FAMILIES}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -129,7 +129,7 @@ def test_config_records_the_conversion(tiny_models, converted_tiny):
 
 @pytest.mark.slow
 def test_transform_is_exact_on_smollm2(smollm2_hf, tmp_path):
-    out = convert(smollm2_hf, tmp_path / "out", calibrate=False, quiet=True).output
+    out = convert(smollm2_hf, tmp_path / "out", calibrate=False, transform=True, quiet=True).output
     original = _original(smollm2_hf)
     model = load(out, sparsity=0)
     ids = _text_ids(smollm2_hf, 256)
@@ -143,7 +143,7 @@ def test_transform_is_exact_on_smollm2(smollm2_hf, tmp_path):
 @pytest.mark.slow
 def test_gguf_input_converts_exactly(smollm2_gguf, smollm2_hf, tmp_path):
     """A .gguf converts like its dequantized safetensors copy (same weights, same logits)."""
-    out = convert(smollm2_gguf, tmp_path / "out", calibrate=False, quiet=True).output
+    out = convert(smollm2_gguf, tmp_path / "out", calibrate=False, transform=True, quiet=True).output
     model = load(out, sparsity=0)
     ids = _text_ids(smollm2_hf, 64)
     with torch.no_grad():

@@ -99,7 +99,7 @@ def convert(
     model: str = typer.Argument(..., help="Hub id (org/name), local Hugging Face directory, or .gguf file."),
     output: Path = typer.Option(..., "--output", "-o", help="Output directory (must not exist or be empty, unless --overwrite)."),
     sparsity: str = typer.Option("0.5", "--sparsity", "-s", help="Target sparsity in [0, 0.9] (fraction of weight columns skipped)."),
-    transform: bool = typer.Option(DEFAULTS["transform"], "--transform/--no-transform", help="Rotate the weights into per-layer column-orthogonal bases (exact at sparsity 0)."),
+    transform: bool = typer.Option(DEFAULTS["transform"], "--transform/--no-transform", help="Rotate the weights into per-layer column-orthogonal bases (exact at sparsity 0; helps above ~0.6 sparsity, adds the shortcut rotations to every decode step)."),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Calibrate thresholds (without it only sparsity 0 is available)."),
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration text: PATH (.txt/.jsonl/dir), hf:DATASET[:CONFIG[:SPLIT]], or 'self'. Default: the bundled set."),
     samples: Optional[int] = typer.Option(None, "--samples", help="Calibration windows (default 16)."),
@@ -308,6 +308,7 @@ def bench(
     tokens: int = typer.Option(128, "--tokens", "-n", help="Decode tokens per measurement."),
     device: Optional[str] = typer.Option(None, "--device", help="Default: cuda when available, else cpu."),
     dtype: Optional[str] = typer.Option(None, "--dtype"),
+    compile: bool = typer.Option(False, "--compile", help="CUDA: record the torch.compile'd decode step (slower to start, faster per token)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Decode speed, dense vs sparse, in the same runtime (tokens/s, latency, physical limit)."""
@@ -319,7 +320,7 @@ def bench(
         raise WinaError("--sparsity needs at least one value")
     if tokens < 1:
         raise WinaError(f"--tokens must be at least 1, got {tokens}")
-    result = run_bench(checkpoint, sparsities=levels, tokens=tokens, device=device, dtype=dtype)
+    result = run_bench(checkpoint, sparsities=levels, tokens=tokens, device=device, dtype=dtype, compile=compile or None)
     if as_json:
         print(json.dumps(result, default=str))
     else:

@@ -134,6 +134,7 @@ def load(
     revision: str | None = None,
     token: str | None = None,
     kernels: bool = True,
+    compile: bool = False,
 ) -> Any:
     """Load a WINA checkpoint (directory or Hub id) as a transformers model, gated at ``sparsity``.
 
@@ -142,7 +143,9 @@ def load(
     gated too (decode tokens always are). On CUDA with triton the gated linears use the sparse
     kernels for one-token decode steps, which ``model.generate`` replays from CUDA graphs with a
     static KV cache (``runtime/decode.py``; the weights of q/k/v and gate/up are then stored once,
-    packed as ``W^T``); ``kernels=False`` keeps the masking reference.
+    packed as ``W^T``); ``kernels=False`` keeps the masking reference. ``compile=True`` records the
+    ``torch.compile``'d decode step instead of the eager one (a minute or more to compile an 8B model,
+    ~1.3x faster per token on an H100: benchmarks/results/decode_h100_modes.md).
     """
     from ..checkpoint import parse_dtype
 
@@ -172,7 +175,7 @@ def load(
         from .kernels_hook import enable_kernels, input_groups
 
         if enable_kernels(control, input_groups(adapter, config.num_hidden_layers)):
-            enable_decode_graphs(hf_model, control.gates.values())
+            enable_decode_graphs(hf_model, control.gates.values(), compile=compile)
     return hf_model
 
 
