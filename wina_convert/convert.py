@@ -256,7 +256,7 @@ def convert(
                     writer.add(prefix + name, tensor)
             if calibrator is not None:
                 with clock("calibrate"):
-                    calibrator.layer(layer, final)
+                    calibrator.layer(layer, final)  # empties final: the writer is done with it
             del final
             _release_memory()
             reporter.advance()
