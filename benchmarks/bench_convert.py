@@ -21,7 +21,7 @@ What it does, in order (everything in one invocation, so that one device call do
 
 Prints a markdown table last; ``--out-json`` / ``--out-md`` keep the numbers.
 
-    python benchmarks/bench_convert.py --layers 4 --device cpu                           # this CPU machine
+    python benchmarks/bench_convert.py --layers 4 --device cpu [--no-transform]          # this CPU machine
     python benchmarks/bench_convert.py --device cuda --samples 128 --seq-len 512 --reference-svd
 """
 
@@ -139,11 +139,12 @@ def convert_child(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     result = convert(args.model, args.output, device=args.device, samples=args.samples, seq_len=args.seq_len,
-                     shard_size=args.shard_size, reporter=LineReporter(quiet=True))
+                     transform=args.transform, shard_size=args.shard_size, reporter=LineReporter(quiet=True))
     out = {
         "seconds": result.seconds,
         "stage_seconds": result.stage_seconds,
         "bytes_written": result.bytes_written,
+        "transform": args.transform,
         "calibration": {k: result.calibration.get(k) for k in ("dataset", "samples", "seq_len", "tokens", "allocation")}
         if result.calibration else None,
         "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -172,7 +173,7 @@ def _status_bytes(pid: int) -> dict[str, int]:
 def run_convert(args: argparse.Namespace, model: Path, output: Path, child_json: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--convert-child", "--model", str(model),
            "--output", str(output), "--device", args.device, "--shard-size", args.shard_size,
-           "--child-json", str(child_json)]
+           "--child-json", str(child_json), "--transform" if args.transform else "--no-transform"]
     if args.samples is not None:
         cmd += ["--samples", str(args.samples)]
     if args.seq_len is not None:
@@ -327,6 +328,7 @@ def markdown(report: dict) -> str:
         lines += [f"### `wina convert`: {report['layers']} layers of Llama-3-8B shape, random bf16, {report['device_name']}",
                   "",
                   f"Input {report['checkpoint']['bytes'] / GB:.2f} GB in {report['checkpoint']['shards']} shards; "
+                  f"{'with' if conv.get('transform', True) else 'without'} the transform; "
                   f"calibration {cal.get('samples')} x {cal.get('seq_len')} tokens ({cal.get('allocation')} allocation); "
                   f"output {conv['bytes_written'] / GB:.2f} GB.",
                   "",
@@ -367,6 +369,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=None, help="calibration samples (convert's default if unset)")
     parser.add_argument("--seq-len", type=int, default=None, help="calibration sequence length (convert's default if unset)")
     parser.add_argument("--shard-size", default="5GB")
+    parser.add_argument("--transform", action=argparse.BooleanOptionalAction, default=True,
+                        help="convert with the transform (default: on, the heavier path; --no-transform is convert's default)")
     parser.add_argument("--workdir", default="/tmp/wina-bench", help="where the checkpoint and its conversion go (removed at the end)")
     parser.add_argument("--keep", action="store_true", help="keep the workdir")
     parser.add_argument("--reference-svd", action="store_true", help="also time the transform alone against full float64 SVD")
