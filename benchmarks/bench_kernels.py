@@ -149,7 +149,8 @@ def sweep(cases, log):
                 per_thread = bn * bk / (32 * nw)
                 if 8 <= per_thread <= 128:
                     tiles.append((bn, bk, nw))
-    fmt = lambda t, c_: f"{t:.1f}us bn{c_.block_n} bk{c_.block_k} w{c_.num_warps} st{c_.num_stages} wv{c_.waves} pf{int(c_.prefetch)}"
+    fmt = lambda t, c_: (f"{t:.1f}us bn{c_.block_n} bk{c_.block_k} w{c_.num_warps} st{c_.num_stages} wv{c_.waves} "
+                         f"pf{int(c_.prefetch)} pipe{int(c_.pipe)}")
     best = {}
     for name, c in cases.items():
         thr = {s: c.thr(s) for s in (0.0, 0.4, 0.5, 0.65)}
@@ -170,6 +171,8 @@ def sweep(cases, log):
                 res2.append((c.t_gated(0.5, c2, thr[0.5]), c2))
             c3 = K.Config(**{**cfg.__dict__, "num_stages": 2})
             res2.append((c.t_gated(0.5, c3, thr[0.5]), c3))
+            c4 = K.Config(**{**cfg.__dict__, "pipe": True, "prefetch": False})  # two weight tiles in flight
+            res2.append((c.t_gated(0.5, c4, thr[0.5]), c4))
         res2.sort(key=lambda r: r[0])
         log(f"[sweep B] {name}: " + "; ".join(fmt(*r) for r in res2[:6]))
         res3 = []
@@ -385,7 +388,8 @@ def main():  # noqa: C901
     out.append(f"  host time per gated_linear call: {lay['host_us_per_call']:.1f} us; small-matrix host us/call: "
                + ", ".join(f"{k}={v:.1f}" for k, v in result["host"].items()))
     out.append("tuned configs: " + "; ".join(f"{r['shape']}: bn{r['cfg']['block_n']} bk{r['cfg']['block_k']} w{r['cfg']['num_warps']} "
-                                             f"st{r['cfg']['num_stages']} wv{r['cfg']['waves']} pf{int(r['cfg']['prefetch'])}" for r in table))
+                                             f"st{r['cfg']['num_stages']} wv{r['cfg']['waves']} pf{int(r['cfg']['prefetch'])} pipe{int(r['cfg'].get('pipe', False))}"
+                                             for r in table))
     if "batch" in result:
         out.append("batch > 1 (us): shape B s | plain F.linear | masked dense | sparse kernel")
         for r in result["batch"]:

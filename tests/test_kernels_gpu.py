@@ -91,6 +91,19 @@ def test_batched(n_in, splits, sparsity, rows, dtype):
 
 
 @needs_gpu
+@pytest.mark.parametrize("pipe", [False, True])
+@pytest.mark.parametrize("n_in,splits", [SHAPES[0], SHAPES[1], SHAPES[5], SHAPES[7]])
+def test_gemv_configs(n_in, splits, pipe):
+    """The tile shapes the tuner may pick (wide/narrow columns, short/long splits, the two-deep pipeline)."""
+    x, w, thr, splits, b = _case(n_in, splits, 0.5, 1, torch.bfloat16, bias=True)
+    ref = _ref(x, w, thr, splits, b)[0]
+    for bn, bk, waves in ((2048, 16, 2), (1024, 8, 4), (256, 32, 1), (512, 16, 8)):
+        cfg = kernels.Config(block_n=bn, block_k=bk, num_warps=4, num_stages=1, waves=waves, prefetch=False, pipe=pipe)
+        y = kernels._gemv(x, w, thr, splits, b, cfg=cfg)
+        assert _rel(y, ref) <= TOL, (bn, bk, waves)
+
+
+@needs_gpu
 def test_single_threshold_row_and_inf():
     x, w, thr, splits, b = _case(4096, [4096, 1024, 1024], 0.5, 1, torch.bfloat16, bias=True)
     one = thr[0]  # [in]: shared by all three matrices

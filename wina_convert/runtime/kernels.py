@@ -164,7 +164,7 @@ if _HAS_TRITON:
         x_ptr, w_ptr, thr_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr,
         K, N, stride_w, B1, B2, B3, K_PER_SPLIT, SPLIT_K,
         HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, PIPE: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -175,32 +175,54 @@ if _HAS_TRITON:
         mat = (n0 >= B1).to(tl.int32) + (n0 >= B2).to(tl.int32) + (n0 >= B3).to(tl.int32)
         thr_row = thr_ptr + mat * K
         k_start = pid_k * K_PER_SPLIT
-        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-        if PREFETCH:  # x and thr of the next block load while this block's weight rows are in flight
-            offs_p = k_start + tl.arange(0, BLOCK_K)
-            x_next = tl.load(x_ptr + offs_p, mask=offs_p < K, other=0.0)
-            t_next = tl.load(thr_row + offs_p, mask=offs_p < K, other=float("inf"))
-        for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-            offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
+        if PIPE:
+            # two weight tiles in flight: the next tile's loads are issued before this one is consumed
+            offs_k = k_start + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
-            if PREFETCH:
-                xv = x_next.to(tl.float32)
-                th = t_next
-                offs_p = offs_k + BLOCK_K
-                x_next = tl.load(x_ptr + offs_p, mask=offs_p < K, other=0.0)
-                t_next = tl.load(thr_row + offs_p, mask=offs_p < K, other=float("inf"))
-            else:
-                xv = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-                th = tl.load(thr_row + offs_k, mask=k_mask, other=float("inf"))
+            xv = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            th = tl.load(thr_row + offs_k, mask=k_mask, other=float("inf"))
             keep = (tl.abs(xv) > th) & k_mask
-            w = tl.load(
-                w_ptr + offs_k[:, None] * stride_w + offs_n[None, :],
-                mask=keep[:, None] & n_mask[None, :],
-                other=0.0,
-                eviction_policy="evict_first",
-            )
-            acc += w.to(tl.float32) * xv[:, None]
-        part = tl.sum(acc, axis=0)
+            w = tl.load(w_ptr + offs_k[:, None] * stride_w + offs_n[None, :], mask=keep[:, None] & n_mask[None, :],
+                        other=0.0, eviction_policy="evict_first")
+            acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for k0 in range(BLOCK_K, K_PER_SPLIT + BLOCK_K, BLOCK_K):
+                offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
+                k_mask = (offs_k < K) & (k0 < K_PER_SPLIT)
+                xn = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+                tn = tl.load(thr_row + offs_k, mask=k_mask, other=float("inf"))
+                keepn = (tl.abs(xn) > tn) & k_mask
+                wn = tl.load(w_ptr + offs_k[:, None] * stride_w + offs_n[None, :], mask=keepn[:, None] & n_mask[None, :],
+                             other=0.0, eviction_policy="evict_first")
+                acc1 += tl.sum(w.to(tl.float32) * xv[:, None], axis=0)
+                xv, w = xn, wn
+            part = acc1
+        else:
+            acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+            if PREFETCH:  # x and thr of the next block load while this block's weight rows are in flight
+                offs_p = k_start + tl.arange(0, BLOCK_K)
+                x_next = tl.load(x_ptr + offs_p, mask=offs_p < K, other=0.0).to(tl.float32)
+                t_next = tl.load(thr_row + offs_p, mask=offs_p < K, other=float("inf"))
+            for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+                offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < K
+                if PREFETCH:
+                    xv = x_next
+                    th = t_next
+                    offs_p = offs_k + BLOCK_K
+                    x_next = tl.load(x_ptr + offs_p, mask=offs_p < K, other=0.0).to(tl.float32)
+                    t_next = tl.load(thr_row + offs_p, mask=offs_p < K, other=float("inf"))
+                else:
+                    xv = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+                    th = tl.load(thr_row + offs_k, mask=k_mask, other=float("inf"))
+                keep = (tl.abs(xv) > th) & k_mask
+                w = tl.load(
+                    w_ptr + offs_k[:, None] * stride_w + offs_n[None, :],
+                    mask=keep[:, None] & n_mask[None, :],
+                    other=0.0,
+                    eviction_policy="evict_first",
+                )
+                acc += w.to(tl.float32) * xv[:, None]
+            part = tl.sum(acc, axis=0)
         if ATOMIC:
             tl.atomic_add(ws_ptr + offs_n, part, mask=n_mask, sem="relaxed")
             tl.debug_barrier()
@@ -289,6 +311,7 @@ class Config:
     waves: float = 4.0
     block_m: int = 16  # batched kernel only
     prefetch: bool = True  # GEMV only
+    pipe: bool = False  # GEMV: issue the next tile's loads before consuming this one
 
 
 # Per (K, N) decode configs tuned on an H100 by benchmarks/bench_kernels.py --sweep (CUDA-graph timings at
@@ -296,7 +319,7 @@ class Config:
 DEFAULT_GEMV = Config(block_n=1024, block_k=16, num_warps=4, num_stages=1, waves=2, prefetch=False)
 TUNED_GEMV: dict[tuple[int, int], Config] = {
     (4096, 6144): DEFAULT_GEMV,  # Llama-3-8B q/k/v fused
-    (4096, 4096): Config(block_n=1024, block_k=8, num_warps=4, num_stages=1, waves=4, prefetch=False),  # o
+    (4096, 4096): Config(block_n=1024, block_k=16, num_warps=4, num_stages=1, waves=2, prefetch=False, pipe=True),  # o
     (4096, 28672): DEFAULT_GEMV,  # gate/up fused
     (14336, 4096): DEFAULT_GEMV,  # down
 }
@@ -428,7 +451,8 @@ def _launch_gemv(x1, w, thr, out, bias, bounds, cfg: Config):
     _launch(
         _gemv_kernel, (n_blocks, split, 1),
         [x1, w, thr, out, bias if bias is not None else out, ws, cnt, K, N, w.stride(0), b[0], b[1], b[2], k_per, split],
-        dict(HAS_BIAS=bias is not None, ATOMIC=atomic, BLOCK_K=cfg.block_k, BLOCK_N=bn, PREFETCH=bool(cfg.prefetch)),
+        dict(HAS_BIAS=bias is not None, ATOMIC=atomic, BLOCK_K=cfg.block_k, BLOCK_N=bn, PREFETCH=bool(cfg.prefetch),
+             PIPE=bool(cfg.pipe)),
         cfg, w.device,
     )
 
