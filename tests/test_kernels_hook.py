@@ -67,3 +67,31 @@ def test_fast_mode_restores_and_cpu_has_no_graphs(checkpoint):
     assert not runner.eligible({"input_ids": torch.zeros(1, 1, dtype=torch.long)})  # CPU tensors
     out = runner(input_ids=torch.zeros(1, 3, dtype=torch.long))  # not eligible: the model runs as it is
     assert out.logits.shape[:2] == (1, 3)
+
+
+def test_argmax_last_matches_argmax_with_ties():
+    from wina_convert.runtime.decode import argmax_last
+
+    g = torch.Generator().manual_seed(0)
+    for vocab in (128256, 49152, 4099, 100):  # divisible near 1024, padded, small
+        x = torch.randn(3, vocab, generator=g).bfloat16()
+        hits = torch.randint(0, vocab, (2,), generator=g)
+        x[1, hits] = 100.0  # a tie: the first index wins
+        x[2, -1] = 100.0  # the last entry (in the padding's chunk)
+        assert torch.equal(argmax_last(x), x.argmax(-1, keepdim=True)), vocab
+
+
+def test_gated_linear_op_under_torch_compile():
+    """The registered operator, as a compiled step calls it, equals the eager call."""
+    from wina_convert.runtime import kernels
+
+    g = torch.Generator().manual_seed(2)
+    wt, thr = torch.randn(64, 32, generator=g), torch.rand(1, 64, generator=g) * 0.5
+    down, down_thr = torch.randn(32, 8, generator=g), torch.rand(2, 32, generator=g) * 0.1
+
+    def step(x):
+        y = kernels.gated_linear_op(x, wt, thr, [32], None)
+        return kernels.gated_linear_op(torch.relu(y), down, down_thr, [5, 3], torch.ones(8))
+
+    x = torch.randn(1, 64, generator=g)
+    torch.testing.assert_close(torch.compile(step, backend="aot_eager")(x), step(x))
