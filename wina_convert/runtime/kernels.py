@@ -103,10 +103,11 @@ def _norm_splits(splits, n_out: int, n_mats: int) -> list[int]:
     return splits
 
 
-def reference_gated_linear(x, weight_t, thresholds, splits=None, bias=None) -> torch.Tensor:
+def reference_gated_linear(x, weight_t, thresholds, splits=None, bias=None, rms=None) -> torch.Tensor:
     """Plain torch masking: ``y[..., o] = sum_i W[o, i] x_i [|x_i| > thr_{m(o)}[i]] (+ b[o])``.
 
     Computed in the dtype of ``x`` promoted with the weight's (pass float64 tensors for a reference).
+    ``rms``: ``(norm, mask, n, eps)`` as in ``gated_linear``.
     """
     n_in, n_out = weight_t.shape
     thr = _norm_thresholds(thresholds, n_in)
@@ -121,12 +122,29 @@ def reference_gated_linear(x, weight_t, thresholds, splits=None, bias=None) -> t
         outs.append((xs * keep.to(dtype)) @ w[:, start : start + size])
         start += size
     y = torch.cat(outs, dim=-1)
+    if rms is not None:
+        y = _scale_rms(y, splits, *rms)
     if bias is not None:
         y = y + bias.to(dtype)
     return y
 
 
-def _dense_masked(x2: torch.Tensor, weight_t: torch.Tensor, thr: torch.Tensor, splits: list[int], bias) -> torch.Tensor:
+def _scale_rms(y: torch.Tensor, splits: list[int], norm: torch.Tensor, mask: int, n: int, eps: float) -> torch.Tensor:
+    """``y [..., out]`` with the columns of the matrices flagged in ``mask`` times ``sqrt(norm^2 / n + eps)``
+    (``norm`` one value per row of ``y``)."""
+    if not mask:
+        return y
+    factor = torch.sqrt(norm.to(torch.float64).reshape(*y.shape[:-1], 1) ** 2 / n + eps)
+    parts, start = [], 0
+    for m, size in enumerate(splits):
+        part = y[..., start : start + size]
+        parts.append((part.to(torch.float64) * factor).to(y.dtype) if (mask >> m) & 1 else part)
+        start += size
+    return torch.cat(parts, dim=-1)
+
+
+def _dense_masked(x2: torch.Tensor, weight_t: torch.Tensor, thr: torch.Tensor, splits: list[int], bias,
+                  rms=None) -> torch.Tensor:
     """The batch path through cuBLAS: mask ``x`` per matrix, multiply by the column slice of ``W^T``."""
     ax = x2.abs()
     P, M = thr.shape[0], x2.shape[0]
@@ -148,6 +166,8 @@ def _dense_masked(x2: torch.Tensor, weight_t: torch.Tensor, thr: torch.Tensor, s
             outs.append(torch.matmul(x2 * (ax > thr[m]).to(x2.dtype), weight_t[:, start : start + size]))
             start += size
         y = torch.cat(outs, dim=-1)
+    if rms is not None:
+        y = _scale_rms(y, splits, *rms)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y
@@ -161,9 +181,9 @@ if _HAS_TRITON:
 
     @triton.jit
     def _gemv_kernel(
-        x_ptr, w_ptr, thr_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr,
-        K, N, stride_w, B1, B2, B3, K_PER_SPLIT, SPLIT_K,
-        HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+        x_ptr, w_ptr, thr_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, rms_ptr,
+        K, N, stride_w, B1, B2, B3, K_PER_SPLIT, SPLIT_K, RMS_MASK, RMS_INV_N, RMS_EPS,
+        HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, HAS_RMS: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, PIPE: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
@@ -231,14 +251,25 @@ if _HAS_TRITON:
                 # read the finished sums at L2 (an atomic), then clear them for the next launch
                 tot = tl.atomic_add(ws_ptr + offs_n, tl.zeros([BLOCK_N], dtype=tl.float32), mask=n_mask, sem="relaxed")
                 tl.store(ws_ptr + offs_n, tl.zeros([BLOCK_N], dtype=tl.float32), mask=n_mask)
+                if HAS_RMS:
+                    tot = tot * _rms_factor(rms_ptr, mat, RMS_MASK, RMS_INV_N, RMS_EPS)
                 if HAS_BIAS:
                     tot += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
                 tl.store(out_ptr + offs_n, tot.to(out_ptr.dtype.element_ty), mask=n_mask)
                 tl.store(cnt_ptr + pid_n, 0)
         else:
+            if HAS_RMS:
+                part = part * _rms_factor(rms_ptr, mat, RMS_MASK, RMS_INV_N, RMS_EPS)
             if HAS_BIAS:
                 part += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             tl.store(out_ptr + offs_n, part.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
+    def _rms_factor(rms_ptr, mat, RMS_MASK, RMS_INV_N, RMS_EPS):
+        """``sqrt(v^2 / n + eps)`` (the RMS of a vector of L2 norm ``v``) for the flagged matrices, else 1."""
+        v = tl.load(rms_ptr).to(tl.float32)
+        flagged = ((RMS_MASK >> mat) & 1) != 0
+        return tl.where(flagged, tl.sqrt(v * v * RMS_INV_N + RMS_EPS), 1.0)
 
     @triton.jit
     def _gemm_kernel(
@@ -436,8 +467,11 @@ def _launch(kernel, grid, args, consts: dict, cfg: Config, device: torch.device)
     kernel[grid](*args, **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _launch_gemv(x1, w, thr, out, bias, bounds, cfg: Config):
-    """One GEMV launch over ``w`` ([K, N] view, unit column stride) with <= 4 matrices."""
+def _launch_gemv(x1, w, thr, out, bias, bounds, cfg: Config, rms=None):
+    """One GEMV launch over ``w`` ([K, N] view, unit column stride) with <= 4 matrices.
+
+    ``rms``: ``(norm, mask, inv_n, eps)``, the launch's matrices flagged in ``mask`` scaled (see ``gated_linear``).
+    """
     K, N = w.shape
     bn = cfg.block_n
     n_blocks = _cdiv(N, bn)
@@ -448,11 +482,14 @@ def _launch_gemv(x1, w, thr, out, bias, bounds, cfg: Config):
         ws, cnt = _workspace(w.device, N, n_blocks)
     else:
         ws = cnt = out
+    has_rms = rms is not None and rms[1] != 0
+    r_ptr, r_mask, r_inv_n, r_eps = rms if has_rms else (out, 0, 0.0, 0.0)
     _launch(
         _gemv_kernel, (n_blocks, split, 1),
-        [x1, w, thr, out, bias if bias is not None else out, ws, cnt, K, N, w.stride(0), b[0], b[1], b[2], k_per, split],
-        dict(HAS_BIAS=bias is not None, ATOMIC=atomic, BLOCK_K=cfg.block_k, BLOCK_N=bn, PREFETCH=bool(cfg.prefetch),
-             PIPE=bool(cfg.pipe)),
+        [x1, w, thr, out, bias if bias is not None else out, ws, cnt, r_ptr,
+         K, N, w.stride(0), b[0], b[1], b[2], k_per, split, r_mask, float(r_inv_n), float(r_eps)],
+        dict(HAS_BIAS=bias is not None, ATOMIC=atomic, HAS_RMS=has_rms, BLOCK_K=cfg.block_k, BLOCK_N=bn,
+             PREFETCH=bool(cfg.prefetch), PIPE=bool(cfg.pipe)),
         cfg, w.device,
     )
 
@@ -497,7 +534,7 @@ def _plan(splits: list[int], n_thr: int, block_n: int):
 _PLANS: dict = {}
 
 
-def _run(x2, weight_t, thr, splits, bias, out, cfg, batched):
+def _run(x2, weight_t, thr, splits, bias, out, cfg, batched, rms=None):
     pkey = (tuple(splits), thr.shape[0], cfg.block_n)
     plan = _PLANS.get(pkey)
     if plan is None:
@@ -512,7 +549,10 @@ def _run(x2, weight_t, thr, splits, bias, out, cfg, batched):
         if batched:
             _launch_gemm(x2, w, th, o, bi, inner, c)
         else:
-            _launch_gemv(x2, w, th, o, bi, inner, c)
+            r = None
+            if rms is not None:  # the flags of this launch's matrices, renumbered from 0
+                r = (rms[0], (rms[1] >> m0) & ((1 << n_m) - 1), rms[2], rms[3])
+            _launch_gemv(x2, w, th, o, bi, inner, c, r)
 
 
 def _prep_thresholds(thresholds: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
@@ -522,7 +562,7 @@ def _prep_thresholds(thresholds: torch.Tensor, weight_t: torch.Tensor) -> torch.
     return thr
 
 
-def _gemv(x, weight_t, thresholds, splits=None, bias=None, out=None, cfg: Config | None = None):
+def _gemv(x, weight_t, thresholds, splits=None, bias=None, out=None, cfg: Config | None = None, rms=None):
     """The batch-1 kernel: ``x`` with ``in`` elements -> ``[out_total]`` (written into ``out`` if given)."""
     K, N = weight_t.shape
     thr = _prep_thresholds(thresholds, weight_t)
@@ -536,7 +576,12 @@ def _gemv(x, weight_t, thresholds, splits=None, bias=None, out=None, cfg: Config
         out = torch.empty(N, dtype=weight_t.dtype, device=weight_t.device)
     if cfg is None:
         cfg = TUNED_GEMV.get((K, N)) or _default_gemv(K, N)
-    _run(x1, weight_t, thr, splits, bias, out, cfg, batched=False)
+    if rms is not None:
+        norm = rms[0].reshape(1)
+        if norm.dtype != torch.float32 or not norm.is_contiguous():
+            norm = norm.to(torch.float32).contiguous()
+        rms = (norm, int(rms[1]), 1.0 / float(rms[2]), float(rms[3]))
+    _run(x1, weight_t, thr, splits, bias, out, cfg, batched=False, rms=rms)
     return out
 
 
@@ -559,28 +604,42 @@ def _gemm_sparse(x, weight_t, thresholds, splits=None, bias=None, out=None, cfg:
 
 
 def gated_linear(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, splits: list[int] | None = None,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
+                 bias: torch.Tensor | None = None, rms_norm: torch.Tensor | None = None, rms_mask: int = 0,
+                 rms_n: int = 1, rms_eps: float = 0.0) -> torch.Tensor:
     """``y[..., o] = sum_i W[o, i] x_i [|x_i| > thr_{m(o)}[i]] (+ bias)`` in the weight's dtype.
 
     ``x [..., in]``; ``weight_t [in, out_total]`` (from ``pack_weight``); ``thresholds [in]`` or
     ``[n_mats, in]`` float32; ``splits`` the out sizes of the matrices. One row goes through the GEMV
     kernel, up to ``BATCH_SPARSE_MAX`` rows through the batched sparse kernel, more through cuBLAS.
     Without triton or off CUDA it falls back to the torch masking.
+
+    ``rms_norm`` (float32, one value per row of ``x``) with ``rms_mask``: the sums of matrix ``m`` (bit
+    ``m`` set) are multiplied by ``sqrt(rms_norm^2 / rms_n + rms_eps)`` before the bias, i.e. by the
+    RMS of a vector of ``rms_n`` elements and L2 norm ``rms_norm``. With ``x = h / rms(h)`` (an RMSNorm
+    without weight) and ``rms_norm = ||h||``, such a matrix computes ``h W^T``: a product with the
+    un-normalized input in the same launch (the shortcut rotations of a transformed model).
     """
     K, N = weight_t.shape
     lead = x.shape[:-1]
     M = x.numel() // K if K else 0
+    rms = None if rms_norm is None or not rms_mask else (rms_norm, int(rms_mask), int(rms_n), float(rms_eps))
     if not (_HAS_TRITON and weight_t.is_cuda and x.is_cuda) or M == 0 or weight_t.stride(1) != 1:
         thr = _norm_thresholds(thresholds, K)
         y = _dense_masked(x.reshape(-1, K).to(weight_t.dtype), weight_t, thr.to(weight_t.device),
-                          _norm_splits(splits, N, thr.shape[0]), bias)
+                          _norm_splits(splits, N, thr.shape[0]), bias, rms)
         return y.reshape(*lead, N)
     if M == 1:
-        return _gemv(x, weight_t, thresholds, splits, bias).reshape(*lead, N)
-    if M <= BATCH_SPARSE_MAX:
-        return _gemm_sparse(x, weight_t, thresholds, splits, bias).reshape(*lead, N)
+        return _gemv(x, weight_t, thresholds, splits, bias, rms=rms).reshape(*lead, N)
     thr = _norm_thresholds(thresholds, K).to(device=weight_t.device, dtype=torch.float32)
-    y = _dense_masked(x.reshape(-1, K).to(weight_t.dtype), weight_t, thr, _norm_splits(splits, N, thr.shape[0]), bias)
+    full = _norm_splits(splits, N, thr.shape[0])
+    if M <= BATCH_SPARSE_MAX:
+        y = _gemm_sparse(x, weight_t, thresholds, splits, bias if rms is None else None)
+        if rms is not None:
+            y = _scale_rms(y, full, *rms)
+            if bias is not None:
+                y = y + bias.to(y.dtype)
+        return y.reshape(*lead, N)
+    y = _dense_masked(x.reshape(-1, K).to(weight_t.dtype), weight_t, thr, full, bias, rms)
     return y.reshape(*lead, N)
 
 
@@ -593,14 +652,15 @@ def _register_op():
     try:
         from torch.library import custom_op
 
-        def _run(x, weight_t, thresholds, splits, bias):
-            return gated_linear(x, weight_t, thresholds, splits, bias)
+        def _run(x, weight_t, thresholds, splits, bias, rms_norm, rms_mask, rms_n, rms_eps):
+            return gated_linear(x, weight_t, thresholds, splits, bias, rms_norm, rms_mask, rms_n, rms_eps)
 
         op = custom_op("wina::gated_linear", _run, mutates_args=(),
-                       schema="(Tensor x, Tensor weight_t, Tensor thresholds, int[] splits, Tensor? bias) -> Tensor")
+                       schema="(Tensor x, Tensor weight_t, Tensor thresholds, int[] splits, Tensor? bias, "
+                              "Tensor? rms_norm, int rms_mask, int rms_n, float rms_eps) -> Tensor")
 
         @op.register_fake
-        def _(x, weight_t, thresholds, splits, bias):
+        def _(x, weight_t, thresholds, splits, bias, rms_norm, rms_mask, rms_n, rms_eps):
             return x.new_empty((*x.shape[:-1], weight_t.shape[1]), dtype=weight_t.dtype)
 
         return op
@@ -612,11 +672,12 @@ _OP = _register_op()
 
 
 def gated_linear_op(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, splits: list[int],
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, rms_norm: torch.Tensor | None = None, rms_mask: int = 0,
+                    rms_n: int = 1, rms_eps: float = 0.0) -> torch.Tensor:
     """``gated_linear`` through the registered operator while ``torch.compile`` traces, directly otherwise."""
     if _OP is not None and torch.compiler.is_compiling():
-        return _OP(x, weight_t, thresholds, list(splits), bias)
-    return gated_linear(x, weight_t, thresholds, splits, bias)
+        return _OP(x, weight_t, thresholds, list(splits), bias, rms_norm, int(rms_mask), int(rms_n), float(rms_eps))
+    return gated_linear(x, weight_t, thresholds, splits, bias, rms_norm, rms_mask, rms_n, rms_eps)
 
 
 if os.environ.get("WINA_BATCH_SPARSE_MAX"):
