@@ -104,6 +104,36 @@ def test_gemv_configs(n_in, splits, pipe):
 
 
 @needs_gpu
+@pytest.mark.parametrize("pipe", [False, True])
+@pytest.mark.parametrize("n_in,splits,mask", [(4096, [4096, 1024, 1024, 4096], 0b1000), (4096, [14336, 14336, 4096], 0b100),
+                                              (576, [576, 192, 192, 576], 0b1001), (1000, [333, 100, 7, 1000], 0b1010)])
+def test_gemv_rms_scale(n_in, splits, mask, pipe):
+    """Flagged matrices come out times sqrt(norm^2 / n + eps), before the bias; the last matrix read densely
+    (-inf thresholds) on x = h / rms(h) with norm = ||h|| gives h W^T (a transformed model's shortcut)."""
+    x, w, thr, splits, b = _case(n_in, splits, 0.5, 1, torch.bfloat16, bias=True, seed=n_in)
+    thr[-1] = float("-inf")
+    h = torch.randn(n_in, device=DEV, generator=torch.Generator(device=DEV).manual_seed(1)) * 3
+    eps = 1e-5
+    x = (h * torch.rsqrt(h.pow(2).mean() + eps)).to(torch.bfloat16)[None]
+    norm = torch.linalg.vector_norm(h, dtype=torch.float32)
+    rms = (norm.double(), mask, n_in, eps)
+    ref = kernels.reference_gated_linear(x.double(), w.double(), thr, splits, b.double(), rms=rms)[0]
+    cfg = kernels.Config(**{**(kernels.TUNED_GEMV.get((n_in, w.shape[1])) or kernels._default_gemv(n_in, w.shape[1])).__dict__,
+                            "pipe": pipe})
+    for _ in range(2):
+        y = kernels._gemv(x, w, thr, splits, b, cfg=cfg, rms=(norm, mask, n_in, eps))
+        assert _rel(y, ref) <= TOL
+    y = kernels.gated_linear(x, w, thr, splits, b, norm.reshape(1, 1), mask, n_in, eps)  # public API
+    assert _rel(y[0], ref) <= TOL
+    c0 = sum(splits[:-1])
+    direct = h.double() @ w[:, c0:].double() + b[c0:].double()
+    assert _rel(y[0, c0:], direct) <= TOL
+    if mask & 1:  # the first matrix scaled too
+        plain = kernels.gated_linear(x, w, thr, splits, b)
+        assert _rel(y[0, : splits[0]], ref[: splits[0]]) <= TOL and _rel(plain[0, : splits[0]], ref[: splits[0]]) > 0.3
+
+
+@needs_gpu
 def test_single_threshold_row_and_inf():
     x, w, thr, splits, b = _case(4096, [4096, 1024, 1024], 0.5, 1, torch.bfloat16, bias=True)
     one = thr[0]  # [in]: shared by all three matrices
@@ -235,8 +265,17 @@ def _teacher_forced_logits(model, ids, steps, step_fn):
 @pytest.mark.parametrize("key", [("llama", False, "bfloat16"), ("qwen2", True, "bfloat16")])
 def test_decode_logits_match_reference_at_half(converted, key):
     """bf16 at sparsity 0.5: every decode step's logits (same input tokens) within bf16 tolerance of the
-    masking reference; then a sparsity change drops the graphs and the new thresholds are used."""
+    masking reference; then a sparsity change drops the graphs and the new thresholds are used.
+
+    A transformed model computes its shortcuts from the normalized input (rounded to bf16) in the q/k/v and
+    gate/up launches, not from the residual, so its bf16 rounding differs from the reference's, and gates
+    near their threshold flip: there both are compared with float32 (the same checkpoint), and the kernels
+    must be no further from it than about the reference is (SmolLM2 through the torch path, 0.124 vs 0.132
+    at 0.5: benchmarks/fused_shortcut_accuracy.py)."""
+    from wina_convert import load
+
     fast, ref = _pair(converted[key], 0.5)
+    exact = load(converted[key], sparsity=0.5, device=DEV, kernels=False, dtype=torch.float32) if key[1] else None
     ids = _prompt(fast, n=24, seed=1)
     steps = 16
     for sparsity in (0.5, 0.4):
@@ -247,8 +286,14 @@ def test_decode_logits_match_reference_at_half(converted, key):
         b = _teacher_forced_logits(ref, ids, steps, ref)
         assert not fast.wina_decode.failures, fast.wina_decode.failures
         assert fast.wina_decode.captures == before + 1
-        rel = float((a - b).norm() / b.norm())
-        assert rel <= 1e-2, (sparsity, rel)
+        if exact is None:
+            rel = float((a - b).norm() / b.norm())
+            assert rel <= 1e-2, (sparsity, rel)
+        else:
+            exact.wina.set_sparsity(sparsity)
+            c = _teacher_forced_logits(exact, ids, steps, exact)
+            err_fast, err_ref = float((a - c).norm() / c.norm()), float((b - c).norm() / c.norm())
+            assert err_fast <= 1.5 * err_ref + 5e-3, (sparsity, err_fast, err_ref)
 
 
 @needs_gpu
@@ -275,6 +320,10 @@ def test_decode_graph_follows_the_cache_and_fuses(converted):
         # one launch per group (q/k/v together, gate/up together) in the eager step and in the recording;
         # none from Python in the replays
         assert len(calls) == 2 * len(groups) == 2 * 4 * fast.config.num_hidden_layers
+        # the shortcut rotations ride in the q/k/v and gate/up launches
+        assert all(layer.fused is not None for layer in fast.model.layers)
+        c = fast.config
+        assert max(shape[1] for shape in calls) == 2 * c.intermediate_size + c.hidden_size
         first = fast.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
         second = fast.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
         want = ref.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, cache_implementation="static")

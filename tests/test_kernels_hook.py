@@ -8,7 +8,7 @@ import torch
 from wina_convert import convert, load
 from wina_convert.arch import adapter_for
 from wina_convert.runtime.decode import DecodeGraphs, enable_decode_graphs, greedy
-from wina_convert.runtime.kernels_hook import bind_kernels, force_kernels, input_groups
+from wina_convert.runtime.kernels_hook import bind_kernels, force_kernels, fuse_shortcuts, input_groups
 
 
 @pytest.fixture(scope="module")
@@ -18,14 +18,17 @@ def checkpoint(tiny_models, tmp_path_factory):
     return out
 
 
-def _bound(path, sparsity):
+def _bound(path, sparsity, shortcuts=True):
     model = load(path, sparsity=sparsity)
-    groups = bind_kernels(model.wina, input_groups(adapter_for("qwen2"), model.config.num_hidden_layers))
+    adapter = adapter_for("qwen2")
+    groups = bind_kernels(model.wina, input_groups(adapter, model.config.num_hidden_layers))
+    if shortcuts:
+        assert fuse_shortcuts(model.model.layers, adapter) == model.config.num_hidden_layers
     return model, groups
 
 
 def test_groups_and_aliasing(checkpoint):
-    model, groups = _bound(checkpoint, 0.5)
+    model, groups = _bound(checkpoint, 0.5, shortcuts=False)
     assert [len(g.gates) for g in groups[:4]] == [3, 1, 2, 1]  # q/k/v, o, gate/up, down
     qkv = groups[0]
     for gate, (c0, c1) in zip(qkv.gates, qkv.columns):  # the weights live once, in the packed W^T
@@ -51,6 +54,45 @@ def test_decode_through_hooks_equals_reference(checkpoint, sparsity):
     a = greedy(model, ids, 10)
     b = greedy(ref, ids, 10)
     assert torch.equal(a, b)
+
+
+def test_shortcuts_join_the_launches(checkpoint):
+    """Each layer's two shortcut rotations are packed after its q/k/v and gate/up (weights held once) and
+    decode computes them there: the Shortcut modules never run, and the logits equal the unfused ones."""
+    model, groups = _bound(checkpoint, 0.5)
+    ref = load(checkpoint, sparsity=0.5)
+    layer, ref_layer = model.model.layers[0], ref.model.layers[0]
+    attn, mlp = layer.fused
+    assert attn is groups[0] and mlp is groups[2] and attn.splits[-1] == model.config.hidden_size
+    c0, c1 = attn.shortcut_columns
+    assert layer.attn_shortcut.weight.data_ptr() == attn.weight_t[:, c0:c1].data_ptr()
+    assert torch.equal(layer.attn_shortcut.weight, ref_layer.attn_shortcut.weight)
+    assert torch.equal(layer.mlp_shortcut.weight, ref_layer.mlp_shortcut.weight)
+    for gate in model.wina.gates.values():
+        gate.counting = False
+    calls = []
+    for m in model.modules():
+        if type(m).__name__ == "Shortcut":
+            m.register_forward_hook(lambda *a: calls.append(1))
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values  # prompt: the modules (6 positions)
+        prompt_calls = len(calls)
+        out = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits
+        ref_cache = ref(input_ids=ids, use_cache=True).past_key_values
+        want = ref(input_ids=ids[:, -1:], past_key_values=ref_cache, use_cache=True).logits
+    assert prompt_calls == 2 * model.config.num_hidden_layers and len(calls) == prompt_calls  # decode: fused
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+
+
+def test_shortcuts_stay_apart_when_the_norm_has_a_weight(checkpoint):
+    model = load(checkpoint, sparsity=0.5)
+    adapter = adapter_for("qwen2")
+    bind_kernels(model.wina, input_groups(adapter, model.config.num_hidden_layers))
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight.mul_(1.5)
+    assert fuse_shortcuts(model.model.layers, adapter) == model.config.num_hidden_layers - 1
+    assert model.model.layers[1].fused is None and model.model.layers[0].fused is not None
 
 
 def test_fast_mode_restores_and_cpu_has_no_graphs(checkpoint):
@@ -95,3 +137,25 @@ def test_gated_linear_op_under_torch_compile():
 
     x = torch.randn(1, 64, generator=g)
     torch.testing.assert_close(torch.compile(step, backend="aot_eager")(x), step(x))
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_rms_scaled_matrices_on_the_torch_path(rows):
+    """``gated_linear``'s rms arguments on CPU (the masking fallback): flagged matrices times rms(h)."""
+    from wina_convert.runtime import kernels
+
+    g = torch.Generator().manual_seed(0)
+    splits = [24, 8, 40]
+    w = kernels.pack_weight([torch.randn(s, 40, generator=g) for s in splits])
+    h = torch.randn(rows, 40, generator=g) * 3
+    x = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
+    thr = torch.rand(3, 40, generator=g)
+    thr[2] = float("-inf")
+    b = torch.randn(72, generator=g)
+    norm = torch.linalg.vector_norm(h, dim=-1)
+    y = kernels.gated_linear(x, w, thr, splits, b, norm, 0b100, 40, 1e-5)
+    plain = kernels.gated_linear(x, w, thr, splits, b)
+    torch.testing.assert_close(y[:, :32], plain[:, :32])  # unflagged: untouched
+    torch.testing.assert_close(y[:, 32:], h @ w[:, 32:] + b[32:], rtol=1e-4, atol=1e-4)  # the un-normalized product
+    ref = kernels.reference_gated_linear(x.double(), w.double(), thr, splits, b.double(), rms=(norm.double(), 0b100, 40, 1e-5))
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)

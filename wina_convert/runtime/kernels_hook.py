@@ -8,6 +8,11 @@ one-token input runs the fused GEMV for the whole group (each matrix with its ow
 others return their slice of that output, as long as they are called with the very same tensor, unchanged
 (same object, same version counter); any other input is computed on its own.
 
+A transformed model's shortcut rotations join the launch of the linears that follow the same residual
+(``fuse_shortcuts``): the layer's norm is an RMSNorm without weight there, so the launch reads the
+normalized input ``x = h / rms(h)`` and scales the shortcut's sums by ``rms(h)`` (``gated_linear``'s
+``rms_*`` arguments): ``h S^T`` without a separate dense GEMV.
+
 Only one-token inputs (decode) take the kernel; batches and prompts return ``None`` here, so
 ``GatedLinear`` runs its masking reference (masked ``F.linear``, cuBLAS). Kernels are used only while a
 gate's ``counting`` is off: the decode graphs (``runtime/decode.py``) switch it off while they record.
@@ -54,6 +59,9 @@ class SharedInput:
         self._x_version = -1
         self._y: torch.Tensor | None = None
         self._left: set[int] = set()
+        self.shortcut: nn.Linear | None = None
+        self.rms_mask = 0
+        self.rms_eps = 0.0
 
     def _alias(self) -> None:
         """Replace every member's weight (and bias) by a view of the packed tensors: one copy in memory."""
@@ -83,6 +91,51 @@ class SharedInput:
             row += n
         self._thr_src = src
 
+    def add_shortcut(self, shortcut: nn.Linear, eps: float) -> None:
+        """Pack a dense ``d x d`` shortcut (applied to the un-normalized input) as the group's last matrix.
+
+        Its threshold row is ``-inf`` (every row read); its weight becomes a view of the packed ``W^T``.
+        """
+        with torch.no_grad():
+            d = shortcut.out_features
+            start = self.weight_t.shape[1]
+            self.weight_t = torch.cat([self.weight_t, shortcut.weight.detach().t()], dim=1)
+            if self.bias is not None:
+                self.bias = torch.cat([self.bias, self.bias.new_zeros(d)])
+            self._alias()
+            shortcut.weight = nn.Parameter(self.weight_t[:, start:].t(), requires_grad=False)
+            self.thr = torch.cat([self.thr, self.thr.new_full((1, self.thr.shape[1]), float("-inf"))])
+        self._thr_src = ()
+        self.splits = self.splits + [d]
+        self.shortcut_columns = (start, start + d)
+        self.shortcut = shortcut
+        # the members alone (a call on an input that no decode_shortcut primed): the packed tensors' prefixes
+        rows = len(self.splits) - 1
+        self._members = (self.weight_t[:, :start], self.thr[:rows], self.splits[:rows],
+                         None if self.bias is None else self.bias[:start])
+        self.rms_mask = 1 << (len(self.splits) - 1)
+        self.rms_eps = float(eps)
+
+    def decode_shortcut(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """``shortcut(h)`` from the group's launch on ``x = norm(h)``, which also serves the members' calls
+        on ``x``; ``None`` (nothing launched) unless this is a one-token decode through the kernels."""
+        from . import kernels
+
+        if self.shortcut is None or x.numel() != self.thr.shape[1] or h.numel() != x.numel():
+            return None
+        if any(g.counting for g in self.gates) or not any(g.active for g in self.gates):
+            return None
+        if not torch.compiler.is_compiling():
+            self.refresh()
+        norm = torch.linalg.vector_norm(h, dim=-1, dtype=torch.float32)
+        y = kernels.gated_linear_op(x, self.weight_t, self.thr, self.splits, self.bias,
+                                    norm, self.rms_mask, x.shape[-1], self.rms_eps)
+        self._x, self._y = x, y
+        self._x_version = -1 if torch.compiler.is_compiling() else x._version
+        self._left = {j for j, g in enumerate(self.gates) if g.active}
+        c0, c1 = self.shortcut_columns
+        return y[..., c0:c1]
+
     def __call__(self, x: torch.Tensor, gate: GatedLinear) -> torch.Tensor | None:
         from . import kernels
 
@@ -91,7 +144,7 @@ class SharedInput:
         i = self.index[id(gate)]
         if not torch.compiler.is_compiling():  # a compiled step reads thr as refreshed before it ran
             self.refresh()
-        if len(self.gates) == 1:
+        if len(self.gates) == 1 and self.shortcut is None:
             return kernels.gated_linear_op(x, self.weight_t, self.thr, gate.splits, gate.bias)
         c0, c1 = self.columns[i]
         # (while torch.compile traces, the version counter is not readable: identity within one trace)
@@ -99,7 +152,10 @@ class SharedInput:
             y = self._y
             self._left.discard(i)
         else:
-            y = kernels.gated_linear_op(x, self.weight_t, self.thr, self.splits, self.bias)
+            if self.shortcut is None:
+                y = kernels.gated_linear_op(x, self.weight_t, self.thr, self.splits, self.bias)
+            else:
+                y = kernels.gated_linear_op(x, *self._members)
             self._x, self._y = x, y
             self._x_version = -1 if torch.compiler.is_compiling() else x._version
             self._left = {j for j, g in enumerate(self.gates) if g.active and j != i}
@@ -163,6 +219,57 @@ def bind_kernels(control: WinaControl, groups: list[list[str]] | None = None) ->
     if device.type == "cuda":
         kernels.reserve_workspace(device, widest)
     return bound
+
+
+def fuse_shortcuts(layers, adapter) -> int:
+    """Pack each transformed layer's two shortcut rotations into the launches of its attention inputs and
+    MLP inputs (``SharedInput.add_shortcut``), after ``bind_kernels``. A layer is left as it is unless both
+    groups are bound and its norms are RMSNorms without weight (checked on a random vector). Returns the
+    number of layers fused."""
+    from . import kernels
+    from .modules import WinaDecoderLayer
+
+    fused, widest, device = 0, 0, None
+    for layer in layers:
+        if not isinstance(layer, WinaDecoderLayer) or layer.fused is not None:
+            continue
+        pairs = []
+        for inputs, norm_name, shortcut in ((adapter.attn_inputs, adapter.attn_norm, layer.attn_shortcut),
+                                            (adapter.mlp_inputs, adapter.mlp_norm, layer.mlp_shortcut)):
+            gates = [layer.get_submodule(n) for n in inputs]
+            group = getattr(gates[0], "kernel", None)
+            eps = _plain_rms_eps(layer.get_submodule(norm_name))
+            if (not isinstance(group, SharedInput) or group.shortcut is not None or eps is None
+                    or [id(g) for g in group.gates] != [id(g) for g in gates]
+                    or shortcut.weight.dtype != group.weight_t.dtype or shortcut.in_features != group.thr.shape[1]):
+                break
+            pairs.append((group, shortcut, eps))
+        else:
+            for group, shortcut, eps in pairs:
+                group.add_shortcut(shortcut, eps)
+                widest, device = max(widest, group.weight_t.shape[1]), group.weight_t.device
+            layer.fused = (pairs[0][0], pairs[1][0])
+            fused += 1
+    if device is not None and device.type == "cuda":
+        kernels.reserve_workspace(device, widest)
+    return fused
+
+
+def _plain_rms_eps(norm: nn.Module) -> float | None:
+    """The epsilon of ``norm`` if it computes ``h / sqrt(mean(h^2) + eps)`` (no weight, or weight 1), else None."""
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    weight = getattr(norm, "weight", None)
+    if not isinstance(eps, float) or weight is None or weight.dim() != 1:
+        return None
+    with torch.no_grad():
+        if not bool((weight == 1).all()):
+            return None
+        h = torch.randn(2, weight.numel(), generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype) * 3
+        want = (h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + eps))
+        got = norm(h).float()
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=2e-2, atol=1e-2):
+            return None
+    return eps
 
 
 def _bind(members: list[GatedLinear]) -> SharedInput:

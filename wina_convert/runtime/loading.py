@@ -143,7 +143,8 @@ def load(
     gated too (decode tokens always are). On CUDA with triton the gated linears use the sparse
     kernels for one-token decode steps, which ``model.generate`` replays from CUDA graphs with a
     static KV cache (``runtime/decode.py``; the weights of q/k/v and gate/up are then stored once,
-    packed as ``W^T``); ``kernels=False`` keeps the masking reference. ``compile=True`` records the
+    packed as ``W^T``, and a transformed model's shortcut rotations are packed into those launches);
+    ``kernels=False`` keeps the masking reference. ``compile=True`` records the
     ``torch.compile``'d decode step instead of the eager one (a minute or more to compile an 8B model,
     ~1.3x faster per token on an H100: benchmarks/results/decode_h100_modes.md).
     """
@@ -172,9 +173,10 @@ def load(
     control.set_sparsity(sparsity)
     if kernels:
         from .decode import enable_decode_graphs
-        from .kernels_hook import enable_kernels, input_groups
+        from .kernels_hook import enable_kernels, fuse_shortcuts, input_groups
 
         if enable_kernels(control, input_groups(adapter, config.num_hidden_layers)):
+            fuse_shortcuts(hf_model.get_submodule(adapter.layers_prefix), adapter)
             enable_decode_graphs(hf_model, control.gates.values(), compile=compile)
     return hf_model
 

@@ -104,12 +104,22 @@ class WinaDecoderLayer(nn.Module):
                 setattr(self, attr, getattr(layer, attr))
         self._names = names
         self.attn_shortcut, self.mlp_shortcut = shortcuts
+        # (attention inputs, MLP inputs) kernel groups that also compute the shortcuts (kernels_hook.fuse_shortcuts)
+        self.fused: tuple | None = None
+
+    def _shortcut(self, index: int, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        out = None if self.fused is None else self.fused[index].decode_shortcut(h, x)
+        if out is None:
+            out = (self.attn_shortcut, self.mlp_shortcut)[index](h)
+        return out
 
     def forward(self, hidden_states: torch.Tensor, **kwargs):
         n = self._names
-        residual = self.attn_shortcut(hidden_states)
-        attn_out = getattr(self, n["attn_module"])(hidden_states=getattr(self, n["attn_norm"])(hidden_states), **kwargs)
+        x = getattr(self, n["attn_norm"])(hidden_states)
+        residual = self._shortcut(0, hidden_states, x)
+        attn_out = getattr(self, n["attn_module"])(hidden_states=x, **kwargs)
         hidden_states = residual + (attn_out[0] if isinstance(attn_out, tuple) else attn_out)
-        residual = self.mlp_shortcut(hidden_states)
-        hidden_states = residual + getattr(self, n["mlp_module"])(getattr(self, n["mlp_norm"])(hidden_states))
+        x = getattr(self, n["mlp_norm"])(hidden_states)
+        residual = self._shortcut(1, hidden_states, x)
+        hidden_states = residual + getattr(self, n["mlp_module"])(x)
         return hidden_states
