@@ -256,7 +256,7 @@ def fuse_shortcuts(layers, adapter) -> int:
 
 
 def _plain_rms_eps(norm: nn.Module) -> float | None:
-    """The epsilon of ``norm`` if it computes ``h / sqrt(mean(h^2) + eps)`` (no weight, or weight 1), else None."""
+    """The epsilon of ``norm`` if it computes ``h / sqrt(mean(h^2) + eps)`` (its weight all ones), else None."""
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     weight = getattr(norm, "weight", None)
     if not isinstance(eps, float) or weight is None or weight.dim() != 1:
