@@ -88,10 +88,12 @@ def free() -> None:
         torch.cuda.empty_cache()
 
 
-def measure(path: Path, modes: list[str], tokens: int, prompt: int, device: str) -> dict[str, dict]:
+def measure(path: Path, modes: list[str], tokens: int, prompt: int, device: str, attention: str | None = None) -> dict[str, dict]:
     out = {}
     t0 = time.perf_counter()
     model = load(path, sparsity=0.0, device=device)
+    if attention:  # e.g. "sdpa": transformers' own attention instead of the runtime's decode kernel
+        model.set_attn_implementation(attention)
     load_s = time.perf_counter() - t0
     for mode in modes:
         t1 = time.perf_counter()
@@ -126,11 +128,13 @@ def measure_hf_dense(path: Path, modes: list[str], tokens: int, prompt: int, dev
 def table(results: dict, hf: dict | None, meta: dict) -> str:
     lines = []
     copy = next(iter(next(iter(results.values())).values()))["copy_gbps"]
-    plain = {mode: res["dense"] for mode, res in results["no transform"].items()}
+    base = results.get("no transform") or next(iter(results.values()))  # the original model's dense run
+    plain = {mode: res["dense"] for mode, res in base.items()}
     lines.append(f"Device: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}. "
                  f"Random-weight Llama-3-8B shapes ({meta['layers']} layers), bf16, batch 1, greedy, "
                  f"prompt {meta['prompt']} tokens, {meta['tokens']} decode tokens ({meta['tokens'] - 1} timed), "
-                 f"static KV cache, one CUDA graph per token. Device-to-device copy: {copy or 0:.0f} GB/s (read + write).")
+                 f"static KV cache, one CUDA graph per token, attention {next(iter(base.values())).get('attention')}. "
+                 f"Device-to-device copy: {copy or 0:.0f} GB/s (read + write).")
     lines.append("")
     lines.append("| checkpoint | mode | config | achieved sparsity | tokens/s | ms/token (median) | GB/s | x dense (same ckpt) "
                  "| limit | % of limit | x plain dense |")
@@ -148,7 +152,7 @@ def table(results: dict, hf: dict | None, meta: dict) -> str:
     lines.append("")
     for mode, d in plain.items():
         lines.append(f"Dense baseline ({mode}): {d['tokens_per_s']:.1f} tokens/s = {d['gbps']:.0f} GB/s of "
-                     f"{results['no transform'][mode]['bytes']['dense_per_token'] / 1e9:.2f} GB per token, "
+                     f"{base[mode]['bytes']['dense_per_token'] / 1e9:.2f} GB per token, "
                      f"{(d['efficiency'] or 0):.0%} of the copy bandwidth.")
     if hf:
         for mode, res in hf.items():
@@ -174,6 +178,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--hf-dense", action="store_true")
+    ap.add_argument("--attention", default=None,
+                    help="attention implementation to run instead of the runtime's (e.g. sdpa, for comparison)")
+    ap.add_argument("--only", default=None, help="measure one checkpoint: 'no transform' or 'transform'")
     ap.add_argument("--name", default="decode_h100")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="small shapes, for trying the script on a CPU")
@@ -196,7 +203,8 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     meta = {"gpu": gpu, "torch": torch.__version__, "triton": triton_version, "shapes": shapes,
             "transformers": transformers.__version__, "layers": args.layers, "tokens": args.tokens, "prompt": args.prompt,
-            "modes": modes, "calibration": {"samples": args.samples, "seq_len": args.seq_len}}
+            "modes": modes, "calibration": {"samples": args.samples, "seq_len": args.seq_len},
+            "attention": args.attention or "runtime default"}
     source = work / "llama3-8b-shape"
     ckpts = {"no transform": work / "wina-plain", "transform": work / "wina-transform"}
     timings = {}
@@ -216,7 +224,9 @@ def main() -> None:
     results = {}
     hf = None
     for name, path in ckpts.items():
-        results[name] = measure(path, modes, args.tokens, args.prompt, args.device)
+        if args.only and name != args.only:
+            continue
+        results[name] = measure(path, modes, args.tokens, args.prompt, args.device, args.attention)
         if name == "no transform" and args.hf_dense:
             hf = measure_hf_dense(path, modes, args.tokens, args.prompt, args.device)
         (out_dir / f"{args.name}.json").write_text(json.dumps({"meta": meta, "timings": timings, "results": results,

@@ -45,7 +45,7 @@ def bench(
 
     * ``model``, ``device``, ``gpu`` (name or None), ``dtype``, ``transform``, ``method``;
       ``kernels`` (gated linears bound to the triton kernels), ``graphs`` (decode replayed from CUDA
-      graphs), ``compile``; ``prompt_tokens``, ``tokens`` (tokens decoded per configuration; the
+      graphs), ``compile``, ``attention`` (transformers' attention implementation); ``prompt_tokens``, ``tokens`` (tokens decoded per configuration; the
       first one comes from the prompt's forward, so ``tokens - 1`` steps are timed).
     * ``copy_gbps``: device-to-device copy bandwidth, bytes read + written per second / 1e9 (the
       roofline; None on CPU).
@@ -148,6 +148,7 @@ def bench(
         "kernels": kernels_bound,
         "graphs": runner is not None,
         "compile": bool(runner.compile) if runner is not None else False,
+        "attention": getattr(model.config, "_attn_implementation", None),
         "prompt_tokens": prompt_tokens,
         "tokens": tokens,
         "copy_gbps": copy,
@@ -286,6 +287,8 @@ def format_bench(result: dict[str, Any]) -> Any:
     parts = [f"{result['device']}" + (f" ({result['gpu']})" if result["gpu"] else ""), result["dtype"],
              "transform" if result["transform"] else "no transform",
              "CUDA graphs" + (" + torch.compile" if result["compile"] else "") if result["graphs"] else "no graphs"]
+    if result.get("attention"):
+        parts.append(f"attention {result['attention']}")
     if result["copy_gbps"]:
         eff = result["dense"]["efficiency"]
         parts.append(f"copy {result['copy_gbps']:.0f} GB/s, dense at {eff:.0%} of it")

@@ -143,7 +143,9 @@ def load(
     gated too (decode tokens always are). On CUDA with triton the gated linears use the sparse
     kernels for one-token decode steps, which ``model.generate`` replays from CUDA graphs with a
     static KV cache (``runtime/decode.py``; the weights of q/k/v and gate/up are then stored once,
-    packed as ``W^T``, and a transformed model's shortcut rotations are packed into those launches);
+    packed as ``W^T``, a transformed model's shortcut rotations are packed into those launches, and a
+    model on SDPA attention switches to ``"wina_sdpa"``: one triton launch per layer for the attention of
+    a decode step, ``runtime/attention.py``);
     ``kernels=False`` keeps the masking reference. ``compile=True`` records the
     ``torch.compile``'d decode step instead of the eager one (a minute or more to compile an 8B model,
     ~1.3x faster per token on an H100: benchmarks/results/decode_h100_modes.md).
@@ -176,7 +178,10 @@ def load(
         from .kernels_hook import enable_kernels, fuse_shortcuts, input_groups
 
         if enable_kernels(control, input_groups(adapter, config.num_hidden_layers)):
+            from .attention import enable as enable_decode_attention
+
             fuse_shortcuts(hf_model.get_submodule(adapter.layers_prefix), adapter)
+            enable_decode_attention(hf_model)
             enable_decode_graphs(hf_model, control.gates.values(), compile=compile)
     return hf_model
 
