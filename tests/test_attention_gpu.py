@@ -114,24 +114,35 @@ def test_unsupported_inputs_fall_back():
 
 
 @pytest.fixture(scope="module")
-def bf16_llama(tiny_models, tmp_path_factory):
+def bf16_models(tiny_models, tiny_tokenizer_dir, tmp_path_factory):
+    """family -> a tiny model converted at 0.5 in bf16 (Mistral with a sliding window of 8 positions)."""
+    from conftest import build_tiny
+
     from wina_convert import convert
 
-    target = tmp_path_factory.mktemp("attn-gpu") / "llama-bf16"
-    convert(tiny_models["llama"], target, sparsity=0.5, transform=False, dtype="bfloat16", quiet=True, samples=4, seq_len=64)
-    return target
+    root = tmp_path_factory.mktemp("attn-gpu")
+    out = {}
+    for family in ("llama", "mistral", "qwen3", "phi3"):
+        source = tiny_models[family]
+        if family == "mistral":
+            source = build_tiny("mistral", root / "mistral-sw8", tiny_tokenizer_dir, sliding_window=8)
+        out[family] = root / f"{family}-bf16"
+        convert(source, out[family], sparsity=0.5, transform=False, dtype="bfloat16", quiet=True, samples=4, seq_len=64)
+    return out
 
 
 @needs_gpu
-def test_model_decode_uses_the_kernel_and_matches_sdpa(bf16_llama):
-    """load() switches a model to "wina_sdpa": generate's decode steps run the kernel (in the graphs, under
-    compile too), and the logits match the same model on transformers' SDPA."""
+@pytest.mark.parametrize("family,compiled", [("llama", False), ("llama", True), ("mistral", False), ("qwen3", False),
+                                             ("phi3", False)])
+def test_model_decode_uses_the_kernel_and_matches_sdpa(bf16_models, family, compiled):
+    """load() switches a model to "wina_sdpa": the decode steps run the kernel (in the graphs, under compile
+    too), and the logits match the same model on transformers' SDPA (Mistral: a sliding-window mask)."""
     from transformers import StaticCache
 
     from wina_convert import load
 
-    fast = load(bf16_llama, sparsity=0.5, device=DEV)
-    sdpa = load(bf16_llama, sparsity=0.5, device=DEV)
+    fast = load(bf16_models[family], sparsity=0.5, device=DEV)
+    sdpa = load(bf16_models[family], sparsity=0.5, device=DEV)
     sdpa.set_attn_implementation("sdpa")
     assert fast.config._attn_implementation == attention.IMPLEMENTATION
     calls = []
@@ -144,25 +155,24 @@ def test_model_decode_uses_the_kernel_and_matches_sdpa(bf16_llama):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, fast.config.vocab_size, (1, 30), generator=g).to(DEV)
     steps = 12
-    for compile in (False, True):
-        logits = []
-        for model in (fast, sdpa):
-            model.wina_decode.compile = compile
-            model.wina_decode.reset()
-            cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + 1)
-            attention.decode_attention = spy
-            try:
-                with torch.no_grad():
-                    model(input_ids=ids[:, :-steps], past_key_values=cache, use_cache=True)
-                    rows = []
-                    for t in range(ids.shape[1] - steps, ids.shape[1]):
-                        out = model.wina_decode(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-                        rows.append(out.logits[:, -1].float())
-            finally:
-                attention.decode_attention = original
-            assert not model.wina_decode.failures, model.wina_decode.failures
-            logits.append(torch.cat(rows))
-        rel = float((logits[0] - logits[1]).norm() / logits[1].norm())
-        assert rel <= 1e-2, (compile, rel)
+    logits = []
+    for model in (fast, sdpa):
+        model.wina_decode.compile = compiled
+        model.wina_decode.reset()
+        cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + 1)
+        attention.decode_attention = spy
+        try:
+            with torch.no_grad():
+                model(input_ids=ids[:, :-steps], past_key_values=cache, use_cache=True)
+                rows = []
+                for t in range(ids.shape[1] - steps, ids.shape[1]):
+                    out = model.wina_decode(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+                    rows.append(out.logits[:, -1].float())
+        finally:
+            attention.decode_attention = original
+        assert not model.wina_decode.failures, model.wina_decode.failures
+        logits.append(torch.cat(rows))
+    rel = float((logits[0] - logits[1]).norm() / logits[1].norm())
+    assert rel <= 1e-2, rel
     assert calls, "the decode kernel never ran"
     assert all(shape[2] == 1 for shape in calls)
