@@ -138,14 +138,15 @@ if _k._HAS_TRITON:
             tl.store(o_ptr + o_offs, out.to(o_ptr.dtype.element_ty), mask=o_mask)
 
 
-# Launch shape, from a sweep on an H100 (benchmarks/KERNELS.md; Llama-3-8B heads, CUDA-graph timings):
-# keys per block (64 up to 256 cached positions, else 128), the programs to aim for when splitting the
-# cache, and at most MAX_SPLITS slices per head. 5.2 us at 161 positions, 6.8 at 1024, 11.8 at 4096,
-# where repeat_kv + SDPA takes 15, 34 and 109 us.
+# Launch shape, from two sweeps on an H100 (benchmarks/KERNELS.md; Llama-3-8B heads, CUDA-graph timings):
+# keys per block (64 up to 512 cached positions, else 128), the programs to aim for when splitting the
+# cache, at most MAX_SPLITS slices per head, no software pipelining. 4.9 us at 161 cached positions, 5.5 at
+# 512, 6.6 at 1024 and 11.5 at 4096; repeat_kv + SDPA takes 15, 25, 34 and 110 us
+# (benchmarks/results/attention_defaults_h100.txt).
 BLOCK_L = None
 TARGET_PROGRAMS = 132
 MAX_SPLITS = 16
-_CFG = _k.Config(num_warps=4, num_stages=2)
+_CFG = _k.Config(num_warps=4, num_stages=1)
 _COUNTERS: dict = {}
 
 
@@ -194,7 +195,7 @@ def _launch(q, k, v, mask, scale, out):
     group = H // hkv
     block_g = max(16, triton.next_power_of_2(group))
     block_d = max(16, triton.next_power_of_2(D))
-    block_l = BLOCK_L or (64 if L <= 256 else 128)
+    block_l = BLOCK_L or (64 if L <= 512 else 128)
     n_blocks = _k._cdiv(L, block_l)
     want = min(MAX_SPLITS, max(1, TARGET_PROGRAMS // (B * hkv)))
     per = _k._cdiv(n_blocks, want)
