@@ -1,10 +1,10 @@
-"""Decode speed at Llama-3-8B shapes, dense vs WINA-sparse, with and without the transform (one GPU, bf16).
+"""Decode speed at Llama-3-8B shapes, dense vs WINA-sparse, with and without the transform (one GPU, bf16 or fp16).
 
     python benchmarks/bench_decode.py --out DIR [--layers 32] [--tokens 128] [--modes graphs,compile]
-                                      [--work DIR] [--hf-dense]
+                                      [--work DIR] [--hf-dense] [--dtype float16] [--only 'no transform']
 
 No download: a random-weight Llama with Llama-3-8B's shapes (32 layers, hidden 4096, intermediate 14336,
-32 heads, 8 KV heads, vocab 128256, bf16) is built on the GPU and saved with a small byte-level BPE
+32 heads, 8 KV heads, vocab 128256, bf16 unless --dtype float16) is built on the GPU and saved with a small byte-level BPE
 tokenizer trained on the bundled calibration text (ids < 4096; the config keeps vocab 128256). It is
 converted twice on the GPU (``transform=False`` and ``True``, target 0.5, a few calibration samples:
 speed depends only on the sparsity achieved, which is measured and reported), then ``wina_convert.bench``
@@ -56,15 +56,16 @@ def build_tokenizer(directory: Path) -> None:
                             pad_token="<|endoftext|>").save_pretrained(directory)
 
 
-def build_model(directory: Path, layers: int, shapes: dict, device: str, seed: int = 0) -> float:
-    """Random weights (transformers' init, std 0.02; norm gains 1 +- 0.1), bf16, saved with a tokenizer."""
+def build_model(directory: Path, layers: int, shapes: dict, device: str, seed: int = 0,
+                dtype: torch.dtype = torch.bfloat16) -> float:
+    """Random weights (transformers' init, std 0.02; norm gains 1 +- 0.1) in ``dtype``, saved with a tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     t0 = time.perf_counter()
     config = LlamaConfig(num_hidden_layers=layers, **shapes)
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
             model = LlamaForCausalLM(config)
@@ -131,7 +132,7 @@ def table(results: dict, hf: dict | None, meta: dict) -> str:
     base = results.get("no transform") or next(iter(results.values()))  # the original model's dense run
     plain = {mode: res["dense"] for mode, res in base.items()}
     lines.append(f"Device: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}. "
-                 f"Random-weight Llama-3-8B shapes ({meta['layers']} layers), bf16, batch 1, greedy, "
+                 f"Random-weight Llama-3-8B shapes ({meta['layers']} layers), {meta.get('dtype', 'bfloat16')}, batch 1, greedy, "
                  f"prompt {meta['prompt']} tokens, {meta['tokens']} decode tokens ({meta['tokens'] - 1} timed), "
                  f"static KV cache, one CUDA graph per token, attention {next(iter(base.values())).get('attention')}. "
                  f"Device-to-device copy: {copy or 0:.0f} GB/s (read + write).")
@@ -170,7 +171,8 @@ def table(results: dict, hf: dict | None, meta: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--work", default="/tmp/wina-decode-bench")
+    ap.add_argument("--work", default=None, help="where the checkpoints are built (default /tmp/wina-decode-bench[-DTYPE])")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=32)
@@ -195,7 +197,8 @@ def main() -> None:
         triton_version = None
 
     modes = [m for m in args.modes.split(",") if m]
-    out_dir, work = Path(args.out), Path(args.work)
+    default_work = "/tmp/wina-decode-bench" + ("" if args.dtype == "bfloat16" else f"-{args.dtype}")
+    out_dir, work = Path(args.out), Path(args.work or default_work)
     out_dir.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     shapes = dict(LLAMA3_8B, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
@@ -204,18 +207,22 @@ def main() -> None:
     meta = {"gpu": gpu, "torch": torch.__version__, "triton": triton_version, "shapes": shapes,
             "transformers": transformers.__version__, "layers": args.layers, "tokens": args.tokens, "prompt": args.prompt,
             "modes": modes, "calibration": {"samples": args.samples, "seq_len": args.seq_len},
-            "attention": args.attention or "runtime default"}
+            "attention": args.attention or "runtime default", "dtype": args.dtype}
     source = work / "llama3-8b-shape"
     ckpts = {"no transform": work / "wina-plain", "transform": work / "wina-transform"}
+    if args.only:
+        if args.only not in ckpts:
+            ap.error(f"--only must be one of {sorted(ckpts)}")
+        ckpts = {args.only: ckpts[args.only]}
     timings = {}
     if not source.exists() and not all(p.exists() for p in ckpts.values()):
-        timings["build_s"] = build_model(source, args.layers, shapes, args.device)
+        timings["build_s"] = build_model(source, args.layers, shapes, args.device, dtype=getattr(torch, args.dtype))
         print(f"built {source} in {timings['build_s']:.0f} s", flush=True)
     for name, path in ckpts.items():
         if path.exists():
             continue
         t0 = time.perf_counter()
-        convert(source, path, sparsity=0.5, transform=(name == "transform"), dtype="bfloat16", device=args.device,
+        convert(source, path, sparsity=0.5, transform=(name == "transform"), dtype=args.dtype, device=args.device,
                 samples=args.samples, seq_len=args.seq_len, quiet=True)
         timings[f"convert_{name}_s"] = time.perf_counter() - t0
         print(f"converted ({name}) in {timings[f'convert_{name}_s']:.0f} s", flush=True)
@@ -224,8 +231,6 @@ def main() -> None:
     results = {}
     hf = None
     for name, path in ckpts.items():
-        if args.only and name != args.only:
-            continue
         results[name] = measure(path, modes, args.tokens, args.prompt, args.device, args.attention)
         if name == "no transform" and args.hf_dense:
             hf = measure_hf_dense(path, modes, args.tokens, args.prompt, args.device)

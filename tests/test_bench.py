@@ -93,3 +93,35 @@ def test_bad_arguments(tiny_checkpoints):
         bench(tiny_checkpoints[False], tokens=1, device="cpu")
     with pytest.raises(WinaError, match="WINA model"):
         bench(torch.nn.Linear(2, 2), tokens=3)
+
+
+def _run_bench_decode(tmp_path, *args):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_decode.py"
+    return subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--layers", "1", "--tokens", "3",
+                           "--prompt", "4", "--modes", "graphs", "--samples", "2", "--seq-len", "32",
+                           "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_bench_decode_script_float16_one_checkpoint(tmp_path):
+    """The decode benchmark script end to end on CPU (tiny shapes): --dtype and --only reach the table."""
+    proc = _run_bench_decode(tmp_path, "--dtype", "float16", "--only", "no transform", "--name", "t")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = (tmp_path / "out" / "t.md").read_text()
+    assert "float16" in table and "| no transform | graphs | s=0.50 |" in table
+    assert "| transform |" not in table
+    assert not (tmp_path / "work" / "wina-transform").exists()  # --only converts just the measured checkpoint
+    from safetensors import safe_open
+
+    shard = next((tmp_path / "work" / "wina-plain").glob("model*.safetensors"))
+    with safe_open(str(shard), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+
+
+def test_bench_decode_script_rejects_unknown_checkpoint(tmp_path):
+    proc = _run_bench_decode(tmp_path, "--only", "notransform")
+    assert proc.returncode == 2 and "--only must be one of" in proc.stderr
