@@ -7,7 +7,7 @@ What it does, in order (everything in one invocation, so that one device call do
    as sharded safetensors (``--shard-size``, 5 GB by default), tensor by tensor through the
    library's streaming ``ShardWriter``, so the writer itself never holds more than one tensor.
    Weights are drawn on ``--device``. A byte-level BPE tokenizer (vocab 1024, trained here on
-   ``calibration/train``; small so that the bundled text gives >= 128 windows of 512 tokens) is
+   ``wina_convert/calibration/data/train``; small so that the bundled text gives >= 128 windows of 512 tokens) is
    saved with it; config ``vocab_size`` stays 128256.
 2. Runs the full ``wina_convert.convert`` (transform + calibration + write) in a subprocess and
    measures: seconds per stage (``ConvertResult.stage_seconds``), peak resident memory of that
@@ -38,9 +38,6 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 SHAPES = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
               vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
               tie_word_embeddings=False)
@@ -56,7 +53,9 @@ def write_tokenizer(directory: Path) -> int:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    texts = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "calibration" / "train").glob("*.txt"))]
+    from wina_convert.calibration.text import BUNDLED
+
+    texts = [p.read_text(encoding="utf-8") for p in sorted(BUNDLED.glob("*.txt"))]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -93,8 +92,8 @@ def write_checkpoint(directory: Path, layers: int, device: str, shard_size: str,
     import torch
     from transformers import LlamaConfig
 
-    from wina_convert.checkpoint import ShardWriter
-    from wina_convert.convert import parse_size
+    from wina_convert.checkpoint.writer import ShardWriter
+    from wina_convert.units import parse_size
 
     start = time.perf_counter()
     directory.mkdir(parents=True)

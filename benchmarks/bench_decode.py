@@ -7,7 +7,7 @@ No download: a random-weight Llama with Llama-3-8B's shapes (32 layers, hidden 4
 32 heads, 8 KV heads, vocab 128256, bf16 unless --dtype float16) is built on the GPU and saved with a small byte-level BPE
 tokenizer trained on the bundled calibration text (ids < 4096; the config keeps vocab 128256). It is
 converted twice on the GPU (``transform=False`` and ``True``, target 0.5, a few calibration samples:
-speed depends only on the sparsity achieved, which is measured and reported), then ``wina_convert.bench``
+speed depends only on the sparsity achieved, which is measured and reported), then ``wina_convert.evaluate.bench``
 decodes greedily (batch 1, static KV cache, one CUDA graph per token) dense and at 0 / 0.4 / 0.5 / 0.65,
 in each mode: ``graphs`` (the eager step recorded) and ``compile`` (the ``torch.compile``'d step recorded).
 ``--hf-dense`` also measures dense through an unpacked model (``kernels=False``: transformers' weight layout),
@@ -23,18 +23,15 @@ import gc
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from wina_convert import convert, load  # noqa: E402
-from wina_convert.bench import bench  # noqa: E402
-from wina_convert.runtime.decode import enable_decode_graphs  # noqa: E402
+from wina_convert import convert, load
+from wina_convert.calibration.text import BUNDLED
+from wina_convert.evaluate.bench import bench
+from wina_convert.runtime.graphs import enable_decode_graphs
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                  vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
@@ -46,7 +43,7 @@ def build_tokenizer(directory: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    texts = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "calibration" / "train").glob("*.txt"))]
+    texts = [p.read_text(encoding="utf-8") for p in sorted(BUNDLED.glob("*.txt"))]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -5,7 +5,7 @@
 
 MODEL is anything ``wina convert`` takes (the README's SmolLM2 directory, ~/.cache/wina-convert/smollm2-hf).
 Every setting is a real ``wina_convert.convert`` (bundled calibration set, its defaults for samples,
-sequence length and seed) followed by ``wina_convert.evaluate`` on the held-out part of calibration/,
+sequence length and seed) followed by ``wina_convert.evaluate`` on the bundled held-out text (wina_convert/calibration/data/heldout),
 which calibration never reads. ``--self-calibration`` adds the default setting calibrated on text the
 model writes itself (``--calibration self``). Writes DIR/calibration.md (the table) and
 DIR/calibration.json (every number, with convert's time per stage).
@@ -17,15 +17,11 @@ import argparse
 import itertools
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from wina_convert import convert, evaluate  # noqa: E402
-from wina_convert.defaults import DEFAULTS  # noqa: E402
+from wina_convert import convert, evaluate
+from wina_convert.defaults import DEFAULTS
 
 SPARSITIES = (0.25, 0.4, 0.5, 0.65)
 

@@ -15,17 +15,16 @@ Writes DIR/fused_shortcut_accuracy.txt.
 from __future__ import annotations
 
 import argparse
-import sys
+import runpy
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from wina_convert import convert, load
+from wina_convert.arch import adapter_for
+from wina_convert.runtime.kernels.hook import bind_kernels, force_kernels, fuse_shortcuts, input_groups
 
-from wina_convert import convert, load  # noqa: E402
-from wina_convert.arch import adapter_for  # noqa: E402
-from wina_convert.runtime.kernels_hook import bind_kernels, force_kernels, fuse_shortcuts, input_groups  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def logits(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
@@ -60,10 +59,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/wina-fused-accuracy")
     args = ap.parse_args()
     if args.model is None:
-        sys.path.insert(0, str(ROOT / "scripts"))
-        import fetch_smollm2
-
-        args.model = fetch_smollm2.build_hf_dir(fetch_smollm2.fetch_gguf(), fetch_smollm2.DEFAULT_CACHE / "smollm2-hf")
+        fetch = runpy.run_path(str(ROOT / "scripts" / "fetch_smollm2.py"))  # a script, not a module of the package
+        args.model = fetch["build_hf_dir"](fetch["fetch_gguf"](), fetch["DEFAULT_CACHE"] / "smollm2-hf")
     path = Path(args.work) / "transform-bf16"
     if not (path / "config.json").exists():
         convert(args.model, path, sparsity=0.5, transform=True, dtype="bfloat16", quiet=True, samples=8, seq_len=256,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wina_convert.runtime import attention
+from wina_convert.runtime.kernels import attention, backend
 
 
 def _sdpa(q, k, v, mask, scale):
@@ -56,7 +56,7 @@ def test_wina_sdpa_in_a_model_gives_sdpa_results(tiny_models, monkeypatch):
     path = tiny_models["llama"]
     base = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
     ours = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
-    monkeypatch.setattr(attention._k, "_HAS_TRITON", True)  # enable() asks only for triton; CPU steps fall back
+    monkeypatch.setattr(backend, "HAS_TRITON", True)  # enable() asks only for triton; CPU steps fall back
     assert attention.enable(ours)
     assert ours.config._attn_implementation == attention.IMPLEMENTATION
     seen = []
@@ -79,7 +79,7 @@ def test_wina_sdpa_in_a_model_gives_sdpa_results(tiny_models, monkeypatch):
 def test_enable_leaves_other_attention_alone(tiny_models, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setattr(attention._k, "_HAS_TRITON", True)
+    monkeypatch.setattr(backend, "HAS_TRITON", True)
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], attn_implementation="eager")
     assert not attention.enable(model)
     assert model.config._attn_implementation == "eager"

@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 
-from wina_convert.runtime import attention, kernels
+from wina_convert.runtime.kernels import attention
+from wina_convert.runtime.kernels import backend
 
 pytestmark = pytest.mark.gpu
 
 needs_gpu = pytest.mark.skipif(
-    not (torch.cuda.is_available() and kernels.triton_available("cuda")), reason="needs CUDA and triton"
+    not (torch.cuda.is_available() and backend.triton_available("cuda")), reason="needs CUDA and triton"
 )
 DEV = "cuda"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from wina_convert import WinaError, convert, load
-from wina_convert.bench import bench, format_bench
+from wina_convert.evaluate.bench import bench, format_bench
 
 SPARSITIES = (0.0, 0.5)
 

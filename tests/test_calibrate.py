@@ -9,7 +9,8 @@ import torch
 
 from conftest import ROOT
 from wina_convert import WinaError, convert, load
-from wina_convert.calibrate import ALLOCATION_LEVELS, token_windows
+from wina_convert.calibration.text import token_windows
+from wina_convert.gate import ALLOCATION_LEVELS
 
 SAMPLES, SEQ = 4, 64
 
@@ -27,7 +28,7 @@ def test_token_windows_are_slices_of_the_stream_shuffled_by_seed(tiny_tokenizer_
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    texts = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "calibration" / "train").glob("*.txt"))][:2]
+    texts = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "wina_convert" / "calibration" / "data" / "train").glob("*.txt"))][:2]
     a = token_windows(tok, texts, 8, 32, seed=0)
     assert a.shape == (8, 32)
     assert torch.equal(a, token_windows(tok, texts, 8, 32, seed=0))
@@ -42,7 +43,7 @@ def test_token_windows_are_slices_of_the_stream_shuffled_by_seed(tiny_tokenizer_
 
 def test_sources_txt_jsonl_and_directory(tiny_models, tmp_path):
     model = tiny_models["llama"]
-    prose = (ROOT / "calibration" / "train" / "prose.txt").read_text(encoding="utf-8")
+    prose = (ROOT / "wina_convert" / "calibration" / "data" / "train" / "prose.txt").read_text(encoding="utf-8")
     txt = tmp_path / "text.txt"
     txt.write_text(prose, encoding="utf-8")
     jsonl = tmp_path / "docs.jsonl"
@@ -144,7 +145,7 @@ def test_quantile_tables_give_any_sparsity_on_the_calibration_text(calibrated, t
 
     model = load(calibrated["uniform"])
     tok = AutoTokenizer.from_pretrained(calibrated["uniform"])
-    text = (ROOT / "calibration" / "train" / "technical.txt").read_text(encoding="utf-8")
+    text = (ROOT / "wina_convert" / "calibration" / "data" / "train" / "technical.txt").read_text(encoding="utf-8")
     ids = tok(text, return_tensors="pt")["input_ids"][:, : 4 * SEQ].reshape(4, SEQ)
     for sparsity in (0.25, 0.5):
         model.wina.set_sparsity(sparsity)

@@ -273,7 +273,7 @@ def test_unknown_hub_id_offline(tmp_path):
 def test_disk_full_leaves_nothing_that_looks_complete(model, tmp_path, capsys, monkeypatch):
     import errno
 
-    from wina_convert import checkpoint
+    from wina_convert.checkpoint import format as checkpoint
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -12,7 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from fake_hub import FakeHub
-from wina_convert import hub
+from wina_convert.hub import card as hub_card
+from wina_convert.hub import download as hub_download
+from wina_convert.hub import push as hub_push
 from wina_convert.errors import WinaError
 
 TOKEN = "hf_FakeTokenForTests0123456789abcdef"
@@ -27,7 +29,7 @@ def _sha256(path: Path) -> str:
 
 def _write_manifest(directory: Path) -> None:
     try:
-        from wina_convert.checkpoint import write_manifest
+        from wina_convert.checkpoint.format import write_manifest
     except ImportError:  # the lead's checkpoint module not there yet: the same format, by hand
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(directory.iterdir())
                  if p.is_file() and p.name not in ("README.md", "wina-manifest.json")}
@@ -40,7 +42,7 @@ def _write_manifest(directory: Path) -> None:
 def _verify_checkpoint_available(monkeypatch):
     """hub.push calls wina_convert.checkpoint.verify_checkpoint; until it exists, a minimal stand-in."""
     try:
-        from wina_convert import checkpoint
+        from wina_convert.checkpoint import format as checkpoint
 
         if hasattr(checkpoint, "verify_checkpoint"):
             return
@@ -61,9 +63,9 @@ def _verify_checkpoint_available(monkeypatch):
                 raise WinaError(f"{directory}/{name} has changed since conversion")
         return config["wina"]
 
-    module = types.ModuleType("wina_convert.checkpoint")
+    module = types.ModuleType("wina_convert.checkpoint.format")
     module.verify_checkpoint = verify_checkpoint
-    monkeypatch.setitem(sys.modules, "wina_convert.checkpoint", module)
+    monkeypatch.setitem(sys.modules, "wina_convert.checkpoint.format", module)
 
 
 WINA_BLOCK = {
@@ -117,7 +119,7 @@ def make_checkpoint(tmp_path):
         (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 2048}))
         (directory / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
         if card:
-            hub.write_model_card(directory)
+            hub_card.write_model_card(directory)
         _write_manifest(directory)
         return directory
 
@@ -171,8 +173,8 @@ def test_endpoint_chosen_after_import(isolated, make_checkpoint):
         _point_at(isolated, server.url, constants_too=False)
         isolated.setenv("HF_TOKEN", TOKEN)
         ckpt = make_checkpoint()
-        hub.push(ckpt, "alice/late", quiet=True)
-        folder = hub.resolve_model("alice/late", purpose="load")
+        hub_push.push(ckpt, "alice/late", quiet=True)
+        folder = hub_download.resolve_model("alice/late", purpose="load")
         assert (folder / "wina.safetensors").read_bytes() == (ckpt / "wina.safetensors").read_bytes()
 
 
@@ -200,7 +202,7 @@ def test_push_uploads_exactly_the_checkpoint_files(fake_hub, make_checkpoint):
     (ckpt / "sub").mkdir()
     (ckpt / "sub" / "big.bin").write_bytes(b"\0" * 100)
 
-    result = hub.push(ckpt, "alice/tiny-wina", quiet=True)
+    result = hub_push.push(ckpt, "alice/tiny-wina", quiet=True)
 
     assert result.url == f"{fake_hub.url}/alice/tiny-wina"
     assert not result.dry_run
@@ -228,7 +230,7 @@ def test_push_uploads_exactly_the_checkpoint_files(fake_hub, make_checkpoint):
 
 
 def test_push_private_flag_reaches_create_repo(fake_hub, make_checkpoint):
-    hub.push(make_checkpoint(), "alice/secret-wina", private=True, commit_message="my message", quiet=True)
+    hub_push.push(make_checkpoint(), "alice/secret-wina", private=True, commit_message="my message", quiet=True)
     payload = fake_hub.create_payloads[-1]
     assert payload.get("visibility") == "private" or payload.get("private") is True
     assert payload["name"] == "secret-wina" and payload["organization"] == "alice"
@@ -240,33 +242,33 @@ def test_push_to_existing_repo_and_new_branch(fake_hub, make_checkpoint):
     fake_hub.add_repo("alice/existing", {"README.md": b"old"})
     main_before = fake_hub.repos["alice/existing"].branches["main"]
     ckpt = make_checkpoint()
-    result = hub.push(ckpt, "alice/existing", revision="sparse-0.5", quiet=True)
+    result = hub_push.push(ckpt, "alice/existing", revision="sparse-0.5", quiet=True)
     repo = fake_hub.repos["alice/existing"]
     assert result.url == f"{fake_hub.url}/alice/existing/tree/sparse-0.5"
     assert result.revision == "sparse-0.5"
     assert repo.branches["main"] == main_before  # main untouched
     assert fake_hub.files("alice/existing", "sparse-0.5")["wina.safetensors"] == (ckpt / "wina.safetensors").read_bytes()
     # pushing to the branch again: the branch exists (409 from the server is fine)
-    hub.push(ckpt, "alice/existing", revision="sparse-0.5", quiet=True)
+    hub_push.push(ckpt, "alice/existing", revision="sparse-0.5", quiet=True)
 
 
 def test_push_create_pr(fake_hub, make_checkpoint):
     fake_hub.add_repo("alice/pr-target", {"README.md": b"old"})
     main_before = fake_hub.repos["alice/pr-target"].branches["main"]
-    result = hub.push(make_checkpoint(), "alice/pr-target", create_pr=True, quiet=True)
+    result = hub_push.push(make_checkpoint(), "alice/pr-target", create_pr=True, quiet=True)
     repo = fake_hub.repos["alice/pr-target"]
     assert result.url == f"{fake_hub.url}/alice/pr-target/discussions/1"
     assert repo.branches["main"] == main_before
     assert "wina-manifest.json" in fake_hub.files("alice/pr-target", "refs/pr/1")
     with pytest.raises(WinaError, match="create-pr"):
-        hub.push(make_checkpoint(), "alice/pr-target", create_pr=True, revision="dev", quiet=True)
+        hub_push.push(make_checkpoint(), "alice/pr-target", create_pr=True, revision="dev", quiet=True)
 
 
 def test_push_again_removes_stale_shards(fake_hub, make_checkpoint):
-    hub.push(make_checkpoint(shards=3), "alice/reshard", quiet=True)
+    hub_push.push(make_checkpoint(shards=3), "alice/reshard", quiet=True)
     assert "model-00003-of-00003.safetensors" in fake_hub.files("alice/reshard")
     ckpt = make_checkpoint(shards=1, seed=1)
-    hub.push(ckpt, "alice/reshard", quiet=True)
+    hub_push.push(ckpt, "alice/reshard", quiet=True)
     remote = fake_hub.files("alice/reshard")
     assert sorted(n for n in remote if n.startswith("model-")) == ["model-00001-of-00001.safetensors"]
     assert remote["model-00001-of-00001.safetensors"] == (ckpt / "model-00001-of-00001.safetensors").read_bytes()
@@ -276,7 +278,7 @@ def test_push_keeps_a_user_written_card(fake_hub, make_checkpoint):
     ckpt = make_checkpoint(card=False)
     own = "---\nlicense: mit\n---\n# My own card\n"
     (ckpt / "README.md").write_text(own)
-    hub.push(ckpt, "alice/own-card", quiet=True)
+    hub_push.push(ckpt, "alice/own-card", quiet=True)
     assert (ckpt / "README.md").read_text() == own
     assert fake_hub.files("alice/own-card")["README.md"].decode() == own
 
@@ -288,7 +290,7 @@ def test_push_refuses_a_modified_checkpoint_before_any_request(fake_hub, make_ch
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(WinaError) as err:
-        hub.push(ckpt, "alice/broken", quiet=True)
+        hub_push.push(ckpt, "alice/broken", quiet=True)
     assert "model-00001-of-00002.safetensors" in _assert_one_line(err.value)
     assert fake_hub.requests == []
 
@@ -297,7 +299,7 @@ def test_dry_run_makes_no_request(fake_hub, make_checkpoint, capsys):
     ckpt = make_checkpoint()
     (ckpt / "stray.txt").write_text("x")
     readme_before = (ckpt / "README.md").read_text()
-    result = hub.push(ckpt, "alice/dry", dry_run=True, private=True)
+    result = hub_push.push(ckpt, "alice/dry", dry_run=True, private=True)
     assert result.dry_run
     assert fake_hub.requests == []
     assert "alice/dry" not in fake_hub.repos
@@ -311,7 +313,7 @@ def test_dry_run_makes_no_request(fake_hub, make_checkpoint, capsys):
 
 def test_dry_run_needs_no_server(isolated, make_checkpoint):
     _point_at(isolated, f"http://127.0.0.1:{_free_port()}")
-    result = hub.push(make_checkpoint(), "alice/dry", dry_run=True, quiet=True)
+    result = hub_push.push(make_checkpoint(), "alice/dry", dry_run=True, quiet=True)
     assert result.dry_run and "config.json" in result.files
 
 
@@ -320,7 +322,7 @@ def test_dry_run_needs_no_server(isolated, make_checkpoint):
 def test_push_wrong_token_401(fake_hub, make_checkpoint):
     fake_hub.add_repo("alice/x", {"README.md": b"x"})
     with pytest.raises(WinaError) as err:
-        hub.push(make_checkpoint(), "alice/x", token=WRONG, quiet=True)
+        hub_push.push(make_checkpoint(), "alice/x", token=WRONG, quiet=True)
     text = _assert_one_line(err.value)
     assert "rejected the token (401)" in text and "HF_TOKEN" in text
 
@@ -328,7 +330,7 @@ def test_push_wrong_token_401(fake_hub, make_checkpoint):
 def test_push_wrong_token_from_env_401(fake_hub, make_checkpoint, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", WRONG)
     with pytest.raises(WinaError) as err:
-        hub.push(make_checkpoint(), "alice/y", quiet=True)
+        hub_push.push(make_checkpoint(), "alice/y", quiet=True)
     assert "401" in _assert_one_line(err.value)
 
 
@@ -336,7 +338,7 @@ def test_push_forbidden_403(fake_hub, make_checkpoint):
     fake_hub.add_repo("bob/theirs", {"README.md": b"x"})
     fake_hub.read_only.add("bob/theirs")
     with pytest.raises(WinaError) as err:
-        hub.push(make_checkpoint(), "bob/theirs", quiet=True)
+        hub_push.push(make_checkpoint(), "bob/theirs", quiet=True)
     text = _assert_one_line(err.value)
     assert "no permission to write to bob/theirs" in text and "403" in text
     assert "wina-manifest.json" not in fake_hub.files("bob/theirs")
@@ -345,7 +347,7 @@ def test_push_forbidden_403(fake_hub, make_checkpoint):
 def test_push_not_found_404(fake_hub, make_checkpoint):
     fake_hub.fail.append(("/api/models/alice/gone/preupload", 404, "RepoNotFound", "Repository not found"))
     with pytest.raises(WinaError) as err:
-        hub.push(make_checkpoint(), "alice/gone", quiet=True)
+        hub_push.push(make_checkpoint(), "alice/gone", quiet=True)
     text = _assert_one_line(err.value)
     assert "no such model repo" in text and "alice/gone" in text and "404" in text
 
@@ -353,7 +355,7 @@ def test_push_not_found_404(fake_hub, make_checkpoint):
 def test_push_other_http_error_names_status(fake_hub, make_checkpoint):
     fake_hub.fail.append(("/api/models/alice/odd/commit", 422, None, "Your push was rejected: too many files"))
     with pytest.raises(WinaError) as err:
-        hub.push(make_checkpoint(), "alice/odd", quiet=True)
+        hub_push.push(make_checkpoint(), "alice/odd", quiet=True)
     text = _assert_one_line(err.value)
     assert "422" in text and "too many files" in text
 
@@ -361,7 +363,7 @@ def test_push_other_http_error_names_status(fake_hub, make_checkpoint):
 def test_push_token_echoed_by_server_is_scrubbed(fake_hub, make_checkpoint):
     fake_hub.fail.append(("/api/models/alice/echo/commit", 422, None, f"bad request from token {TOKEN}"))
     with pytest.raises(WinaError) as err:
-        hub.push(make_checkpoint(), "alice/echo", quiet=True)
+        hub_push.push(make_checkpoint(), "alice/echo", quiet=True)
     text = _assert_one_line(err.value)
     assert "422" in text and "***" in text
     assert err.value.__cause__ is None  # the original, unscrubbed exception is not chained
@@ -371,13 +373,13 @@ def test_push_hub_unreachable(isolated, make_checkpoint):
     endpoint = f"http://127.0.0.1:{_free_port()}"
     _point_at(isolated, endpoint)
     with pytest.raises(WinaError) as err:
-        hub.push(make_checkpoint(), "alice/x", token=TOKEN, quiet=True)
+        hub_push.push(make_checkpoint(), "alice/x", token=TOKEN, quiet=True)
     assert f"cannot reach the Hugging Face Hub at {endpoint}" in _assert_one_line(err.value)
 
 
 def test_push_rejects_bad_repo_id(fake_hub, make_checkpoint):
     with pytest.raises(WinaError, match="not a Hub repo id"):
-        hub.push(make_checkpoint(), "alice/a/b", quiet=True)
+        hub_push.push(make_checkpoint(), "alice/a/b", quiet=True)
     assert fake_hub.requests == []
 
 
@@ -385,11 +387,11 @@ def test_push_rejects_bad_repo_id(fake_hub, make_checkpoint):
 
 def test_load_round_trip_is_byte_identical(fake_hub, make_checkpoint):
     ckpt = make_checkpoint()
-    hub.push(ckpt, "alice/round", quiet=True)
+    hub_push.push(ckpt, "alice/round", quiet=True)
     fake_hub.add_repo("alice/round", {"extra/other.safetensors": b"y" * 10, "pytorch_model.bin": b"z"})
     fake_hub.requests.clear()
 
-    folder = hub.resolve_model("alice/round", purpose="load")
+    folder = hub_download.resolve_model("alice/round", purpose="load")
 
     manifest = json.loads((ckpt / "wina-manifest.json").read_text())["files"]
     for name in list(manifest) + ["wina-manifest.json"]:
@@ -398,10 +400,10 @@ def test_load_round_trip_is_byte_identical(fake_hub, make_checkpoint):
     assert downloaded == set(manifest) | {"wina-manifest.json"}
     gets = {p.split("/resolve/", 1)[1].split("/", 1)[1] for p in fake_hub.paths_requested("GET") if "/resolve/" in p}
     assert gets == downloaded
-    from wina_convert.checkpoint import verify_checkpoint
+    from wina_convert.checkpoint.format import verify_checkpoint
 
     assert verify_checkpoint(folder)["target_sparsity"] == 0.5
-    assert hub.hub_revision(folder) == fake_hub.repos["alice/round"].branches["main"]
+    assert hub_download.hub_revision(folder) == fake_hub.repos["alice/round"].branches["main"]
 
 
 def test_convert_download_fetches_only_what_convert_needs(fake_hub, tmp_path):
@@ -424,7 +426,7 @@ def test_convert_download_fetches_only_what_convert_needs(fake_hub, tmp_path):
         "original/params.json": b"{}",
     }
     sha = fake_hub.add_repo("org/base", files)
-    folder = hub.resolve_model("org/base")
+    folder = hub_download.resolve_model("org/base")
     wanted = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
               "model-00002-of-00002.safetensors"}
@@ -434,35 +436,35 @@ def test_convert_download_fetches_only_what_convert_needs(fake_hub, tmp_path):
         assert (folder / name).read_bytes() == files[name]
     requested = {p.split("/resolve/", 1)[1].split("/", 1)[1] for p in fake_hub.paths_requested() if "/resolve/" in p}
     assert requested == wanted
-    assert hub.hub_revision(folder) == sha
+    assert hub_download.hub_revision(folder) == sha
 
     # pinned revision: the same snapshot
-    assert hub.resolve_model("org/base", revision=sha) == folder
+    assert hub_download.resolve_model("org/base", revision=sha) == folder
 
 
 def test_offline_uses_the_cache(fake_hub, monkeypatch):
     fake_hub.add_repo("org/base", {"config.json": b"{}", "model.safetensors": b"w" * 100})
-    folder = hub.resolve_model("org/base")
+    folder = hub_download.resolve_model("org/base")
     from huggingface_hub import constants
 
     fake_hub.stop()  # and the Hub is gone
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import
-    assert hub.resolve_model("org/base") == folder
+    assert hub_download.resolve_model("org/base") == folder
     assert (folder / "model.safetensors").read_bytes() == b"w" * 100
     with pytest.raises(WinaError) as err:
-        hub.resolve_model("org/never-downloaded")
+        hub_download.resolve_model("org/never-downloaded")
     text = _assert_one_line(err.value)
     assert "org/never-downloaded is not in the local cache and the Hub is unreachable (offline" in text
 
 
 def test_unreachable_hub_falls_back_to_the_cache(fake_hub):
     fake_hub.add_repo("org/base", {"config.json": b"{}", "model.safetensors": b"w" * 100})
-    folder = hub.resolve_model("org/base")
+    folder = hub_download.resolve_model("org/base")
     fake_hub.stop()
-    assert hub.resolve_model("org/base") == folder
+    assert hub_download.resolve_model("org/base") == folder
     with pytest.raises(WinaError) as err:
-        hub.resolve_model("org/other")
+        hub_download.resolve_model("org/other")
     text = _assert_one_line(err.value)
     assert "not in the local cache and the Hub is unreachable" in text
     assert "cannot reach" in text and fake_hub.url.split("//")[1] in text
@@ -470,7 +472,7 @@ def test_unreachable_hub_falls_back_to_the_cache(fake_hub):
 
 def test_download_missing_repo_404(fake_hub):
     with pytest.raises(WinaError) as err:
-        hub.resolve_model("nobody/missing")
+        hub_download.resolve_model("nobody/missing")
     text = _assert_one_line(err.value)
     assert "no such model repo" in text and "nobody/missing" in text
 
@@ -478,16 +480,16 @@ def test_download_missing_repo_404(fake_hub):
 def test_download_missing_revision(fake_hub):
     fake_hub.add_repo("org/base", {"config.json": b"{}", "model.safetensors": b"w"})
     with pytest.raises(WinaError) as err:
-        hub.resolve_model("org/base", revision="no-such-branch")
+        hub_download.resolve_model("org/base", revision="no-such-branch")
     text = _assert_one_line(err.value)
     assert "no revision 'no-such-branch' in org/base" in text
 
 
 def test_download_private_repo_needs_the_token(fake_hub):
     fake_hub.add_repo("org/private", {"config.json": b"{}", "model.safetensors": b"w"}, private=True)
-    assert (hub.resolve_model("org/private") / "model.safetensors").read_bytes() == b"w"  # HF_TOKEN is right
+    assert (hub_download.resolve_model("org/private") / "model.safetensors").read_bytes() == b"w"  # HF_TOKEN is right
     with pytest.raises(WinaError) as err:
-        hub.resolve_model("org/private", token=WRONG, revision="main")
+        hub_download.resolve_model("org/private", token=WRONG, revision="main")
     assert "rejected the token (401)" in _assert_one_line(err.value)
 
 
@@ -496,23 +498,23 @@ def test_download_gated_repo(fake_hub, where):
     fake_hub.add_repo("org/gated", {"config.json": b"{}", "model.safetensors": b"w"})
     fake_hub.fail.append((where, 403, "GatedRepo", "Access to model org/gated is restricted"))
     with pytest.raises(WinaError) as err:
-        hub.resolve_model("org/gated")
+        hub_download.resolve_model("org/gated")
     assert "org/gated is gated" in _assert_one_line(err.value)
 
 
 def test_push_without_any_token_says_so_before_any_request(fake_hub, make_checkpoint, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(WinaError) as err:
-        hub.push(make_checkpoint(), "alice/x", quiet=True)
+        hub_push.push(make_checkpoint(), "alice/x", quiet=True)
     assert "needs a Hugging Face token" in _assert_one_line(err.value)
     assert fake_hub.requests == []
-    assert hub.push(make_checkpoint(), "alice/x", dry_run=True, quiet=True).dry_run  # a dry run needs none
+    assert hub_push.push(make_checkpoint(), "alice/x", dry_run=True, quiet=True).dry_run  # a dry run needs none
 
 
 def test_download_refuses_pickle_only_repos(fake_hub):
     fake_hub.add_repo("org/old", {"config.json": b"{}", "pytorch_model.bin": b"pickle!"})
     with pytest.raises(WinaError) as err:
-        hub.resolve_model("org/old")
+        hub_download.resolve_model("org/old")
     text = _assert_one_line(err.value)
     assert ".bin" in text and "security" in text
     assert not [p for p in fake_hub.paths_requested() if p.endswith(".bin")]
@@ -521,28 +523,28 @@ def test_download_refuses_pickle_only_repos(fake_hub):
 def test_load_needs_a_wina_checkpoint(fake_hub):
     fake_hub.add_repo("org/plain", {"config.json": b"{}", "model.safetensors": b"w"})
     with pytest.raises(WinaError, match="not a WINA checkpoint"):
-        hub.resolve_model("org/plain", purpose="load")
+        hub_download.resolve_model("org/plain", purpose="load")
 
 
 @pytest.mark.parametrize("name", ["./nope", "../nope", "/no/such/dir", "~/no-such-wina-dir", "model.gguf",
                                   "a/b/c"])
 def test_missing_local_paths_are_not_hub_ids(fake_hub, name):
     with pytest.raises(WinaError, match="no such file or directory"):
-        hub.resolve_model(name)
+        hub_download.resolve_model(name)
     assert fake_hub.requests == []
 
 
 def test_local_paths_are_returned_as_is(fake_hub, tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
-    assert hub.resolve_model(str(tmp_path)) == tmp_path
-    assert hub.resolve_model(str(tmp_path / "m.gguf")) == tmp_path / "m.gguf"
+    assert hub_download.resolve_model(str(tmp_path)) == tmp_path
+    assert hub_download.resolve_model(str(tmp_path / "m.gguf")) == tmp_path / "m.gguf"
     assert fake_hub.requests == []
 
 
 def test_hub_revision():
     sha = "0123456789abcdef0123456789abcdef01234567"
-    assert hub.hub_revision(Path(f"/c/models--a--b/snapshots/{sha}")) == sha
-    assert hub.hub_revision(Path("/some/local/dir")) is None
+    assert hub_download.hub_revision(Path(f"/c/models--a--b/snapshots/{sha}")) == sha
+    assert hub_download.hub_revision(Path("/some/local/dir")) is None
 
 
 # --------------------------------------------------------------------------- model card
@@ -555,14 +557,14 @@ def _front_matter(card: str) -> dict:
 
 def test_model_card_metadata_and_body(make_checkpoint):
     ckpt = make_checkpoint()
-    card = hub.model_card(ckpt, "alice/tiny-wina")
+    card = hub_card.model_card(ckpt, "alice/tiny-wina")
     meta = _front_matter(card)
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M"
     assert {"wina", "activation-sparsity", "sparsity", "text-generation", "llama"} <= set(meta["tags"])
     assert meta["license"] == "apache-2.0"
     assert meta["pipeline_tag"] == "text-generation"
     assert meta["library_name"] == "wina-convert"  # transformed: plain transformers must not load it
-    assert hub.MARKER in card
+    assert hub_card.MARKER in card
     assert "2505.19427" in card and "Weight-Informed Neuron Activation" in card
     assert "| attention_input | 49.0 % |" in card and "| overall | 50.0 % |" in card
     assert "13.57" in card and "12.34" in card and "| samples | 16 |" in card
@@ -577,7 +579,7 @@ def test_model_card_metadata_and_body(make_checkpoint):
 def test_model_card_without_license_calibration_or_hub_base(make_checkpoint):
     ckpt = make_checkpoint(license=None, transform=False, calibration=None, eval=None,
                            base_model={"id": "model-q8.gguf", "revision": None, "sha256": "ab" * 32})
-    card = hub.model_card(ckpt)
+    card = hub_card.model_card(ckpt)
     meta = _front_matter(card)
     assert "license" not in meta
     assert "base_model" not in meta  # a local .gguf is not a Hub repo
@@ -589,25 +591,25 @@ def test_model_card_without_license_calibration_or_hub_base(make_checkpoint):
 
 def test_write_model_card_keeps_user_cards(make_checkpoint):
     ckpt = make_checkpoint(card=False)
-    path = hub.write_model_card(ckpt)
-    assert hub.MARKER in path.read_text()
+    path = hub_card.write_model_card(ckpt)
+    assert hub_card.MARKER in path.read_text()
     (ckpt / "README.md").write_text(path.read_text().replace("wina_convert.load", "my_load"))
-    hub.write_model_card(ckpt, "alice/x")  # still ours (marker kept): regenerated
+    hub_card.write_model_card(ckpt, "alice/x")  # still ours (marker kept): regenerated
     assert 'wina_convert.load("alice/x")' in (ckpt / "README.md").read_text()
     (ckpt / "README.md").write_text("# hand written\n")
-    hub.write_model_card(ckpt, "alice/x")
+    hub_card.write_model_card(ckpt, "alice/x")
     assert (ckpt / "README.md").read_text() == "# hand written\n"
 
 
 def test_model_card_during_convert_uses_final_name(tmp_path, make_checkpoint):
     ckpt = make_checkpoint(name=".smol-wina.wina-partial-abc123", card=False)
-    assert 'wina_convert.load("smol-wina")' in hub.model_card(ckpt)
+    assert 'wina_convert.load("smol-wina")' in hub_card.model_card(ckpt)
 
 
 @pytest.mark.skipif(not hasattr(__import__("huggingface_hub").HfApi, "upload_large_folder"),
                     reason="huggingface_hub 2.x has no upload_large_folder (its upload_folder is resumable)")
 def test_large_checkpoints_use_upload_large_folder(fake_hub, make_checkpoint, monkeypatch):
-    monkeypatch.setattr(hub, "LARGE_FOLDER_BYTES", 0)  # every checkpoint counts as large
+    monkeypatch.setattr(hub_push, "LARGE_FOLDER_BYTES", 0)  # every checkpoint counts as large
     calls = []
     from huggingface_hub import HfApi
 
@@ -615,7 +617,7 @@ def test_large_checkpoints_use_upload_large_folder(fake_hub, make_checkpoint, mo
     monkeypatch.setattr(HfApi, "upload_large_folder", lambda self, *a, **k: calls.append(k) or original(self, *a, **k))
     ckpt = make_checkpoint()
     (ckpt / "stray.txt").write_text("x")
-    result = hub.push(ckpt, "alice/large", quiet=True)
+    result = hub_push.push(ckpt, "alice/large", quiet=True)
     assert calls and calls[0]["repo_id"] == "alice/large"
     remote = fake_hub.files("alice/large")
     assert set(remote) == set(result.files) | {".gitattributes"}

@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wina_convert.runtime import kernels
+from wina_convert.runtime.kernels import configs
+from wina_convert.runtime.kernels import backend
+from wina_convert.runtime.kernels import launch as kernels
 
 pytestmark = pytest.mark.gpu
 
 needs_gpu = pytest.mark.skipif(
-    not (torch.cuda.is_available() and kernels.triton_available("cuda")), reason="needs CUDA and triton"
+    not (torch.cuda.is_available() and backend.triton_available("cuda")), reason="needs CUDA and triton"
 )
 
 DEV = "cuda"
@@ -118,7 +120,7 @@ def test_gemv_rms_scale(n_in, splits, mask, pipe):
     norm = torch.linalg.vector_norm(h, dtype=torch.float32)
     rms = (norm.double(), mask, n_in, eps)
     ref = kernels.reference_gated_linear(x.double(), w.double(), thr, splits, b.double(), rms=rms)[0]
-    cfg = kernels.Config(**{**(kernels.TUNED_GEMV.get((n_in, w.shape[1])) or kernels._default_gemv(n_in, w.shape[1])).__dict__,
+    cfg = kernels.Config(**{**(kernels.TUNED_GEMV.get((n_in, w.shape[1])) or configs.default_gemv(n_in, w.shape[1])).__dict__,
                             "pipe": pipe})
     for _ in range(2):
         y = kernels._gemv(x, w, thr, splits, b, cfg=cfg, rms=(norm, mask, n_in, eps))
@@ -229,7 +231,7 @@ def _prompt(model, n=7, seed=0):
 @pytest.mark.parametrize("key", [("llama", True, "float32"), ("qwen2", False, "float32")])
 def test_generate_kernel_path_equals_reference_at_zero(converted, key):
     """model.generate through the kernels (forced on at sparsity 0) and CUDA graphs: the reference's tokens."""
-    from wina_convert.runtime.kernels_hook import force_kernels
+    from wina_convert.runtime.kernels.hook import force_kernels
 
     fast, ref = _pair(converted[key], 0.0)
     force_kernels(fast.wina)
@@ -299,7 +301,7 @@ def test_decode_logits_match_reference_at_half(converted, key):
 @needs_gpu
 def test_decode_graph_follows_the_cache_and_fuses(converted):
     """Two caches, the static one reused by generate, and q/k/v + gate/up fused into one launch each."""
-    from wina_convert.runtime import kernels
+    from wina_convert.runtime.kernels import launch as kernels
 
     fast, ref = _pair(converted[("llama", True, "float32")], 0.5)
     calls = []

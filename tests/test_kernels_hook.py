@@ -7,8 +7,8 @@ import torch
 
 from wina_convert import convert, load
 from wina_convert.arch import adapter_for
-from wina_convert.runtime.decode import DecodeGraphs, enable_decode_graphs, greedy
-from wina_convert.runtime.kernels_hook import bind_kernels, force_kernels, fuse_shortcuts, input_groups
+from wina_convert.runtime.graphs import DecodeGraphs, enable_decode_graphs, greedy
+from wina_convert.runtime.kernels.hook import bind_kernels, force_kernels, fuse_shortcuts, input_groups
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_fast_mode_restores_and_cpu_has_no_graphs(checkpoint):
 
 
 def test_argmax_last_matches_argmax_with_ties():
-    from wina_convert.runtime.decode import argmax_last
+    from wina_convert.runtime.graphs import argmax_last
 
     g = torch.Generator().manual_seed(0)
     for vocab in (128256, 49152, 4099, 100):  # divisible near 1024, padded, small
@@ -125,7 +125,7 @@ def test_argmax_last_matches_argmax_with_ties():
 
 def test_gated_linear_op_under_torch_compile():
     """The registered operator, as a compiled step calls it, equals the eager call."""
-    from wina_convert.runtime import kernels
+    from wina_convert.runtime.kernels import launch as kernels
 
     g = torch.Generator().manual_seed(2)
     wt, thr = torch.randn(64, 32, generator=g), torch.rand(1, 64, generator=g) * 0.5
@@ -142,7 +142,7 @@ def test_gated_linear_op_under_torch_compile():
 @pytest.mark.parametrize("rows", [1, 3])
 def test_rms_scaled_matrices_on_the_torch_path(rows):
     """``gated_linear``'s rms arguments on CPU (the masking fallback): flagged matrices times rms(h)."""
-    from wina_convert.runtime import kernels
+    from wina_convert.runtime.kernels import launch as kernels
 
     g = torch.Generator().manual_seed(0)
     splits = [24, 8, 40]

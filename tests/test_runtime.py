@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, build_tiny
 from wina_convert import convert, evaluate, load
-from wina_convert.checkpoint import write_manifest
+from wina_convert.checkpoint.format import write_manifest
 from wina_convert.errors import WinaError
 
 # Gated linears of a layer in execution order, with the row counts of their stacked matrices.
@@ -121,7 +121,7 @@ def _ids(directory: Path, n: int) -> torch.Tensor:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(directory)
-    text = (ROOT / "calibration" / "heldout" / "heldout.txt").read_text(encoding="utf-8")
+    text = (ROOT / "wina_convert" / "calibration" / "data" / "heldout" / "heldout.txt").read_text(encoding="utf-8")
     return torch.tensor([tok(text)["input_ids"][1000 : 1000 + n]])
 
 

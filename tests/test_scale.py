@@ -13,7 +13,9 @@ from safetensors import safe_open
 
 from conftest import ROOT
 from wina_convert import convert, load
-from wina_convert.checkpoint import INDEX, SafetensorsFile, ShardWriter, verify_checkpoint
+from wina_convert.checkpoint.format import INDEX, verify_checkpoint
+from wina_convert.checkpoint.source import SafetensorsFile
+from wina_convert.checkpoint.writer import ShardWriter
 
 
 def _read_all(directory: Path) -> dict[str, torch.Tensor]:

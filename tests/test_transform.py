@@ -36,7 +36,7 @@ def _text_ids(directory: Path, tokens: int) -> torch.Tensor:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(directory)
-    text = (ROOT / "calibration" / "heldout" / "heldout.txt").read_text(encoding="utf-8")
+    text = (ROOT / "wina_convert" / "calibration" / "data" / "heldout" / "heldout.txt").read_text(encoding="utf-8")
     return torch.tensor([tok(text)["input_ids"][:tokens]])
 
 

@@ -17,9 +17,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__
-from .defaults import DEFAULTS
-from .errors import WinaError
+from .defaults import DEFAULTS, MAX_SPARSITY
+from .errors import WinaError, one_line
+from .units import human_size, percent
+from .version import __version__
 
 app = typer.Typer(
     name="wina",
@@ -73,23 +74,10 @@ def _sparsity(value: Optional[str], name: str = "--sparsity") -> Optional[float]
     try:
         number = float(value)
     except ValueError:
-        raise WinaError(f"{name} must be a number in [0, 0.9], got {value!r}") from None
-    if not 0.0 <= number <= 0.9:
-        raise WinaError(f"{name} must be in [0, 0.9], got {value}")
+        raise WinaError(f"{name} must be a number in [0, {MAX_SPARSITY}], got {value!r}") from None
+    if not 0.0 <= number <= MAX_SPARSITY:
+        raise WinaError(f"{name} must be in [0, {MAX_SPARSITY}], got {value}")
     return number
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
-        value /= 1000
-    return f"{n} B"
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 # --------------------------------------------------------------------------- convert
@@ -122,9 +110,9 @@ def convert(
     from .convert import convert as run_convert
 
     if push_to is not None:
-        from .hub import _check_repo_id
+        from .hub.errors import check_repo_id
 
-        _check_repo_id(push_to)  # fail before hours of work, not after
+        check_repo_id(push_to)  # fail before hours of work, not after
     result = run_convert(
         model, output, sparsity=_sparsity(sparsity), transform=transform, dtype=dtype, revision=revision, token=token,
         shard_size=shard_size, overwrite=overwrite, device=device, calibrate=calibrate, calibration=calibration,
@@ -134,7 +122,7 @@ def convert(
     if not quiet:
         err.print(_convert_summary(result))
     if push_to is not None:
-        from .hub import push
+        from .hub.push import push
 
         push(result.output, push_to, private=private, token=token, quiet=quiet)
 
@@ -143,7 +131,7 @@ def _convert_summary(result: Any) -> Table:
     table = Table(title=f"wrote {result.output}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("size", _size(result.bytes_written))
+    table.add_row("size", human_size(result.bytes_written))
     stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.stage_seconds.items())
     table.add_row("time", f"{result.seconds:.1f} s ({stages})")
     cal = result.calibration
@@ -154,11 +142,11 @@ def _convert_summary(result: Any) -> Table:
         by_role = report.get("by_role", report) if isinstance(report, dict) else {}
         for role, value in by_role.items():
             if isinstance(value, (int, float)):
-                table.add_row(f"  {role}", _pct(value))
+                table.add_row(f"  {role}", percent(value, missing="-"))
         if isinstance(report, dict) and isinstance(report.get("overall"), (int, float)):
-            table.add_row("  overall", f"{_pct(report['overall'])} (target {_pct(cal.get('target_sparsity'))})")
+            table.add_row("  overall", f"{percent(report['overall'], missing='-')} (target {percent(cal.get('target_sparsity'), missing='-')})")
         else:
-            table.add_row("  target", _pct(cal.get("target_sparsity")))
+            table.add_row("  target", percent(cal.get("target_sparsity"), missing="-"))
     else:
         table.add_row("calibration", "none (only sparsity 0 available)")
     return table
@@ -169,7 +157,7 @@ def _convert_summary(result: Any) -> Table:
 @app.command("eval")
 def eval_(
     checkpoint: str = typer.Argument(..., help="WINA checkpoint directory or Hub id."),
-    text: Optional[Path] = typer.Option(None, "--text", help="Text file (.txt/.jsonl/dir) to evaluate on. Default: calibration/heldout."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Text file (.txt/.jsonl/dir) to evaluate on. Default: the bundled held-out text."),
     sparsity: Optional[str] = typer.Option(None, "--sparsity", "-s", help="Sparsity to evaluate (default: the calibrated target)."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per window."),
     max_tokens: int = typer.Option(8192, "--max-tokens", help="Evaluate at most this many tokens."),
@@ -178,7 +166,7 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Dense vs sparse perplexity and the achieved sparsity, overall and per layer type."""
-    from .perplexity import evaluate
+    from .evaluate.perplexity import evaluate
 
     result = evaluate(checkpoint, text=text, sparsity=_sparsity(sparsity), seq_len=seq_len, max_tokens=max_tokens,
                       device=device, dtype=dtype)
@@ -190,10 +178,10 @@ def eval_(
     table.add_column("perplexity", justify="right")
     table.add_column("sparsity", justify="right")
     table.add_row("dense", f"{result['dense_perplexity']:.3f}", "0.0%")
-    table.add_row(f"WINA @ {result['target_sparsity']:.2f}", f"{result['perplexity']:.3f}", _pct(result["sparsity"]))
+    table.add_row(f"WINA @ {result['target_sparsity']:.2f}", f"{result['perplexity']:.3f}", percent(result["sparsity"], missing="-"))
     table.add_row("ratio", f"{result['ratio']:.3f}x", "")
     for role, value in result["by_role"].items():
-        table.add_row(f"  {role}", "", _pct(value))
+        table.add_row(f"  {role}", "", percent(value, missing="-"))
     out.print(table)
 
 
@@ -215,8 +203,8 @@ def generate(
     import torch
     from transformers import AutoTokenizer
 
-    from .runtime import load
-    from .runtime.loading import quiet_transformers
+    from .progress import quiet_transformers
+    from .runtime.load import load
 
     if max_new_tokens < 1:
         raise WinaError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -245,7 +233,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """What a WINA checkpoint holds: base model, transform, calibration, per-layer allocation."""
-    from .describe import describe
+    from .evaluate.inspect import describe
 
     info = describe(checkpoint)
     if as_json:
@@ -258,21 +246,21 @@ def inspect(
                 "tool_version", "calibration"):
         value = info.get(key)
         if key == "size":
-            value = _size(value)
+            value = human_size(value)
         elif key == "target_sparsity":
-            value = _pct(value)
+            value = percent(value, missing="-")
         elif isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items() if not isinstance(v, dict))
         head.add_row(key, str(value))
     out.print(head)
     if info.get("layers_detail"):
-        table = Table(title=f"per-layer sparsity at the target ({_pct(info.get('target_sparsity'))})", title_justify="left")
+        table = Table(title=f"per-layer sparsity at the target ({percent(info.get('target_sparsity'), missing='-')})", title_justify="left")
         table.add_column("layer", justify="right")
         roles = list(info["layers_detail"][0]["sparsity"])
         for role in roles:
             table.add_column(role, justify="right")
         for row in info["layers_detail"]:
-            table.add_row(str(row["layer"]), *(_pct(row["sparsity"][r]) for r in roles))
+            table.add_row(str(row["layer"]), *(percent(row["sparsity"][r], missing="-") for r in roles))
         out.print(table)
 
 
@@ -291,7 +279,7 @@ def push(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Verify CHECKPOINT and upload it (with its model card) to the Hugging Face Hub."""
-    from .hub import push as run_push
+    from .hub.push import push as run_push
 
     result = run_push(checkpoint, repo_id, private=private, revision=revision, token=token, commit_message=commit_message,
                       create_pr=create_pr, dry_run=dry_run, quiet=quiet)
@@ -312,8 +300,8 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Decode speed, dense vs sparse, in the same runtime (tokens/s, latency, physical limit)."""
-    from .bench import bench as run_bench
-    from .bench import format_bench
+    from .evaluate.bench import bench as run_bench
+    from .evaluate.bench import format_bench
 
     levels = tuple(_sparsity(s.strip()) for s in sparsity.split(",") if s.strip())
     if not levels:
@@ -328,10 +316,6 @@ def bench(
 
 
 # --------------------------------------------------------------------------- entry point
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; errors become one line on stderr and an exit code (see the module docstring)."""
@@ -362,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     except WinaError as e:
         if debug:
             raise
-        err.print(f"error: {_one_line(e)}", style="red", highlight=False, markup=False, soft_wrap=True)
+        err.print(f"error: {one_line(e)}", style="red", highlight=False, markup=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         err.print("interrupted", style="red", highlight=False)
@@ -370,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug of ours or an unexpected library failure: still one line
         if debug:
             raise
-        err.print(f"error: {type(e).__name__}: {_one_line(e)} (run `wina --debug ...` for the traceback)",
+        err.print(f"error: {type(e).__name__}: {one_line(e)} (run `wina --debug ...` for the traceback)",
                   style="red", highlight=False, markup=False, soft_wrap=True)
         return 1
     return 0

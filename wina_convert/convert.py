@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,26 +20,21 @@ from typing import Any, Iterator
 
 import torch
 
-from . import __version__
 from .arch import Adapter, adapter_for
 from .arch.base import check_shapes
-from .checkpoint import (
-    FORMAT_VERSION,
-    SIDECAR,
-    TOKENIZER_FILES,
-    WINA_MODEL_TYPE,
-    OutputDir,
-    ShardWriter,
-    Source,
-    open_source,
-    parse_dtype,
-    write_manifest,
-    write_sidecar,
-)
+from .calibration.calibrator import Calibrator, load_calibration_tokens
+from .checkpoint.format import (FORMAT_VERSION, SIDECAR, TOKENIZER_FILES, WINA_MODEL_TYPE, parse_dtype, write_manifest,
+                                write_sidecar)
+from .checkpoint.source import Source, open_source, weights_sha256
+from .checkpoint.writer import OutputDir, ShardWriter
 from .defaults import DEFAULTS
 from .errors import WinaError
+from .gate import MAX_SPARSITY, column_norms
+from .hub.card import write_model_card
 from .progress import Reporter
-from .transform import attention_basis, column_norms, rotate_embedding, transform_layer
+from .transform import attention_basis, rotate_embedding, transform_layer
+from .units import parse_size
+from .version import __version__
 
 
 @dataclass
@@ -49,22 +44,6 @@ class ConvertResult:
     bytes_written: int
     stage_seconds: dict[str, float] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None
-
-
-def parse_size(size: str | int) -> int:
-    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a number of bytes."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", size, re.IGNORECASE)
-    if not match:
-        raise WinaError(f"cannot read size {size!r}: write e.g. 5GB or 500MB")
-    unit = (match.group(2) or "B").upper().replace("B", "")
-    base = 1024 if "I" in unit else 1000
-    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.replace("I", "")]
-    value = int(float(match.group(1)) * base**power)
-    if value <= 0:
-        raise WinaError(f"shard size must be positive, got {size!r}")
-    return value
 
 
 def _layer_tensors(source: Source, adapter: Adapter, layer: int, only: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
@@ -190,20 +169,14 @@ def convert(
     adapter = adapter_for(config.model_type)
     check_shapes(adapter, config, source.names, lambda name: source.tensor(name).shape)
     fingerprint = None
-    if source.base.get("sha256") is None and source.base.get("revision") is None and source._files:
+    if source.base.get("sha256") is None and source.base.get("revision") is None and source.files:
         # A local directory is identified by the hash of its weights, computed while we work.
-        from concurrent.futures import ThreadPoolExecutor
-
-        from .checkpoint import weights_sha256
-
         hasher = ThreadPoolExecutor(1)
-        fingerprint = hasher.submit(weights_sha256, list(source._files.values()))
+        fingerprint = hasher.submit(weights_sha256, list(source.files.values()))
         hasher.shutdown(wait=False)
     out_dtype = parse_dtype(dtype) or source.dtype
     calibrator = None
     if calibrate:
-        from .calibrate import Calibrator, load_calibration_tokens
-
         tokens, cal_info = load_calibration_tokens(source, calibration, samples=samples, seq_len=seq_len, seed=seed,
                                                    device=torch_device)
         calibrator = Calibrator(config, adapter, tokens, transform=transform, method=method, allocation=allocation,
@@ -294,8 +267,6 @@ def convert(
             wina["calibration"] = meta["calibration"]
         (tmp / "config.json").write_text(json.dumps(output_config(source, adapter, out_dtype, transform, wina), indent=2) + "\n")
         _write_tokenizer(source, tmp)
-        from .hub import write_model_card
-
         write_model_card(tmp)
         write_manifest(tmp, writer.sha256)
         clock.seconds["write"] = clock.seconds.get("write", 0.0) + time.perf_counter() - t3
@@ -305,8 +276,6 @@ def convert(
 
 
 def _check_sparsity(sparsity: Any) -> None:
-    from .runtime.gating import MAX_SPARSITY
-
     if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 <= sparsity <= MAX_SPARSITY:
         raise WinaError(f"--sparsity must be a number in [0, {MAX_SPARSITY}], got {sparsity!r}")
 

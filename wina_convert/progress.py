@@ -1,4 +1,5 @@
-"""Rich progress for per-layer work: one bar per stage with ETA, silent when quiet or not a TTY."""
+"""What the user sees while work runs: one rich bar per stage with ETA (silent when quiet or not a TTY),
+and transformers kept quiet about what it need not say."""
 
 from __future__ import annotations
 
@@ -45,3 +46,20 @@ class Reporter:
     def running(self) -> Iterator["Reporter"]:
         with self._progress:
             yield self
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' warnings (e.g. about the shortcut weights it does not know) and progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -171,11 +171,6 @@ def shortcut_rotation(q_from: torch.Tensor, q_to: torch.Tensor) -> torch.Tensor:
     return q_to.T @ q_from
 
 
-def column_norms(weight: torch.Tensor, splits: list[int]) -> torch.Tensor:
-    """``[P, in]``: ``||W[:, i]||`` of each of the ``P`` matrices stacked in ``weight``; WINA's ``c``."""
-    return torch.stack([w.float().norm(dim=0) for w in weight.split(splits, dim=0)])
-
-
 def rotate_embedding(embedding: torch.Tensor, q_attn0: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Token embeddings are residual vectors: ``E Q_attn(0)``, block by block, left on ``E``'s device.
 

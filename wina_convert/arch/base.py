@@ -70,6 +70,23 @@ class Adapter:
     def layer_key(self, layer: int, name: str) -> str:
         return f"{self.layers_prefix}.{layer}.{name}"
 
+    def layer_names(self) -> dict[str, str]:
+        """The decoder layer's submodules by role, as ``WinaDecoderLayer`` looks them up."""
+        return {"attn_module": self.attn_module, "mlp_module": self.mlp_module,
+                "attn_norm": self.attn_norm, "mlp_norm": self.mlp_norm}
+
+
+def model_classes(config: Any) -> tuple[type, type, type]:
+    """``(XForCausalLM, XDecoderLayer, XRotaryEmbedding)`` of a config's family, from transformers."""
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    causal_lm = AutoModelForCausalLM._model_mapping[type(config)]
+    module = sys.modules[causal_lm.__module__]
+    prefix = causal_lm.__name__.removesuffix("ForCausalLM")
+    return causal_lm, getattr(module, f"{prefix}DecoderLayer"), getattr(module, f"{prefix}RotaryEmbedding")
+
 
 def expected_shapes(adapter: Adapter, config: Any, layer: int) -> dict[str, tuple[int | None, ...]]:
     """Shapes the config implies for the embedding and one layer's tensors (None: not implied)."""

@@ -27,7 +27,7 @@ class GatedLinear(nn.Module):
     are gated only when ``gate_prefill`` is set.
     """
 
-    # Bumped whenever any gate's thresholds change: recorded decode graphs (runtime/decode.py) are stale then.
+    # Bumped whenever any gate's thresholds change: recorded decode graphs (runtime/graphs.py) are stale then.
     epoch = 0
 
     def __init__(self, linear: nn.Linear, splits: list[int]):
@@ -104,7 +104,7 @@ class WinaDecoderLayer(nn.Module):
                 setattr(self, attr, getattr(layer, attr))
         self._names = names
         self.attn_shortcut, self.mlp_shortcut = shortcuts
-        # (attention inputs, MLP inputs) kernel groups that also compute the shortcuts (kernels_hook.fuse_shortcuts)
+        # (attention inputs, MLP inputs) kernel groups that also compute the shortcuts (kernels/hook.py, fuse_shortcuts)
         self.fused: tuple | None = None
 
     def _shortcut(self, index: int, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

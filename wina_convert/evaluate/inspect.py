@@ -8,10 +8,9 @@ from typing import Any
 
 import torch
 
-from .arch import adapter_for
-from .checkpoint import MANIFEST, SIDECAR, read_sidecar, verify_checkpoint
-from .runtime.gating import interp
-from .runtime.loading import base_config
+from ..arch import adapter_for
+from ..checkpoint.format import MANIFEST, SIDECAR, base_config, read_sidecar, verify_checkpoint
+from ..gate import interp
 
 
 def describe(directory: str | Path) -> dict[str, Any]:

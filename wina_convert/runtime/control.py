@@ -1,4 +1,4 @@
-"""Turning a sidecar into thresholds, and the swaps that make a transformers model sparse.
+"""``model.wina``: a sidecar turned into thresholds at any sparsity, the swaps that make a model sparse, counters.
 
 Sidecar tensors (all float32), for every gated linear ``M`` (full module name) with ``P`` stacked
 matrices (1, or 3 for a fused qkv_proj):
@@ -10,7 +10,8 @@ matrices (1, or 3 for a fused qkv_proj):
   levels).
 
 The threshold of a matrix at its sparsity ``s`` is the ``s``-quantile ``t`` of its scores; the
-per-channel threshold is ``t / column_norms`` for WINA (``|x_i| c_i > t``) and ``t`` for TEAL.
+per-channel threshold is ``t / column_norms`` for WINA (``|x_i| c_i > t``) and ``t`` for TEAL
+(``gate.thresholds_at``, the rule calibration uses too).
 """
 
 from __future__ import annotations
@@ -23,18 +24,8 @@ from torch import nn
 
 from ..arch import Adapter
 from ..errors import WinaError
+from ..gate import MAX_SPARSITY, interp, thresholds_at
 from .modules import GatedLinear
-
-MAX_SPARSITY = 0.9
-
-
-def interp(x: float | torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-    """Piecewise-linear interpolation of ``ys`` (``[..., len(xs)]``) at ``x``, clamped to the ends."""
-    x = torch.as_tensor(x, dtype=torch.float64).clamp(float(xs[0]), float(xs[-1]))
-    hi = int(torch.searchsorted(xs, x.reshape(1), right=False).clamp(1, len(xs) - 1))
-    lo = hi - 1
-    w = ((x - xs[lo]) / (xs[hi] - xs[lo])).to(ys.dtype) if xs[hi] > xs[lo] else torch.zeros((), dtype=ys.dtype)
-    return ys[..., lo] + w * (ys[..., hi] - ys[..., lo])
 
 
 @dataclass
@@ -49,17 +40,10 @@ class GateTable:
         """Per-channel thresholds ``[P, in]`` for the per-matrix sparsities ``[P]``."""
         rows = []
         for p, s in enumerate(sparsities.tolist()):
-            if s <= 0:
-                rows.append(torch.zeros_like(self.column_norms[p]))
-                continue
-            if self.quantiles is None:
+            if s > 0 and self.quantiles is None:
                 raise WinaError("this checkpoint is not calibrated: only sparsity 0 is available (convert with calibration)")
-            t = float(interp(s, levels, self.quantiles[p].to(torch.float64)))
-            if method == "teal":
-                rows.append(torch.full_like(self.column_norms[p], t))
-            else:
-                norms = self.column_norms[p]
-                rows.append(torch.where(norms > 0, t / norms.clamp_min(1e-30), torch.full_like(norms, float("inf"))))
+            quantiles = self.quantiles[p] if s > 0 else None
+            rows.append(thresholds_at(quantiles, self.column_norms[p], s, method, levels))
         return torch.stack(rows)
 
 

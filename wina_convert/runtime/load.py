@@ -2,74 +2,30 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
 from ..arch import Adapter, adapter_for
-from ..checkpoint import INDEX, SIDECAR, WINA_MODEL_TYPE, read_sidecar, read_wina_config, verify_checkpoint
-from ..errors import WinaError
-from ..transform import ATTN_SHORTCUT, MLP_SHORTCUT, column_norms
-from .gating import GateTable, WinaControl, gate_modules, swap_gated_linears
+from ..arch.base import model_classes
+from ..checkpoint.format import (INDEX, SIDECAR, base_config, parse_dtype, read_sidecar, read_wina_config,
+                                 verify_checkpoint)
+from ..errors import WinaError, one_line
+from ..gate import column_norms
+from ..progress import quiet_transformers
+from ..transform import ATTN_SHORTCUT, MLP_SHORTCUT
+from .control import GateTable, WinaControl, gate_modules, swap_gated_linears
 from .modules import Shortcut, WinaDecoderLayer
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' warnings about the shortcut weights it does not know."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def base_config(config: dict[str, Any]) -> Any:
-    """The transformers config of the base architecture behind a WINA config.json."""
-    from transformers import AutoConfig
-
-    raw = {k: v for k, v in config.items() if k != "wina"}
-    wina = config.get("wina", {})
-    if raw.get("model_type") == WINA_MODEL_TYPE:
-        raw["model_type"] = wina["base_model_type"]
-        raw["architectures"] = wina.get("base_architectures")
-    raw.pop("auto_map", None)
-    with quiet_transformers():
-        return AutoConfig.for_model(**raw)
-
-
-def model_classes(config: Any) -> tuple[type, type, type]:
-    """``(XForCausalLM, XDecoderLayer, XRotaryEmbedding)`` of a config's family."""
-    from transformers import AutoModelForCausalLM
-
-    causal_lm = AutoModelForCausalLM._model_mapping[type(config)]
-    module = sys.modules[causal_lm.__module__]
-    prefix = causal_lm.__name__.removesuffix("ForCausalLM")
-    return causal_lm, getattr(module, f"{prefix}DecoderLayer"), getattr(module, f"{prefix}RotaryEmbedding")
-
-
-def layer_names(adapter: Adapter) -> dict[str, str]:
-    return {"attn_module": adapter.attn_module, "mlp_module": adapter.mlp_module,
-            "attn_norm": adapter.attn_norm, "mlp_norm": adapter.mlp_norm}
 
 
 def wrap_layer(layer: nn.Module, adapter: Adapter, dim: int) -> WinaDecoderLayer:
     ref = next(layer.parameters())
     shortcuts = (Shortcut(dim, device=ref.device, dtype=ref.dtype), Shortcut(dim, device=ref.device, dtype=ref.dtype))
-    return WinaDecoderLayer(layer, layer_names(adapter), shortcuts)
+    return WinaDecoderLayer(layer, adapter.layer_names(), shortcuts)
 
 
 def _read_tensors(directory: Path, names: list[str]) -> dict[str, torch.Tensor]:
@@ -142,16 +98,14 @@ def load(
     sidecar's quantile tables; 0 runs dense. ``gate_prefill`` decides whether prompt tokens are
     gated too (decode tokens always are). On CUDA with triton the gated linears use the sparse
     kernels for one-token decode steps, which ``model.generate`` replays from CUDA graphs with a
-    static KV cache (``runtime/decode.py``; the weights of q/k/v and gate/up are then stored once,
+    static KV cache (``runtime/graphs.py``; the weights of q/k/v and gate/up are then stored once,
     packed as ``W^T``, a transformed model's shortcut rotations are packed into those launches, and a
     model on SDPA attention switches to ``"wina_sdpa"``: one triton launch per layer for the attention of
-    a decode step, ``runtime/attention.py``);
+    a decode step, ``runtime/kernels/attention.py``);
     ``kernels=False`` keeps the masking reference. ``compile=True`` records the
     ``torch.compile``'d decode step instead of the eager one (a minute or more to compile an 8B model,
     ~1.3x faster per token on an H100: benchmarks/results/decode_h100_modes.md).
     """
-    from ..checkpoint import parse_dtype
-
     directory = _resolve(model, revision, token)
     config_dict = read_wina_config(directory)
     verify_checkpoint(directory, hashes=False)  # sizes of all files, sha256 of the small ones
@@ -164,7 +118,7 @@ def load(
         try:
             hf_model = causal_lm.from_pretrained(directory, config=config, dtype=torch_dtype or "auto")
         except (OSError, ValueError, RuntimeError) as e:
-            raise WinaError(f"cannot load the weights of {directory}: {' '.join(str(e).split())[:300]}") from e
+            raise WinaError(f"cannot load the weights of {directory}: {one_line(e)[:300]}") from e
     if config_dict["wina"].get("transform"):
         _install_shortcuts(hf_model, adapter, config, directory)
     control = attach_gates(hf_model, adapter, config, sidecar, meta)
@@ -174,11 +128,11 @@ def load(
     control.set_gate_prefill(gate_prefill)
     control.set_sparsity(sparsity)
     if kernels:
-        from .decode import enable_decode_graphs
-        from .kernels_hook import enable_kernels, fuse_shortcuts, input_groups
+        from .graphs import enable_decode_graphs
+        from .kernels.hook import enable_kernels, fuse_shortcuts, input_groups
 
         if enable_kernels(control, input_groups(adapter, config.num_hidden_layers)):
-            from .attention import enable as enable_decode_attention
+            from .kernels.attention import enable as enable_decode_attention
 
             fuse_shortcuts(hf_model.get_submodule(adapter.layers_prefix), adapter)
             enable_decode_attention(hf_model)
@@ -205,6 +159,6 @@ def _resolve(model: str | Path, revision: str | None, token: str | None) -> Path
         return path
     if path.exists() or str(model).startswith((".", "/", "~")):
         raise WinaError(f"no such checkpoint directory: {model}")
-    from ..hub import resolve_model
+    from ..hub.download import resolve_model
 
     return resolve_model(str(model), revision=revision, token=token, purpose="load")

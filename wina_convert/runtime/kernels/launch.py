@@ -1,4 +1,4 @@
-"""Triton kernels for WINA-gated linears: ``y = (x * [|x| > thr]) W^T (+ b)``.
+"""Running a WINA-gated linear ``y = (x * [|x| > thr]) W^T (+ b)``: which path, launching it, the fallbacks.
 
 The weight is stored transposed and input-major (``weight_t = W^T``, ``[in, out_total]``, contiguous),
 so input channel ``i`` is one contiguous row of ``weight_t``; a dropped channel's row is never read.
@@ -7,68 +7,35 @@ own threshold row (``thresholds [n_mats, in]``, ``splits`` = the out sizes).
 
 Paths (chosen by the number of rows ``M`` of ``x`` flattened to ``[M, in]``):
 
-* ``M == 1`` (decode): a split-K GEMV. Each program owns ``BLOCK_N`` output columns (inside one matrix)
-  and a slice of the input rows; it loads ``x`` and the thresholds of its slice, and reads the weight
-  tile with the row mask ``|x_i| > thr_i``, so predicated-off rows issue no memory request. Partial sums
-  go into an fp32 workspace by atomics; the last program of each column block (a ticket counter) reads
-  the sums back, adds the bias, writes the output in the weight's dtype and clears the workspace, so one
-  launch does everything.
-* ``1 < M <= BATCH_SPARSE_MAX`` (off by default): the same scheme with ``tl.dot``; a weight row is read
-  when any of the rows keeps that channel (the union), each row multiplies with its own masked ``x``.
+* ``M == 1`` (decode): the split-K GEMV of ``gemv.py``, one launch per group of matrices.
+* ``1 < M <= BATCH_SPARSE_MAX`` (``configs.py``; off by default): the batched kernel of ``gemv.py``.
 * otherwise: a dense ``(x * mask) @ W^T`` through torch (cuBLAS), which won at every B >= 2 measured
   (the union mask is nearly full; see benchmarks/KERNELS.md).
 
-Host cost: a launch reuses the compiled kernel's launcher with raw addresses (``_launch``), but on the
+Host cost: a launch reuses the compiled kernel's launcher with raw addresses (``launch_kernel``), but on the
 device machine one call still costs ~60 us of CPU; decode must run under CUDA graphs to see the GPU-side
 speedup (measured per layer: eager sparse is slower than eager dense there).
 
 The workspace is per device and is reset by every launch, so calls must not run concurrently on two
-streams of one device. Importing this module needs no triton: ``triton_available`` is then False and
-``reference_gated_linear`` still works.
+streams of one device. Importing this module needs no triton: ``backend.HAS_TRITON`` is then False,
+``gated_linear`` computes with torch and ``reference_gated_linear`` still works. ``gated_linear_op`` is the
+same function as an opaque operator for ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 
-try:  # triton is optional: CPU installs import this module only for the reference
-    import triton
-    import triton.language as tl
+from . import backend, configs, gemv  # gemv: the triton kernels (defined only with triton)
+from .configs import DEFAULT_GEMM, DEFAULT_GEMV, TUNED_GEMV, Config, default_gemv
 
-    try:
-        from triton import knobs as _knobs
-    except Exception:  # pragma: no cover - triton without knobs: no fast launches
-        _knobs = None
-    _HAS_TRITON = True
-except Exception:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
-    _knobs = None
-    _HAS_TRITON = False
+__all__ = ["pack_weight", "gated_linear", "gated_linear_op", "reference_gated_linear", "reserve_workspace",
+           "launch_kernel", "cdiv", "Config", "DEFAULT_GEMV", "TUNED_GEMV"]
 
-__all__ = ["triton_available", "pack_weight", "gated_linear", "gated_linear_op", "reference_gated_linear",
-           "reserve_workspace", "BATCH_SPARSE_MAX"]
-
-# Largest number of rows that still goes through the sparse batched kernel. Measured on an H100 (CUDA
-# graphs, B = 2..64): the union mask keeps 73% of rows at B=2, s=0.5 and the tl.dot kernel lost to masked
-# cuBLAS on o/gate_up/down at every B, so every B > 1 goes to cuBLAS (set >1 to route small B to the kernel).
-BATCH_SPARSE_MAX = 1
 # Most matrices one launch handles (column boundaries are passed as scalars).
 _MAX_MATS = 4
-
-
-def triton_available(device) -> bool:
-    """True when ``device`` is a CUDA device and triton can be imported."""
-    if not _HAS_TRITON:
-        return False
-    try:
-        dev = torch.device(device)
-    except Exception:
-        return False
-    return dev.type == "cuda" and torch.cuda.is_available()
 
 
 def pack_weight(weights: list[torch.Tensor]) -> torch.Tensor:
@@ -174,192 +141,8 @@ def _dense_masked(x2: torch.Tensor, weight_t: torch.Tensor, thr: torch.Tensor, s
 
 
 # --------------------------------------------------------------------------------------------------
-# triton kernels
+# launching
 # --------------------------------------------------------------------------------------------------
-
-if _HAS_TRITON:
-
-    @triton.jit
-    def _gemv_kernel(
-        x_ptr, w_ptr, thr_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, rms_ptr,
-        K, N, stride_w, B1, B2, B3, K_PER_SPLIT, SPLIT_K, RMS_MASK, RMS_INV_N, RMS_EPS,
-        HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, HAS_RMS: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, PIPE: tl.constexpr,
-    ):
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        n0 = pid_n * BLOCK_N
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        # the matrix this column block belongs to (blocks never straddle a boundary)
-        mat = (n0 >= B1).to(tl.int32) + (n0 >= B2).to(tl.int32) + (n0 >= B3).to(tl.int32)
-        thr_row = thr_ptr + mat * K
-        k_start = pid_k * K_PER_SPLIT
-        if PIPE:
-            # two weight tiles in flight: the next tile's loads are issued before this one is consumed
-            offs_k = k_start + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            xv = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            th = tl.load(thr_row + offs_k, mask=k_mask, other=float("inf"))
-            keep = (tl.abs(xv) > th) & k_mask
-            w = tl.load(w_ptr + offs_k[:, None] * stride_w + offs_n[None, :], mask=keep[:, None] & n_mask[None, :],
-                        other=0.0, eviction_policy="evict_first")
-            acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for k0 in range(BLOCK_K, K_PER_SPLIT + BLOCK_K, BLOCK_K):
-                offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
-                k_mask = (offs_k < K) & (k0 < K_PER_SPLIT)
-                xn = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-                tn = tl.load(thr_row + offs_k, mask=k_mask, other=float("inf"))
-                keepn = (tl.abs(xn) > tn) & k_mask
-                wn = tl.load(w_ptr + offs_k[:, None] * stride_w + offs_n[None, :], mask=keepn[:, None] & n_mask[None, :],
-                             other=0.0, eviction_policy="evict_first")
-                acc1 += tl.sum(w.to(tl.float32) * xv[:, None], axis=0)
-                xv, w = xn, wn
-            part = acc1
-        else:
-            acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-            if PREFETCH:  # x and thr of the next block load while this block's weight rows are in flight
-                offs_p = k_start + tl.arange(0, BLOCK_K)
-                x_next = tl.load(x_ptr + offs_p, mask=offs_p < K, other=0.0).to(tl.float32)
-                t_next = tl.load(thr_row + offs_p, mask=offs_p < K, other=float("inf"))
-            for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-                offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
-                k_mask = offs_k < K
-                if PREFETCH:
-                    xv = x_next
-                    th = t_next
-                    offs_p = offs_k + BLOCK_K
-                    x_next = tl.load(x_ptr + offs_p, mask=offs_p < K, other=0.0).to(tl.float32)
-                    t_next = tl.load(thr_row + offs_p, mask=offs_p < K, other=float("inf"))
-                else:
-                    xv = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-                    th = tl.load(thr_row + offs_k, mask=k_mask, other=float("inf"))
-                keep = (tl.abs(xv) > th) & k_mask
-                w = tl.load(
-                    w_ptr + offs_k[:, None] * stride_w + offs_n[None, :],
-                    mask=keep[:, None] & n_mask[None, :],
-                    other=0.0,
-                    eviction_policy="evict_first",
-                )
-                acc += w.to(tl.float32) * xv[:, None]
-            part = tl.sum(acc, axis=0)
-        if ATOMIC:
-            tl.atomic_add(ws_ptr + offs_n, part, mask=n_mask, sem="relaxed")
-            tl.debug_barrier()
-            ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-            if ticket == SPLIT_K - 1:
-                # read the finished sums at L2 (an atomic), then clear them for the next launch
-                tot = tl.atomic_add(ws_ptr + offs_n, tl.zeros([BLOCK_N], dtype=tl.float32), mask=n_mask, sem="relaxed")
-                tl.store(ws_ptr + offs_n, tl.zeros([BLOCK_N], dtype=tl.float32), mask=n_mask)
-                if HAS_RMS:
-                    tot = tot * _rms_factor(rms_ptr, mat, RMS_MASK, RMS_INV_N, RMS_EPS)
-                if HAS_BIAS:
-                    tot += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                tl.store(out_ptr + offs_n, tot.to(out_ptr.dtype.element_ty), mask=n_mask)
-                tl.store(cnt_ptr + pid_n, 0)
-        else:
-            if HAS_RMS:
-                part = part * _rms_factor(rms_ptr, mat, RMS_MASK, RMS_INV_N, RMS_EPS)
-            if HAS_BIAS:
-                part += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + offs_n, part.to(out_ptr.dtype.element_ty), mask=n_mask)
-
-    @triton.jit
-    def _rms_factor(rms_ptr, mat, RMS_MASK, RMS_INV_N, RMS_EPS):
-        """``sqrt(v^2 / n + eps)`` (the RMS of a vector of L2 norm ``v``) for the flagged matrices, else 1."""
-        v = tl.load(rms_ptr).to(tl.float32)
-        flagged = ((RMS_MASK >> mat) & 1) != 0
-        return tl.where(flagged, tl.sqrt(v * v * RMS_INV_N + RMS_EPS), 1.0)
-
-    @triton.jit
-    def _gemm_kernel(
-        x_ptr, w_ptr, thr_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr,
-        M, K, N, stride_xm, stride_w, stride_om, B1, B2, B3, K_PER_SPLIT, SPLIT_K,
-        HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        pid_m = tl.program_id(2)
-        n0 = pid_n * BLOCK_N
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < M
-        mat = (n0 >= B1).to(tl.int32) + (n0 >= B2).to(tl.int32) + (n0 >= B3).to(tl.int32)
-        thr_row = thr_ptr + mat * K
-        k_start = pid_k * K_PER_SPLIT
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-            offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            th = tl.load(thr_row + offs_k, mask=k_mask, other=float("inf"))
-            keep = (tl.abs(xv.to(tl.float32)) > th[None, :]) & m_mask[:, None] & k_mask[None, :]
-            xm = tl.where(keep, xv, tl.zeros_like(xv))
-            row_any = tl.max(keep.to(tl.int32), axis=0) > 0
-            w = tl.load(
-                w_ptr + offs_k[:, None] * stride_w + offs_n[None, :],
-                mask=row_any[:, None] & n_mask[None, :],
-                other=0.0,
-                eviction_policy="evict_first",
-            )
-            acc = tl.dot(xm.to(w.dtype), w, acc)
-        ws_offs = offs_m[:, None] * N + offs_n[None, :]
-        o_offs = offs_m[:, None] * stride_om + offs_n[None, :]
-        mn_mask = m_mask[:, None] & n_mask[None, :]
-        if ATOMIC:
-            tl.atomic_add(ws_ptr + ws_offs, acc, mask=mn_mask, sem="relaxed")
-            tl.debug_barrier()
-            cnt = cnt_ptr + pid_m * tl.num_programs(0) + pid_n
-            ticket = tl.atomic_add(cnt, 1, sem="acq_rel")
-            if ticket == SPLIT_K - 1:
-                tot = tl.atomic_add(ws_ptr + ws_offs, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), mask=mn_mask, sem="relaxed")
-                tl.store(ws_ptr + ws_offs, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), mask=mn_mask)
-                if HAS_BIAS:
-                    tot += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-                tl.store(out_ptr + o_offs, tot.to(out_ptr.dtype.element_ty), mask=mn_mask)
-                tl.store(cnt, 0)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + o_offs, acc.to(out_ptr.dtype.element_ty), mask=mn_mask)
-
-
-# --------------------------------------------------------------------------------------------------
-# launch configuration
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Config:
-    """One launch shape: tile sizes, warps, pipelining depth, and programs per multiprocessor."""
-
-    block_n: int = 256
-    block_k: int = 32
-    num_warps: int = 4
-    num_stages: int = 2
-    waves: float = 4.0
-    block_m: int = 16  # batched kernel only
-    prefetch: bool = True  # GEMV only
-    pipe: bool = False  # GEMV: issue the next tile's loads before consuming this one
-
-
-# Per (K, N) decode configs tuned on an H100 by benchmarks/bench_kernels.py --sweep (CUDA-graph timings at
-# sparsity 0.4/0.5/0.65, see benchmarks/KERNELS.md); other shapes use _default_gemv.
-DEFAULT_GEMV = Config(block_n=1024, block_k=16, num_warps=4, num_stages=1, waves=2, prefetch=False)
-TUNED_GEMV: dict[tuple[int, int], Config] = {
-    (4096, 6144): DEFAULT_GEMV,  # Llama-3-8B q/k/v fused
-    (4096, 4096): Config(block_n=1024, block_k=16, num_warps=4, num_stages=1, waves=2, prefetch=False, pipe=True),  # o
-    (4096, 28672): DEFAULT_GEMV,  # gate/up fused
-    (14336, 4096): DEFAULT_GEMV,  # down
-}
-_SMALL_GEMV = Config(block_n=256, block_k=32, num_warps=4, num_stages=1, waves=4, prefetch=True)
-
-
-def _default_gemv(K: int, N: int) -> Config:
-    return DEFAULT_GEMV if N >= 2048 else _SMALL_GEMV
-DEFAULT_GEMM = Config(block_n=64, block_k=64, num_warps=4, num_stages=3, waves=4.0, block_m=16)
 
 _SM_COUNT: dict = {}
 _WORKSPACE: dict = {}
@@ -394,19 +177,19 @@ def reserve_workspace(device: torch.device, n_out: int) -> None:
     Called when the kernels are bound to a model, so that no launch grows the workspace while a CUDA graph
     is being captured (a buffer allocated during capture would belong to that graph's private pool).
     """
-    _workspace(torch.device(device), n_out, _cdiv(n_out, 16) + 1)
+    _workspace(torch.device(device), n_out, cdiv(n_out, 16) + 1)
 
 
-def _cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
 def _split_k(K: int, n_blocks: int, block_k: int, target_programs: int) -> tuple[int, int]:
     """(rows per program, number of K splits) so that about ``target_programs`` programs run."""
-    k_blocks = _cdiv(K, block_k)
+    k_blocks = cdiv(K, block_k)
     split = max(1, min(k_blocks, round(target_programs / max(n_blocks, 1))))
-    k_per = _cdiv(k_blocks, split) * block_k
-    return k_per, _cdiv(K, k_per)
+    k_per = cdiv(k_blocks, split) * block_k
+    return k_per, cdiv(K, k_per)
 
 
 def _aligned_block_n(block_n: int, bounds: list[int]) -> int | None:
@@ -419,7 +202,7 @@ def _aligned_block_n(block_n: int, bounds: list[int]) -> int | None:
     return None
 
 
-_FAST_LAUNCH = os.environ.get("WINA_FAST_LAUNCH", "1") != "0" and _HAS_TRITON and _knobs is not None
+_FAST_LAUNCH = os.environ.get("WINA_FAST_LAUNCH", "1") != "0" and backend.HAS_TRITON and backend.knobs is not None
 _COMPILED: dict = {}
 
 
@@ -430,7 +213,7 @@ def _stream(device: torch.device) -> int:
         return torch.cuda.current_stream(device).cuda_stream
 
 
-def _launch(kernel, grid, args, consts: dict, cfg: Config, device: torch.device) -> None:
+def launch_kernel(kernel, grid, args, consts: dict, cfg: Config, device: torch.device) -> None:
     """Launch ``kernel``; the constexprs (``consts``) must be its last parameters, in order.
 
     The first launch of a specialization goes through triton's JIT (which compiles); later ones call
@@ -455,8 +238,8 @@ def _launch(kernel, grid, args, consts: dict, cfg: Config, device: torch.device)
                 full = vals + list(consts.values())
                 stream = _stream(device)
                 ck.run(grid[0], grid[1], grid[2], stream, ck.function, ck.packed_metadata,
-                       ck.launch_metadata(grid, stream, *full), _knobs.runtime.launch_enter_hook,
-                       _knobs.runtime.launch_exit_hook, *full)
+                       ck.launch_metadata(grid, stream, *full), backend.knobs.runtime.launch_enter_hook,
+                       backend.knobs.runtime.launch_exit_hook, *full)
                 return
             except Exception:  # pragma: no cover - a triton whose internals differ: use the JIT path
                 _FAST_LAUNCH = False
@@ -474,7 +257,7 @@ def _launch_gemv(x1, w, thr, out, bias, bounds, cfg: Config, rms=None):
     """
     K, N = w.shape
     bn = cfg.block_n
-    n_blocks = _cdiv(N, bn)
+    n_blocks = cdiv(N, bn)
     k_per, split = _split_k(K, n_blocks, cfg.block_k, int(cfg.waves * _sm_count(w.device)))
     b = list(bounds) + [N] * (3 - len(bounds))
     atomic = split > 1
@@ -484,8 +267,8 @@ def _launch_gemv(x1, w, thr, out, bias, bounds, cfg: Config, rms=None):
         ws = cnt = out
     has_rms = rms is not None and rms[1] != 0
     r_ptr, r_mask, r_inv_n, r_eps = rms if has_rms else (out, 0, 0.0, 0.0)
-    _launch(
-        _gemv_kernel, (n_blocks, split, 1),
+    launch_kernel(
+        gemv.gemv_kernel, (n_blocks, split, 1),
         [x1, w, thr, out, bias if bias is not None else out, ws, cnt, r_ptr,
          K, N, w.stride(0), b[0], b[1], b[2], k_per, split, r_mask, float(r_inv_n), float(r_eps)],
         dict(HAS_BIAS=bias is not None, ATOMIC=atomic, HAS_RMS=has_rms, BLOCK_K=cfg.block_k, BLOCK_N=bn,
@@ -498,7 +281,7 @@ def _launch_gemm(x2, w, thr, out, bias, bounds, cfg: Config):
     M, K = x2.shape
     N = w.shape[1]
     bn, bm = cfg.block_n, cfg.block_m
-    n_blocks, m_blocks = _cdiv(N, bn), _cdiv(M, bm)
+    n_blocks, m_blocks = cdiv(N, bn), cdiv(M, bm)
     k_per, split = _split_k(K, n_blocks * m_blocks, cfg.block_k, int(cfg.waves * _sm_count(w.device)))
     b = list(bounds) + [N] * (3 - len(bounds))
     atomic = split > 1
@@ -506,8 +289,8 @@ def _launch_gemm(x2, w, thr, out, bias, bounds, cfg: Config):
         ws, cnt = _workspace(w.device, M * N, n_blocks * m_blocks)
     else:
         ws = cnt = out
-    _launch(
-        _gemm_kernel, (n_blocks, split, m_blocks),
+    launch_kernel(
+        gemv.gemm_kernel, (n_blocks, split, m_blocks),
         [x2, w, thr, out, bias if bias is not None else out, ws, cnt,
          M, K, N, x2.stride(0), w.stride(0), out.stride(0), b[0], b[1], b[2], k_per, split],
         dict(HAS_BIAS=bias is not None, ATOMIC=atomic, BLOCK_M=bm, BLOCK_K=cfg.block_k, BLOCK_N=bn),
@@ -575,7 +358,7 @@ def _gemv(x, weight_t, thresholds, splits=None, bias=None, out=None, cfg: Config
     if out is None:
         out = torch.empty(N, dtype=weight_t.dtype, device=weight_t.device)
     if cfg is None:
-        cfg = TUNED_GEMV.get((K, N)) or _default_gemv(K, N)
+        cfg = TUNED_GEMV.get((K, N)) or default_gemv(K, N)
     if rms is not None:
         norm = rms[0].reshape(1)
         if norm.dtype != torch.float32 or not norm.is_contiguous():
@@ -623,7 +406,7 @@ def gated_linear(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tens
     lead = x.shape[:-1]
     M = x.numel() // K if K else 0
     rms = None if rms_norm is None or not rms_mask else (rms_norm, int(rms_mask), int(rms_n), float(rms_eps))
-    if not (_HAS_TRITON and weight_t.is_cuda and x.is_cuda) or M == 0 or weight_t.stride(1) != 1:
+    if not (backend.HAS_TRITON and weight_t.is_cuda and x.is_cuda) or M == 0 or weight_t.stride(1) != 1:
         thr = _norm_thresholds(thresholds, K)
         y = _dense_masked(x.reshape(-1, K).to(weight_t.dtype), weight_t, thr.to(weight_t.device),
                           _norm_splits(splits, N, thr.shape[0]), bias, rms)
@@ -632,7 +415,7 @@ def gated_linear(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tens
         return _gemv(x, weight_t, thresholds, splits, bias, rms=rms).reshape(*lead, N)
     thr = _norm_thresholds(thresholds, K).to(device=weight_t.device, dtype=torch.float32)
     full = _norm_splits(splits, N, thr.shape[0])
-    if M <= BATCH_SPARSE_MAX:
+    if M <= configs.BATCH_SPARSE_MAX:
         y = _gemm_sparse(x, weight_t, thresholds, splits, bias if rms is None else None)
         if rms is not None:
             y = _scale_rms(y, full, *rms)
@@ -678,7 +461,3 @@ def gated_linear_op(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.T
     if _OP is not None and torch.compiler.is_compiling():
         return _OP(x, weight_t, thresholds, list(splits), bias, rms_norm, int(rms_mask), int(rms_n), float(rms_eps))
     return gated_linear(x, weight_t, thresholds, splits, bias, rms_norm, rms_mask, rms_n, rms_eps)
-
-
-if os.environ.get("WINA_BATCH_SPARSE_MAX"):
-    BATCH_SPARSE_MAX = int(os.environ["WINA_BATCH_SPARSE_MAX"])

@@ -9,40 +9,10 @@ from typing import Any
 
 import torch
 
-from .errors import WinaError
+from ..calibration.text import eval_windows, heldout_texts
+from ..errors import WinaError
 
-HELDOUT = Path(__file__).resolve().parent.parent / "calibration" / "heldout"
 DEFAULT_EVAL_TOKENS = 8192
-
-
-def heldout_texts(text: str | os.PathLike | None) -> tuple[list[str], str]:
-    """The evaluation text: a file or directory, else the held-out part of the bundled set."""
-    from .calibrate import _read_path
-
-    if text is None:
-        if not HELDOUT.is_dir():
-            raise WinaError(f"the bundled held-out text is missing ({HELDOUT}): pass --text FILE")
-        return _read_path(HELDOUT), "bundled:calibration/heldout"
-    path = Path(text).expanduser()
-    if not path.exists():
-        raise WinaError(f"evaluation text not found: {text}")
-    return _read_path(path), str(path)
-
-
-def eval_windows(tokenizer: Any, texts: list[str], seq_len: int, max_tokens: int) -> torch.Tensor:
-    """Consecutive ``seq_len`` windows of the text (documents joined by EOS), at most ``max_tokens``."""
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    stream: list[int] = []
-    for t in texts:
-        stream.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
-        stream.append(eos)
-        if len(stream) >= max_tokens:
-            break
-    stream = stream[:max_tokens]
-    count = len(stream) // seq_len
-    if count == 0:
-        raise WinaError(f"evaluation text too short: {len(stream)} tokens, need at least --seq-len {seq_len}")
-    return torch.tensor(stream[: count * seq_len]).reshape(count, seq_len)
 
 
 @torch.no_grad()
@@ -77,8 +47,8 @@ def evaluate(
     """
     from transformers import AutoTokenizer
 
-    from .runtime import load
-    from .runtime.loading import quiet_transformers
+    from ..progress import quiet_transformers
+    from ..runtime.load import load
 
     if isinstance(model, (str, os.PathLike)):
         directory = Path(model)

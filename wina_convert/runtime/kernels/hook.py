@@ -1,7 +1,7 @@
 """Where the GPU kernels plug into the gated linears: CUDA + triton, else the masking reference.
 
 Linears that read one input (q/k/v; gate/up) share one launch: their weights are packed once into one
-``W^T`` (``[in, sum out]``, ``kernels.pack_weight``) and every member's ``weight`` becomes a transposed
+``W^T`` (``[in, sum out]``, ``launch.pack_weight``) and every member's ``weight`` becomes a transposed
 view of its column block, so the model holds each weight ONCE (the packed layout replaces the original;
 ``F.linear`` and cuBLAS take the transposed views without a copy). The first member called with a
 one-token input runs the fused GEMV for the whole group (each matrix with its own threshold row) and the
@@ -15,7 +15,7 @@ normalized input ``x = h / rms(h)`` and scales the shortcut's sums by ``rms(h)``
 
 Only one-token inputs (decode) take the kernel; batches and prompts return ``None`` here, so
 ``GatedLinear`` runs its masking reference (masked ``F.linear``, cuBLAS). Kernels are used only while a
-gate's ``counting`` is off: the decode graphs (``runtime/decode.py``) switch it off while they record.
+gate's ``counting`` is off: the decode graphs (``runtime/graphs.py``) switch it off while they record.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .gating import WinaControl
-from .modules import GatedLinear
+from ..control import WinaControl
+from ..modules import GatedLinear, WinaDecoderLayer
+from . import launch
+from .backend import triton_available
 
 
 class SharedInput:
@@ -35,11 +37,9 @@ class SharedInput:
     """
 
     def __init__(self, gates: list[GatedLinear]):
-        from . import kernels
-
         self.gates = gates
         self.index = {id(g): i for i, g in enumerate(gates)}
-        self.weight_t = kernels.pack_weight([g.weight.detach() for g in gates])
+        self.weight_t = launch.pack_weight([g.weight.detach() for g in gates])
         biases = [g.bias for g in gates]
         has_bias = any(b is not None for b in biases)
         self.bias = None
@@ -119,8 +119,6 @@ class SharedInput:
     def decode_shortcut(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         """``shortcut(h)`` from the group's launch on ``x = norm(h)``, which also serves the members' calls
         on ``x``; ``None`` (nothing launched) unless this is a one-token decode through the kernels."""
-        from . import kernels
-
         if self.shortcut is None or x.numel() != self.thr.shape[1] or h.numel() != x.numel():
             return None
         if any(g.counting for g in self.gates) or not any(g.active for g in self.gates):
@@ -128,7 +126,7 @@ class SharedInput:
         if not torch.compiler.is_compiling():
             self.refresh()
         norm = torch.linalg.vector_norm(h, dim=-1, dtype=torch.float32)
-        y = kernels.gated_linear_op(x, self.weight_t, self.thr, self.splits, self.bias,
+        y = launch.gated_linear_op(x, self.weight_t, self.thr, self.splits, self.bias,
                                     norm, self.rms_mask, x.shape[-1], self.rms_eps)
         self._x, self._y = x, y
         self._x_version = -1 if torch.compiler.is_compiling() else x._version
@@ -137,15 +135,13 @@ class SharedInput:
         return y[..., c0:c1]
 
     def __call__(self, x: torch.Tensor, gate: GatedLinear) -> torch.Tensor | None:
-        from . import kernels
-
         if x.numel() != gate.in_features:  # prompts and batches: the masking reference (cuBLAS)
             return None
         i = self.index[id(gate)]
         if not torch.compiler.is_compiling():  # a compiled step reads thr as refreshed before it ran
             self.refresh()
         if len(self.gates) == 1 and self.shortcut is None:
-            return kernels.gated_linear_op(x, self.weight_t, self.thr, gate.splits, gate.bias)
+            return launch.gated_linear_op(x, self.weight_t, self.thr, gate.splits, gate.bias)
         c0, c1 = self.columns[i]
         # (while torch.compile traces, the version counter is not readable: identity within one trace)
         if self._x is x and i in self._left and (torch.compiler.is_compiling() or self._x_version == x._version):
@@ -153,9 +149,9 @@ class SharedInput:
             self._left.discard(i)
         else:
             if self.shortcut is None:
-                y = kernels.gated_linear_op(x, self.weight_t, self.thr, self.splits, self.bias)
+                y = launch.gated_linear_op(x, self.weight_t, self.thr, self.splits, self.bias)
             else:
-                y = kernels.gated_linear_op(x, *self._members)
+                y = launch.gated_linear_op(x, *self._members)
             self._x, self._y = x, y
             self._x_version = -1 if torch.compiler.is_compiling() else x._version
             self._left = {j for j, g in enumerate(self.gates) if g.active and j != i}
@@ -183,11 +179,7 @@ def enable_kernels(control: WinaControl, groups: list[list[str]] | None = None) 
     gates = list(control.gates.values())
     if not gates or gates[0].weight.device.type != "cuda":
         return False
-    try:
-        from . import kernels
-    except ImportError:
-        return False
-    if not kernels.triton_available(gates[0].weight.device):
+    if not triton_available(gates[0].weight.device):
         return False
     bind_kernels(control, groups)
     return True
@@ -195,9 +187,7 @@ def enable_kernels(control: WinaControl, groups: list[list[str]] | None = None) 
 
 def bind_kernels(control: WinaControl, groups: list[list[str]] | None = None) -> list[SharedInput]:
     """Pack the weights group by group and set every gate's ``kernel`` hook (any device; tests use CPU,
-    where ``kernels.gated_linear`` computes with torch)."""
-    from . import kernels
-
+    where ``launch.gated_linear`` computes with torch)."""
     if groups is None:
         groups = [[name] for name in control.gates]
     named = [[control.gates[n] for n in group if n in control.gates] for group in groups]
@@ -217,7 +207,7 @@ def bind_kernels(control: WinaControl, groups: list[list[str]] | None = None) ->
             widest = max(widest, bound[-1].weight_t.shape[1])
     device = next(iter(control.gates.values())).weight.device
     if device.type == "cuda":
-        kernels.reserve_workspace(device, widest)
+        launch.reserve_workspace(device, widest)
     return bound
 
 
@@ -226,8 +216,6 @@ def fuse_shortcuts(layers, adapter) -> int:
     MLP inputs (``SharedInput.add_shortcut``), after ``bind_kernels``. A layer is left as it is unless both
     groups are bound and its norms are RMSNorms without weight (checked on a random vector). Returns the
     number of layers fused."""
-    from . import kernels
-    from .modules import WinaDecoderLayer
 
     fused, widest, device = 0, 0, None
     for layer in layers:
@@ -251,7 +239,7 @@ def fuse_shortcuts(layers, adapter) -> int:
             layer.fused = (pairs[0][0], pairs[1][0])
             fused += 1
     if device is not None and device.type == "cuda":
-        kernels.reserve_workspace(device, widest)
+        launch.reserve_workspace(device, widest)
     return fused
 
 

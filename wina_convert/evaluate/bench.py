@@ -7,7 +7,7 @@ Batch-1 decode reads every weight once per token, so its speed is set by bytes: 
 decoded tokens), and the achieved fraction of that limit says how much of the saving the kernels
 realize. Dense is sparsity 0 through transformers' own linears (``F.linear``); every configuration
 decodes greedily from the same random prompt through the same runtime: a static KV cache, and on CUDA
-one CUDA graph per token (``runtime/decode.py``), so launch overhead is out of both.
+one CUDA graph per token (``runtime/graphs.py``), so launch overhead is out of both.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .errors import WinaError
+from ..errors import WinaError
 
 
 def bench(
@@ -60,9 +60,9 @@ def bench(
       bytes), ``fraction_of_limit`` (speedup / limit), ``same_tokens_as_dense``; the dense row also
       has ``efficiency`` (gbps / copy_gbps, None on CPU).
     """
-    from .runtime import load
-    from .runtime.decode import greedy
-    from .runtime.kernels_hook import force_kernels
+    from ..runtime.graphs import greedy
+    from ..runtime.kernels.hook import force_kernels
+    from ..runtime.load import load
 
     levels = [float(s) for s in sparsities]
     if tokens < 2:
@@ -161,7 +161,7 @@ def bench(
 def _timed_decode(model: Any, prompt: torch.Tensor, tokens: int, cache: Any, dev: torch.device) -> tuple[list[float], torch.Tensor]:
     """Seconds of each of the ``tokens - 1`` decode steps, and the tokens. On CUDA, events recorded
     between steps (the host runs ahead, so a step's time is the GPU's); on CPU, the host clock."""
-    from .runtime.decode import greedy
+    from ..runtime.graphs import greedy
 
     if dev.type == "cuda":
         events = [torch.cuda.Event(enable_timing=True) for _ in range(tokens)]

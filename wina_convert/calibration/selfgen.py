@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
-from .errors import WinaError
+from ..errors import WinaError, one_line
+from ..progress import quiet_transformers
+from .text import tokenizer_of
 
 # Openings in several registers and languages; the model writes the rest. Plain text, no chat
 # template, so that base and instruct models alike simply continue them.
@@ -48,11 +50,9 @@ def self_generated_texts(source: Any, samples: int, seq_len: int, seed: int, *,
                          device: torch.device | str = "cpu", batch: int = 16) -> list[str]:
     """``samples`` documents sampled from the model, each long enough to fill ``seq_len`` tokens.
 
-    ``source`` is a ``checkpoint.Source``; the whole model is loaded (once, in its own dtype,
+    ``source`` is a ``checkpoint.source.Source``; the whole model is loaded (once, in its own dtype,
     float32 for half precision on a CPU) on ``device`` to sample, then released.
     """
-    from .calibrate import tokenizer_of
-
     tokenizer = tokenizer_of(source)
     model = _load_model(source, torch.device(device))
     try:
@@ -74,23 +74,21 @@ def _load_model(source: Any, device: torch.device) -> Any:
     """The source as a transformers causal LM, in eval mode on ``device``."""
     from transformers import AutoModelForCausalLM
 
-    from .runtime.loading import quiet_transformers
-
     dtype = source.dtype
     if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32  # half-precision matmuls on a CPU are slow, or missing
     with quiet_transformers():
         try:
-            if source._files:  # a local (or downloaded) Hugging Face directory
-                directory = Path(next(iter(source._files.values()))).parent
+            if source.files:  # a local (or downloaded) Hugging Face directory
+                directory = Path(next(iter(source.files.values()))).parent
                 model = AutoModelForCausalLM.from_pretrained(directory, config=source.config, dtype=dtype)
             else:  # tensors already in memory (a dequantized .gguf)
                 model = AutoModelForCausalLM.from_config(source.config, dtype=dtype)
-                missing, unexpected = model.load_state_dict(dict(source._tensors), strict=False)
+                missing, unexpected = model.load_state_dict(dict(source.tensors), strict=False)
                 if unexpected or any(not _tied(model, name) for name in missing):
                     raise WinaError(f"cannot rebuild the model for self-calibration: missing {missing[:3]}, unexpected {unexpected[:3]}")
         except (OSError, ValueError, RuntimeError) as e:
-            raise WinaError(f"cannot load the model to write its calibration text: {' '.join(str(e).split())[:200]}") from e
+            raise WinaError(f"cannot load the model to write its calibration text: {one_line(e)[:200]}") from e
     return model.to(device).eval()
 
 

@@ -1,4 +1,4 @@
-"""Calibration (METHOD.md section 3): score quantiles and per-gate sparsity allocation, layer by layer.
+"""The calibrator (METHOD.md section 3): score quantiles and per-gate sparsity allocation, layer by layer.
 
 The calibrator receives the converted weights one decoder layer at a time and keeps only the
 calibration hidden states ``[samples, seq_len, d]`` between layers, so memory is one layer plus
@@ -18,120 +18,28 @@ the activations. For each layer it
 from __future__ import annotations
 
 import contextlib
-import json
-import random
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from .arch import Adapter
-from .errors import WinaError
-from .runtime.gating import interp
-from .runtime.loading import layer_names, model_classes, quiet_transformers
-from .runtime.modules import GatedLinear, Shortcut, WinaDecoderLayer
-from .transform import column_norms
+from ..arch import Adapter
+from ..arch.base import model_classes
+from ..errors import WinaError
+from ..gate import ALLOCATION_LEVELS, QUANTILE_LEVELS, column_norms, interp, score_quantiles, thresholds_at
+from ..progress import quiet_transformers
+from ..runtime.modules import GatedLinear, Shortcut, WinaDecoderLayer
+from .allocation import GREEDY_GRID, greedy_path, uniform_path, zero_fraction
+from .text import read_texts, token_windows, tokenizer_of
 
-QUANTILE_LEVELS = torch.linspace(0.0, 1.0, 201, dtype=torch.float64)
-ALLOCATION_LEVELS = torch.linspace(0.0, 0.9, 37, dtype=torch.float64)
-GREEDY_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.97)
-MAX_SCORES = 1 << 18  # scores kept per gate for the quantiles (a uniform subsample)
 CURVE_TOKENS = 1024  # tokens on which the greedy allocation's error curves are measured
 CURVE_WINDOW = 256  # ... as the first positions of several calibration samples
 CHUNK_TOKENS = 1024  # tokens per forward of a sub-block: bounds the transient activations (an MLP's 3 x 14336 wide)
 DEFAULT_SAMPLES = 16
 DEFAULT_SEQ_LEN = 512
-BUNDLED = Path(__file__).resolve().parent.parent / "calibration" / "train"
 
 
-# --------------------------------------------------------------------------- calibration text
-
-def _read_texts(spec: str | None) -> tuple[list[str], str]:
-    """Documents of a calibration source and its description for the sidecar."""
-    if spec is None or spec == "default":
-        if not BUNDLED.is_dir():
-            raise WinaError(f"the bundled calibration set is missing ({BUNDLED}): reinstall wina-convert or pass --calibration")
-        return _read_path(BUNDLED), "bundled:calibration/train"
-    if spec.startswith("hf:"):
-        return _read_hub_dataset(spec[3:]), spec
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise WinaError(f"calibration text not found: {spec}")
-    return _read_path(path), str(path)
-
-
-def _read_path(path: Path) -> list[str]:
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
-    if path.is_file() and path.suffix not in (".txt", ".jsonl"):
-        raise WinaError(f"calibration file {path} must be .txt or .jsonl (with a 'text' field)")
-    texts = []
-    for file in files:
-        try:
-            raw = file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise WinaError(f"calibration file {file} is not UTF-8 text (byte {e.start})") from e
-        if file.suffix == ".jsonl":
-            for number, line in enumerate(raw.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    texts.append(str(json.loads(line)["text"]))
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise WinaError(f"{file}:{number}: each .jsonl line must be an object with a 'text' field") from e
-        else:
-            texts.extend(doc for doc in raw.split("\n\n\n") if doc.strip())
-    if not texts:
-        raise WinaError(f"no calibration text found in {path}")
-    return texts
-
-
-def _read_hub_dataset(spec: str) -> list[str]:
-    parts = spec.split(":")
-    name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), (parts[2] if len(parts) > 2 else "train")
-    try:
-        import datasets
-    except ImportError as e:
-        raise WinaError("--calibration hf:... needs the datasets package: pip install datasets") from e
-    try:
-        data = datasets.load_dataset(name, config, split=split)
-    except Exception as e:  # datasets raises many types (offline, missing, bad config)
-        raise WinaError(f"cannot load dataset {spec!r}: {' '.join(str(e).split())[:200]}") from e
-    if "text" not in data.column_names:
-        raise WinaError(f"dataset {spec!r} has no 'text' column")
-    return [t for t in data["text"] if t and t.strip()]
-
-
-def tokenizer_of(source: Any) -> Any:
-    from transformers import AutoTokenizer
-
-    tok = source.tokenizer_source
-    if isinstance(tok, Path):
-        try:
-            with quiet_transformers():
-                return AutoTokenizer.from_pretrained(tok)
-        except (OSError, ValueError) as e:
-            raise WinaError(f"cannot load the tokenizer of {tok}: calibration needs one ({' '.join(str(e).split())[:150]})") from e
-    if tok is None:
-        raise WinaError("the model has no tokenizer: calibration needs one")
-    return tok
-
-
-def token_windows(tokenizer: Any, texts: list[str], samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """``[samples, seq_len]`` token windows: documents joined by EOS, cut, shuffled by ``seed``."""
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    stream: list[int] = []
-    for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        stream.append(eos)
-    count = len(stream) // seq_len
-    if count == 0:
-        raise WinaError(f"calibration text too short: {len(stream)} tokens, need at least --seq-len {seq_len}")
-    windows = list(range(count))
-    random.Random(seed).shuffle(windows)
-    chosen = windows[:samples]
-    return torch.tensor([stream[i * seq_len : (i + 1) * seq_len] for i in chosen], dtype=torch.long)
-
+# --------------------------------------------------------------------------- calibration tokens
 
 def load_calibration_tokens(source: Any, spec: str | None, *, samples: int | None, seq_len: int | None, seed: int,
                             device: torch.device) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -143,48 +51,14 @@ def load_calibration_tokens(source: Any, spec: str | None, *, samples: int | Non
     if context and seq_len > context:
         raise WinaError(f"--seq-len {seq_len} is longer than the model's context ({context} tokens)")
     if spec == "self":
-        from .selfcal import self_generated_texts
+        from .selfgen import self_generated_texts
 
         texts, name = self_generated_texts(source, samples=samples, seq_len=seq_len, seed=seed, device=device), "self"
     else:
-        texts, name = _read_texts(spec)
+        texts, name = read_texts(spec)
     tokens = token_windows(tokenizer_of(source), texts, samples, seq_len, seed)
     info = {"dataset": name, "samples": int(tokens.shape[0]), "seq_len": seq_len, "seed": seed, "tokens": int(tokens.numel())}
     return tokens.to(device), info
-
-
-# --------------------------------------------------------------------------- scores and quantiles
-
-def score_quantiles(x: torch.Tensor, norms: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
-    """Quantiles (at ``QUANTILE_LEVELS``) of ``|x_i| * norms_i`` over tokens and channels.
-
-    At most ``MAX_SCORES`` entries, drawn uniformly, are scored: gathering them before scoring
-    keeps the working memory small however large ``tokens x channels`` is (117M entries for 8k
-    tokens of a Llama-3-8B down_proj).
-    """
-    flat = x.reshape(-1)
-    width = x.shape[-1]
-    index = None
-    if flat.numel() > MAX_SCORES:
-        index = torch.randint(flat.numel(), (MAX_SCORES,), generator=generator).to(flat.device)
-        flat = flat[index]
-    scores = flat.abs().float()
-    if norms is not None:
-        norms = norms.to(scores.device, torch.float32)
-        scores = scores * (norms[index % width] if index is not None else norms.repeat(flat.numel() // width))
-    ordered = scores.sort().values
-    position = (QUANTILE_LEVELS * (ordered.numel() - 1)).round().long().to(ordered.device)
-    return ordered[position].cpu()
-
-
-def thresholds_at(quantiles: torch.Tensor, norms: torch.Tensor, sparsity: float, method: str) -> torch.Tensor:
-    """Per-channel thresholds of one matrix at ``sparsity`` (the runtime's rule)."""
-    if sparsity <= 0:
-        return torch.zeros_like(norms)
-    t = float(interp(sparsity, QUANTILE_LEVELS, quantiles.to(torch.float64)))
-    if method == "teal":
-        return torch.full_like(norms, t)
-    return torch.where(norms > 0, t / norms.clamp_min(1e-30), torch.full_like(norms, float("inf")))
 
 
 class _Passthrough(nn.Module):
@@ -255,7 +129,7 @@ class Calibrator:
             layer = self.layer_cls(self._config, index)
         if self.transform:
             dim = self.config.hidden_size
-            layer = WinaDecoderLayer(layer, layer_names(self.adapter), (Shortcut(dim, device="meta"), Shortcut(dim, device="meta")))
+            layer = WinaDecoderLayer(layer, self.adapter.layer_names(), (Shortcut(dim, device="meta"), Shortcut(dim, device="meta")))
         # Emptied as it is read: the caller hands the layer over, and its copy (bf16, say) is freed
         # tensor by tensor as the compute-dtype copy is built, not held beside all of it.
         state = {k: tensors.pop(k).to(self.device, self.compute_dtype) for k in list(tensors)}
@@ -342,7 +216,7 @@ class Calibrator:
             quantiles = {name: self._quantiles(gate, inputs[name]) for name, gate in gates.items()}
             parts = [(name, p) for name in gates for p in range(len(gates[name].splits))]
             sizes = torch.tensor([gates[n].splits[p] * gates[n].in_features for n, p in parts], dtype=torch.float64)
-            free = torch.tensor([_zero_fraction(quantiles[n][p]) for n, p in parts], dtype=torch.float64)
+            free = torch.tensor([zero_fraction(quantiles[n][p]) for n, p in parts], dtype=torch.float64)
             if self.allocation == "greedy":
                 curves = self._error_curves(layer, gates, quantiles, parts, free, inputs, attn_ref, mlp_ref)
                 alloc = greedy_path(curves, sizes, free)
@@ -496,62 +370,3 @@ def _release(module: nn.Module | None) -> None:
             param.data = param.data.new_empty(0)
 
 
-def _zero_fraction(quantiles: torch.Tensor) -> float:
-    """The fraction of scores that are exactly zero: inputs that are skipped for free."""
-    zero = (quantiles <= 0).nonzero()
-    return float(QUANTILE_LEVELS[int(zero[-1])]) if len(zero) else 0.0
-
-
-def uniform_path(count: int, free: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """Every matrix at the layer's level; matrices with free (all-zero) inputs are credited."""
-    levels = ALLOCATION_LEVELS
-    rows = []
-    for level in levels.tolist():
-        # Find the common sparsity u such that the size-weighted mean of max(u, free) is the level.
-        lo, hi = 0.0, 1.0
-        for _ in range(50):
-            mid = (lo + hi) / 2
-            value = float((torch.clamp(free, min=mid) * sizes).sum() / sizes.sum())
-            lo, hi = (mid, hi) if value < level else (lo, mid)
-        rows.append(torch.clamp(free, min=hi) if level > 0 else torch.zeros(count, dtype=torch.float64))
-    return torch.stack(rows)
-
-
-def greedy_path(curves: list[list[tuple[float, float]]], sizes: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
-    """Allocation ``[len(ALLOCATION_LEVELS), matrices]`` from per-matrix error curves.
-
-    Starting from each matrix's free sparsity, repeatedly advance the matrix whose next grid step
-    costs the least error per skipped parameter; the layer level (size-weighted mean) rises
-    monotonically, and the allocation at each level is interpolated along the path.
-    """
-    state = free.clone()
-    position = [0] * len(curves)
-    total = float(sizes.sum())
-    path_levels = [float((state * sizes).sum()) / total]
-    path_states = [state.clone()]
-    while True:
-        best, best_cost = None, float("inf")
-        for m, curve in enumerate(curves):
-            if position[m] + 1 >= len(curve):
-                continue
-            (s0, e0), (s1, e1) = curve[position[m]], curve[position[m] + 1]
-            cost = (e1 - e0) / (float(sizes[m]) * (s1 - s0))
-            if cost < best_cost:
-                best, best_cost = m, cost
-        if best is None:
-            break
-        position[best] += 1
-        state[best] = curves[best][position[best]][0]
-        path_levels.append(float((state * sizes).sum()) / total)
-        path_states.append(state.clone())
-    xs = torch.tensor(path_levels, dtype=torch.float64)
-    ys = torch.stack(path_states).T  # [matrices, steps]
-    rows = []
-    for level in ALLOCATION_LEVELS.tolist():
-        if level <= 0:
-            rows.append(torch.zeros(len(curves), dtype=torch.float64))
-        elif level <= xs[0]:
-            rows.append(ys[:, 0].clone())
-        else:
-            rows.append(interp(level, xs, ys))
-    return torch.stack(rows)

@@ -19,10 +19,10 @@ import math
 
 import torch
 
-from . import kernels as _k
-
-tl = _k.tl
-triton = _k.triton
+from . import backend
+from .backend import tl, triton
+from .configs import Config
+from .launch import cdiv, launch_kernel
 
 __all__ = ["decode_attention", "reference_decode_attention", "supported", "enable", "IMPLEMENTATION"]
 
@@ -52,7 +52,7 @@ def reference_decode_attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
     return (p @ vf).transpose(1, 2).to(q.dtype)
 
 
-if _k._HAS_TRITON:
+if backend.HAS_TRITON:
 
     @triton.jit
     def _decode_attn_kernel(
@@ -146,7 +146,7 @@ if _k._HAS_TRITON:
 BLOCK_L = None
 TARGET_PROGRAMS = 132
 MAX_SPLITS = 16
-_CFG = _k.Config(num_warps=4, num_stages=1)
+_CFG = Config(num_warps=4, num_stages=1)
 _COUNTERS: dict = {}
 
 
@@ -172,7 +172,7 @@ def _mask_kind(mask: torch.Tensor | None) -> int:
 def supported(query, key, value, mask=None) -> bool:
     """Whether the kernel computes this call: one query position, CUDA + triton, fp16/bf16, head dim <= 256,
     a mask of ``[B|1, 1, 1, L]`` (or none)."""
-    if not (_k._HAS_TRITON and query.is_cuda and query.dim() == 4 and key.dim() == 4 and query.shape[2] == 1):
+    if not (backend.HAS_TRITON and query.is_cuda and query.dim() == 4 and key.dim() == 4 and query.shape[2] == 1):
         return False
     B, H, _, D = query.shape
     if query.dtype not in (torch.float16, torch.bfloat16) or key.dtype != query.dtype or value.dtype != query.dtype:
@@ -196,10 +196,10 @@ def _launch(q, k, v, mask, scale, out):
     block_g = max(16, triton.next_power_of_2(group))
     block_d = max(16, triton.next_power_of_2(D))
     block_l = BLOCK_L or (64 if L <= 512 else 128)
-    n_blocks = _k._cdiv(L, block_l)
+    n_blocks = cdiv(L, block_l)
     want = min(MAX_SPLITS, max(1, TARGET_PROGRAMS // (B * hkv)))
-    per = _k._cdiv(n_blocks, want)
-    n_splits = _k._cdiv(n_blocks, per)
+    per = cdiv(n_blocks, want)
+    n_splits = cdiv(n_blocks, per)
     cnt = _counters(q.device, B * hkv) if n_splits > 1 else None
     if cnt is None:
         per, n_splits = n_blocks, 1
@@ -211,7 +211,7 @@ def _launch(q, k, v, mask, scale, out):
     s_ml = m.stride(-1) if mask is not None else 0
     if kind == 1:
         m = m.view(torch.uint8)  # same strides
-    _k._launch(
+    launch_kernel(
         _decode_attn_kernel, (B * hkv, n_splits, 1),
         [q, k, v, m, out, ws, cnt if cnt is not None else ws,
          L, hkv, per * block_l, n_splits, float(scale * _LOG2E),
@@ -236,7 +236,7 @@ def decode_attention(query, key, value, mask=None, scale=None) -> torch.Tensor:
 
 
 def _register_op():
-    """``torch.ops.wina.decode_attention``: opaque to ``torch.compile`` (see ``kernels._register_op``)."""
+    """``torch.ops.wina.decode_attention``: opaque to ``torch.compile`` (see ``launch.py``, ``_register_op``)."""
     try:
         from torch.library import custom_op
 
@@ -284,7 +284,7 @@ def enable(model) -> bool:
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError:  # pragma: no cover - transformers without the attention interface
         return False
-    if getattr(model.config, "_attn_implementation", None) != "sdpa" or not _k._HAS_TRITON:
+    if getattr(model.config, "_attn_implementation", None) != "sdpa" or not backend.HAS_TRITON:
         return False
     AttentionInterface.register(IMPLEMENTATION, _attention_forward)
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)

@@ -1,0 +1,139 @@
+"""Text for calibration and evaluation: where it comes from, and the token windows cut from it.
+
+Sources: the bundled set (``data/train`` for calibration, ``data/heldout`` for ``wina eval``, never
+calibrated on), a ``.txt``/``.jsonl`` file or a directory of them, or a Hugging Face dataset
+(``hf:NAME[:CONFIG[:SPLIT]]``). In ``.txt`` files documents are separated by two blank lines; documents
+are joined by the tokenizer's EOS token into one stream, which is cut into windows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import WinaError, one_line
+from ..progress import quiet_transformers
+
+DATA = Path(__file__).resolve().parent / "data"
+BUNDLED = DATA / "train"
+HELDOUT = DATA / "heldout"
+
+
+def read_texts(spec: str | None) -> tuple[list[str], str]:
+    """Documents of a calibration source and its description for the sidecar."""
+    if spec is None or spec == "default":
+        if not BUNDLED.is_dir():
+            raise WinaError(f"the bundled calibration set is missing ({BUNDLED}): reinstall wina-convert or pass --calibration")
+        return read_path(BUNDLED), "bundled:calibration/train"
+    if spec.startswith("hf:"):
+        return read_hub_dataset(spec[3:]), spec
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise WinaError(f"calibration text not found: {spec}")
+    return read_path(path), str(path)
+
+
+def read_path(path: Path) -> list[str]:
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
+    if path.is_file() and path.suffix not in (".txt", ".jsonl"):
+        raise WinaError(f"calibration file {path} must be .txt or .jsonl (with a 'text' field)")
+    texts = []
+    for file in files:
+        try:
+            raw = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise WinaError(f"calibration file {file} is not UTF-8 text (byte {e.start})") from e
+        if file.suffix == ".jsonl":
+            for number, line in enumerate(raw.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    texts.append(str(json.loads(line)["text"]))
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise WinaError(f"{file}:{number}: each .jsonl line must be an object with a 'text' field") from e
+        else:
+            texts.extend(doc for doc in raw.split("\n\n\n") if doc.strip())
+    if not texts:
+        raise WinaError(f"no calibration text found in {path}")
+    return texts
+
+
+def read_hub_dataset(spec: str) -> list[str]:
+    parts = spec.split(":")
+    name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), (parts[2] if len(parts) > 2 else "train")
+    try:
+        import datasets
+    except ImportError as e:
+        raise WinaError("--calibration hf:... needs the datasets package: pip install datasets") from e
+    try:
+        data = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # datasets raises many types (offline, missing, bad config)
+        raise WinaError(f"cannot load dataset {spec!r}: {one_line(e)[:200]}") from e
+    if "text" not in data.column_names:
+        raise WinaError(f"dataset {spec!r} has no 'text' column")
+    return [t for t in data["text"] if t and t.strip()]
+
+
+def tokenizer_of(source: Any) -> Any:
+    """The tokenizer of a ``checkpoint.source.Source`` (loaded from its directory, or the one it holds)."""
+    from transformers import AutoTokenizer
+
+    tok = source.tokenizer_source
+    if isinstance(tok, Path):
+        try:
+            with quiet_transformers():
+                return AutoTokenizer.from_pretrained(tok)
+        except (OSError, ValueError) as e:
+            raise WinaError(f"cannot load the tokenizer of {tok}: calibration needs one ({one_line(e)[:150]})") from e
+    if tok is None:
+        raise WinaError("the model has no tokenizer: calibration needs one")
+    return tok
+
+
+def token_windows(tokenizer: Any, texts: list[str], samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``[samples, seq_len]`` token windows: documents joined by EOS, cut, shuffled by ``seed``."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    stream: list[int] = []
+    for text in texts:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        stream.append(eos)
+    count = len(stream) // seq_len
+    if count == 0:
+        raise WinaError(f"calibration text too short: {len(stream)} tokens, need at least --seq-len {seq_len}")
+    windows = list(range(count))
+    random.Random(seed).shuffle(windows)
+    chosen = windows[:samples]
+    return torch.tensor([stream[i * seq_len : (i + 1) * seq_len] for i in chosen], dtype=torch.long)
+
+
+def heldout_texts(text: str | os.PathLike | None) -> tuple[list[str], str]:
+    """The evaluation text: a file or directory, else the held-out part of the bundled set."""
+    if text is None:
+        if not HELDOUT.is_dir():
+            raise WinaError(f"the bundled held-out text is missing ({HELDOUT}): pass --text FILE")
+        return read_path(HELDOUT), "bundled:calibration/heldout"
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise WinaError(f"evaluation text not found: {text}")
+    return read_path(path), str(path)
+
+
+def eval_windows(tokenizer: Any, texts: list[str], seq_len: int, max_tokens: int) -> torch.Tensor:
+    """Consecutive ``seq_len`` windows of the text (documents joined by EOS), at most ``max_tokens``."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    stream: list[int] = []
+    for t in texts:
+        stream.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        stream.append(eos)
+        if len(stream) >= max_tokens:
+            break
+    stream = stream[:max_tokens]
+    count = len(stream) // seq_len
+    if count == 0:
+        raise WinaError(f"evaluation text too short: {len(stream)} tokens, need at least --seq-len {seq_len}")
+    return torch.tensor(stream[: count * seq_len]).reshape(count, seq_len)

@@ -1,0 +1,2 @@
+"""Measuring checkpoints: ``perplexity.py`` (``wina eval``), ``bench.py`` (``wina bench``), ``inspect.py``
+(``wina inspect``)."""
