@@ -3,7 +3,7 @@
     python benchmarks/fused_shortcut_accuracy.py [MODEL] [--out DIR] [--work DIR]
 
 A transformed checkpoint computes its shortcut rotations at decode time inside the q/k/v and gate/up
-launches, from the normalized input rounded to bf16 and scaled back by rms(h) (``kernels_hook.fuse_shortcuts``),
+launches, from the normalized input rounded to bf16 and scaled back by rms(h) (``runtime/kernels/hook.py``, ``fuse_shortcuts``),
 where the reference multiplies the residual itself. This script converts MODEL (default: the SmolLM2-135M
 built by scripts/fetch_smollm2.py) with the transform at 0.5 in bf16, then teacher-forces 16 decode steps of
 a fixed random prompt and compares the logits of bf16 (a) reference, (b) kernel hooks, (c) kernel hooks with

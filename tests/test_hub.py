@@ -168,7 +168,7 @@ HF_VERSION = tuple(int(x) for x in __import__("huggingface_hub").__version__.spl
 
 @pytest.mark.skipif(HF_VERSION < (1, 0), reason="huggingface_hub 0.x builds CommitInfo URLs from the import-time endpoint")
 def test_endpoint_chosen_after_import(isolated, make_checkpoint):
-    """HF_ENDPOINT set after huggingface_hub was imported still wins: hub.py passes endpoint= explicitly."""
+    """HF_ENDPOINT set after huggingface_hub was imported still wins: the hub modules pass endpoint= explicitly."""
     with FakeHub(token=TOKEN) as server:
         _point_at(isolated, server.url, constants_too=False)
         isolated.setenv("HF_TOKEN", TOKEN)

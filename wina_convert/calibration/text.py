@@ -95,13 +95,21 @@ def tokenizer_of(source: Any) -> Any:
     return tok
 
 
-def token_windows(tokenizer: Any, texts: list[str], samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """``[samples, seq_len]`` token windows: documents joined by EOS, cut, shuffled by ``seed``."""
+def token_stream(tokenizer: Any, texts: list[str], max_tokens: int | None = None) -> list[int]:
+    """The documents' tokens, each followed by EOS (id 0 without one), the first ``max_tokens`` of them."""
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     stream: list[int] = []
     for text in texts:
         stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         stream.append(eos)
+        if max_tokens is not None and len(stream) >= max_tokens:
+            break
+    return stream if max_tokens is None else stream[:max_tokens]
+
+
+def token_windows(tokenizer: Any, texts: list[str], samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``[samples, seq_len]`` token windows for calibration: the stream cut, the windows shuffled by ``seed``."""
+    stream = token_stream(tokenizer, texts)
     count = len(stream) // seq_len
     if count == 0:
         raise WinaError(f"calibration text too short: {len(stream)} tokens, need at least --seq-len {seq_len}")
@@ -125,14 +133,7 @@ def heldout_texts(text: str | os.PathLike | None) -> tuple[list[str], str]:
 
 def eval_windows(tokenizer: Any, texts: list[str], seq_len: int, max_tokens: int) -> torch.Tensor:
     """Consecutive ``seq_len`` windows of the text (documents joined by EOS), at most ``max_tokens``."""
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    stream: list[int] = []
-    for t in texts:
-        stream.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
-        stream.append(eos)
-        if len(stream) >= max_tokens:
-            break
-    stream = stream[:max_tokens]
+    stream = token_stream(tokenizer, texts, max_tokens)
     count = len(stream) // seq_len
     if count == 0:
         raise WinaError(f"evaluation text too short: {len(stream)} tokens, need at least --seq-len {seq_len}")
