@@ -206,3 +206,18 @@ def test_lazy_attributes_are_the_functions():
             "assert wina_convert.load.__module__ == 'wina_convert.runtime.load'\n"
             "assert wina_convert.push.__module__ == 'wina_convert.hub.push'")
     assert "wina_convert.convert" in _modules_loaded(code)
+
+
+def test_adapters_name_the_classes_transformers_maps_their_configs_to():
+    """Each family's adapter imports its decoder-layer and rotary classes itself; they are the ones
+    transformers' auto mapping gives for that family's config (what calibration and load build)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from wina_convert.arch import ADAPTERS
+
+    for adapter in ADAPTERS:
+        for model_type in adapter.model_types:
+            causal_lm, layer, rotary = adapter.model_classes()
+            assert causal_lm is AutoModelForCausalLM._model_mapping[type(AutoConfig.for_model(model_type))]
+            assert layer.__module__ == rotary.__module__ == causal_lm.__module__
+            assert layer.__name__.endswith("DecoderLayer") and rotary.__name__.endswith("RotaryEmbedding")

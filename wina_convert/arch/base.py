@@ -8,7 +8,7 @@ roles to the tensor names of one model family. Adding a family means adding one 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class Adapter:
     mlp_norm: str = "post_attention_layernorm"
     attn_module: str = "self_attn"
     mlp_module: str = "mlp"
+    # () -> (XForCausalLM, XDecoderLayer, XRotaryEmbedding) of the family, imported from transformers on call
+    classes: Callable[[], tuple[type, type, type]] | None = None
     embed: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
     lm_head: str = "lm_head.weight"
@@ -70,22 +72,16 @@ class Adapter:
     def layer_key(self, layer: int, name: str) -> str:
         return f"{self.layers_prefix}.{layer}.{name}"
 
+    def model_classes(self) -> tuple[type, type, type]:
+        """``(XForCausalLM, XDecoderLayer, XRotaryEmbedding)`` of the family, from transformers."""
+        if self.classes is None:
+            raise NotImplementedError(f"the {self.name} adapter names no transformers classes")
+        return self.classes()
+
     def layer_names(self) -> dict[str, str]:
         """The decoder layer's submodules by role, as ``WinaDecoderLayer`` looks them up."""
         return {"attn_module": self.attn_module, "mlp_module": self.mlp_module,
                 "attn_norm": self.attn_norm, "mlp_norm": self.mlp_norm}
-
-
-def model_classes(config: Any) -> tuple[type, type, type]:
-    """``(XForCausalLM, XDecoderLayer, XRotaryEmbedding)`` of a config's family, from transformers."""
-    import sys
-
-    from transformers import AutoModelForCausalLM
-
-    causal_lm = AutoModelForCausalLM._model_mapping[type(config)]
-    module = sys.modules[causal_lm.__module__]
-    prefix = causal_lm.__name__.removesuffix("ForCausalLM")
-    return causal_lm, getattr(module, f"{prefix}DecoderLayer"), getattr(module, f"{prefix}RotaryEmbedding")
 
 
 def expected_shapes(adapter: Adapter, config: Any, layer: int) -> dict[str, tuple[int | None, ...]]:

@@ -2,4 +2,11 @@
 
 from .base import Adapter
 
-ADAPTER = Adapter(name="llama", model_types=("llama",))
+
+def _classes() -> tuple[type, type, type]:
+    from transformers.models.llama import modeling_llama as m
+
+    return m.LlamaForCausalLM, m.LlamaDecoderLayer, m.LlamaRotaryEmbedding
+
+
+ADAPTER = Adapter(name="llama", model_types=("llama",), classes=_classes)

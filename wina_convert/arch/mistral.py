@@ -2,4 +2,11 @@
 
 from .base import Adapter
 
-ADAPTER = Adapter(name="mistral", model_types=("mistral",))
+
+def _classes() -> tuple[type, type, type]:
+    from transformers.models.mistral import modeling_mistral as m
+
+    return m.MistralForCausalLM, m.MistralDecoderLayer, m.MistralRotaryEmbedding
+
+
+ADAPTER = Adapter(name="mistral", model_types=("mistral",), classes=_classes)

@@ -29,9 +29,16 @@ class Phi3Adapter(Adapter):
         return super().linear_outputs(name, config)
 
 
+def _classes() -> tuple[type, type, type]:
+    from transformers.models.phi3 import modeling_phi3 as m
+
+    return m.Phi3ForCausalLM, m.Phi3DecoderLayer, m.Phi3RotaryEmbedding
+
+
 ADAPTER = Phi3Adapter(
     name="phi3",
     model_types=("phi3",),
+    classes=_classes,
     attn_inputs=("self_attn.qkv_proj",),
     mlp_inputs=("mlp.gate_up_proj",),
 )

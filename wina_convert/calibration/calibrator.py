@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from ..arch import Adapter
-from ..arch.base import model_classes
 from ..errors import WinaError
 from ..gate import ALLOCATION_LEVELS, QUANTILE_LEVELS, column_norms, interp, score_quantiles, thresholds_at
 from ..progress import quiet_transformers
@@ -103,7 +102,7 @@ class Calibrator:
         self.tensors: dict[str, torch.Tensor] = {}
         self.report: dict[str, list[float]] = {}
         self._config = self._attn_config(config)
-        _, self.layer_cls, rotary_cls = model_classes(self._config)
+        _, self.layer_cls, rotary_cls = adapter.model_classes()
         with torch.device(device):
             rotary = rotary_cls(config=self._config)
         seq = tokens.shape[1]

@@ -11,7 +11,6 @@ from safetensors import safe_open
 from torch import nn
 
 from ..arch import Adapter, adapter_for
-from ..arch.base import model_classes
 from ..checkpoint.format import (INDEX, SIDECAR, base_config, parse_dtype, read_sidecar, read_wina_config,
                                  verify_checkpoint)
 from ..errors import WinaError, one_line
@@ -112,7 +111,7 @@ def load(
     sidecar, meta = read_sidecar(directory / SIDECAR)
     config = base_config(config_dict)
     adapter = adapter_for(config.model_type)
-    causal_lm, _, _ = model_classes(config)
+    causal_lm, _, _ = adapter.model_classes()
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     with quiet_transformers():
         try:
