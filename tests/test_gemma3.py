@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
 from test_cli import assert_one_line_error, nothing_written, run
 from test_runtime import reference_model
 from wina_convert import WinaError, convert, evaluate, load
-from wina_convert.calibrate import _read_texts, token_windows
+from wina_convert.calibration.text import HELDOUT, read_texts, token_windows
 
 SAMPLES, SEQ = 4, 64
 
@@ -34,7 +33,7 @@ def _heldout_ids(directory: Path, n: int) -> torch.Tensor:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(directory)
-    text = (ROOT / "calibration" / "heldout" / "heldout.txt").read_text(encoding="utf-8")
+    text = (HELDOUT / "heldout.txt").read_text(encoding="utf-8")
     return torch.tensor([tok(text)["input_ids"][:n]])
 
 
@@ -74,7 +73,7 @@ def test_calibration_propagates_through_the_post_norms(gemma_calibrated):
     from transformers import AutoTokenizer
 
     model = load(gemma_calibrated)
-    texts, _ = _read_texts(None)
+    texts, _ = read_texts(None)
     windows = token_windows(AutoTokenizer.from_pretrained(gemma_calibrated), texts, SAMPLES, SEQ, seed=0)
     model.wina.reset_stats()
     with torch.no_grad():
@@ -102,7 +101,7 @@ def test_wina_layer_applies_the_post_norms(tiny_gemma3):
     """The generic decoder layer (what a transformed checkpoint runs) asks the adapter for the post-sub-block
     norms: with identity shortcuts it computes exactly what Gemma3DecoderLayer computes."""
     from wina_convert.arch import adapter_for
-    from wina_convert.runtime.loading import wrap_layer
+    from wina_convert.runtime.load import wrap_layer
 
     model = _original(tiny_gemma3)
     config = model.config
@@ -175,3 +174,35 @@ def test_bidirectional_gemma3_is_refused(tiny_gemma3, tmp_path):
     with pytest.raises(WinaError, match="bidirectional"):
         convert(model, tmp_path / "out", quiet=True)
     assert nothing_written(tmp_path)
+
+
+# --------------------------------------------------------------------------- the real Gemma-3-270M
+
+@pytest.fixture(scope="module")
+def gemma3_converted(gemma3_hf, tmp_path_factory) -> Path:
+    """Gemma-3-270M converted with the defaults (no transform, bundled calibration set, 16 x 512) at 0.5."""
+    out = tmp_path_factory.mktemp("gemma3-real") / "out"
+    return convert(gemma3_hf, out, sparsity=0.5, transform=False, quiet=True).output
+
+
+@pytest.mark.slow
+def test_gemma3_270m_is_exact_at_sparsity_0(gemma3_hf, gemma3_converted):
+    original, model = _original(gemma3_hf), load(gemma3_converted, sparsity=0)
+    ids = _heldout_ids(gemma3_hf, 256)
+    with torch.no_grad():
+        error = _rel(original(ids).logits, model(ids).logits)
+    assert error <= 1e-6, f"relative logit error {error:.2e}"
+    prompt = ids[:, :16]
+    assert torch.equal(_greedy(original, prompt), _greedy(model, prompt))
+
+
+@pytest.mark.slow
+def test_gemma3_270m_hits_the_target_on_heldout_text(gemma3_converted):
+    model = load(gemma3_converted)
+    reference = reference_model(gemma3_converted, 0.5)
+    ids = _heldout_ids(gemma3_converted, 128)
+    with torch.no_grad():
+        assert _rel(reference(ids).logits, model(ids).logits) <= 1e-4
+    result = evaluate(model, max_tokens=4096)
+    assert abs(result["sparsity"] - 0.5) <= 0.02, result["sparsity"]
+    assert result["dense_perplexity"] < result["perplexity"] < 2 * result["dense_perplexity"], result

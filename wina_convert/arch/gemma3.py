@@ -52,9 +52,16 @@ class Gemma3Adapter(Adapter):
         return config.sliding_window if config.layer_types[layer] == SLIDING else None
 
 
+def _classes() -> tuple[type, type, type]:
+    from transformers.models.gemma3 import modeling_gemma3 as m
+
+    return m.Gemma3ForCausalLM, m.Gemma3DecoderLayer, m.Gemma3RotaryEmbedding
+
+
 ADAPTER = Gemma3Adapter(
     name="gemma3",
     model_types=("gemma3_text",),
+    classes=_classes,
     mlp_norm="pre_feedforward_layernorm",
     attn_post_norm="post_attention_layernorm",
     mlp_post_norm="post_feedforward_layernorm",
