@@ -122,7 +122,7 @@ def test_wina_layer_applies_the_post_norms(tiny_gemma3):
 
 # --------------------------------------------------------------------------- the CLI end to end
 
-def test_cli_convert_eval_generate_bench_push(tiny_gemma3, tmp_path, capsys):
+def test_cli_convert_eval_inspect_generate_bench_push(tiny_gemma3, tmp_path, capsys):
     out = tmp_path / "out"
     code, _, err = run(capsys, "convert", tiny_gemma3, "-o", out, "--no-transform", "--samples", "4", "--seq-len", "64")
     assert code == 0, err
@@ -131,6 +131,8 @@ def test_cli_convert_eval_generate_bench_push(tiny_gemma3, tmp_path, capsys):
     result = json.loads(stdout)
     assert result["tokens"] == 4 * 127 and 0.3 < result["sparsity"] < 0.7
     assert math.isfinite(result["perplexity"]) and result["perplexity"] > 0
+    code, stdout, err = run(capsys, "inspect", out, "--json")
+    assert code == 0 and json.loads(stdout)["layers"] == 3, err
     code, stdout, err = run(capsys, "generate", out, "Once upon a time", "-n", "5", "--raw")
     assert code == 0 and stdout.strip(), err
     code, stdout, err = run(capsys, "bench", out, "--sparsity", "0.5", "--tokens", "12", "--device", "cpu", "--json")
