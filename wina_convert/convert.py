@@ -167,6 +167,9 @@ def convert(
     source = open_source(model, revision=revision, token=token, trust_remote_code=trust_remote_code)
     config = source.config
     adapter = adapter_for(config.model_type)
+    adapter.check(config)
+    if transform and adapter.transform_refusal:
+        raise WinaError(adapter.transform_refusal)
     check_shapes(adapter, config, source.names, lambda name: source.tensor(name).shape)
     fingerprint = None
     if source.base.get("sha256") is None and source.base.get("revision") is None and source.files:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from ..errors import WinaError
-from . import llama, mistral, phi3, qwen2, qwen3
+from . import gemma3, llama, mistral, phi3, qwen2, qwen3
 from .base import Adapter, Slice
 
-ADAPTERS: tuple[Adapter, ...] = (llama.ADAPTER, mistral.ADAPTER, qwen2.ADAPTER, qwen3.ADAPTER, phi3.ADAPTER)
+ADAPTERS: tuple[Adapter, ...] = (llama.ADAPTER, mistral.ADAPTER, qwen2.ADAPTER, qwen3.ADAPTER, phi3.ADAPTER,
+                                 gemma3.ADAPTER)
+# model types refused with their own reason (a sibling of a supported family)
+REFUSED: dict[str, str] = {**gemma3.REFUSED}
 
 
 def supported_model_types() -> list[str]:
@@ -18,6 +21,8 @@ def adapter_for(model_type: str) -> Adapter:
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
             return adapter
+    if model_type in REFUSED:
+        raise WinaError(REFUSED[model_type])
     raise WinaError(
         f"unsupported architecture {model_type!r}: wina-convert supports {', '.join(supported_model_types())}"
     )

@@ -24,8 +24,11 @@ class Adapter:
     """Tensor names of one decoder-only family, relative to ``{layers_prefix}.{i}.``.
 
     ``attn_inputs``/``mlp_inputs`` read the normalized residual; ``attn_output``/``mlp_output``
-    write into it. ``*_basis`` name the linear (and the rows of it, for fused projections) whose
-    right-singular vectors become the sub-block's input basis.
+    write into it, through ``attn_post_norm``/``mlp_post_norm`` where the family normalizes a
+    sub-block's output before the residual add (Gemma's "sandwich" norms; None: straight in).
+    ``*_basis`` name the linear (and the rows of it, for fused projections) whose right-singular
+    vectors become the sub-block's input basis. ``transform_refusal`` says why ``--transform`` is
+    refused for the family (None: supported).
     """
 
     name: str
@@ -36,6 +39,9 @@ class Adapter:
     mlp_output: str = "mlp.down_proj"
     attn_norm: str = "input_layernorm"
     mlp_norm: str = "post_attention_layernorm"
+    attn_post_norm: str | None = None
+    mlp_post_norm: str | None = None
+    transform_refusal: str | None = None
     attn_module: str = "self_attn"
     mlp_module: str = "mlp"
     # () -> (XForCausalLM, XDecoderLayer, XRotaryEmbedding) of the family, imported from transformers on call
@@ -52,6 +58,21 @@ class Adapter:
     def mlp_basis(self, config: Any) -> tuple[str, Slice | None]:
         """The matrix (and rows) whose V rotates the MLP input: gate_proj."""
         return "mlp.gate_proj", None
+
+    def check(self, config: Any) -> None:
+        """Refuse a config of this family that the adapter does not cover (raises ``WinaError``)."""
+
+    def embed_scale(self, config: Any) -> float | None:
+        """The factor the model multiplies its token embeddings by (None: used as stored)."""
+        return None
+
+    def layer_type(self, config: Any, layer: int) -> str | None:
+        """The key of layer ``layer``'s rotary embedding when the family has several (None: one for all)."""
+        return None
+
+    def sliding_window(self, config: Any, layer: int) -> int | None:
+        """How many positions back (the query's own included) layer ``layer`` attends; None: all of them."""
+        return None
 
     def gated_linears(self) -> tuple[str, ...]:
         """Every linear whose input is gated, in layer order."""
@@ -78,10 +99,11 @@ class Adapter:
             raise NotImplementedError(f"the {self.name} adapter names no transformers classes")
         return self.classes()
 
-    def layer_names(self) -> dict[str, str]:
+    def layer_names(self) -> dict[str, str | None]:
         """The decoder layer's submodules by role, as ``WinaDecoderLayer`` looks them up."""
         return {"attn_module": self.attn_module, "mlp_module": self.mlp_module,
-                "attn_norm": self.attn_norm, "mlp_norm": self.mlp_norm}
+                "attn_norm": self.attn_norm, "mlp_norm": self.mlp_norm,
+                "attn_post_norm": self.attn_post_norm, "mlp_post_norm": self.mlp_post_norm}
 
 
 def expected_shapes(adapter: Adapter, config: Any, layer: int) -> dict[str, tuple[int | None, ...]]:
@@ -99,6 +121,9 @@ def expected_shapes(adapter: Adapter, config: Any, layer: int) -> dict[str, tupl
     shapes[key(f"{adapter.mlp_output}.weight")] = (hidden, inter)
     shapes[key(f"{adapter.attn_norm}.weight")] = (hidden,)
     shapes[key(f"{adapter.mlp_norm}.weight")] = (hidden,)
+    for norm in (adapter.attn_post_norm, adapter.mlp_post_norm):
+        if norm is not None:
+            shapes[key(f"{norm}.weight")] = (hidden,)
     return shapes
 
 

@@ -104,12 +104,30 @@ class Calibrator:
         self._config = self._attn_config(config)
         _, self.layer_cls, rotary_cls = adapter.model_classes()
         with torch.device(device):
-            rotary = rotary_cls(config=self._config)
+            self._rotary_module = rotary_cls(config=self._config)
         seq = tokens.shape[1]
-        position_ids = torch.arange(seq, device=device).unsqueeze(0)
-        probe = torch.zeros(1, seq, 1, device=device, dtype=self.compute_dtype)
-        self.rotary = rotary(probe, position_ids)  # (cos, sin), each [1, seq, head_dim]
-        self.position_ids = position_ids
+        self.position_ids = torch.arange(seq, device=device).unsqueeze(0)
+        self._rotary_tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rotary = self._rotary(adapter.layer_type(config, 0))
+        self.mask: torch.Tensor | None = None
+
+    def _rotary(self, layer_type: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)``, each ``[1, seq, head_dim]``, of the layers of ``layer_type`` (None: the only kind)."""
+        if layer_type not in self._rotary_tables:
+            probe = torch.zeros(1, self.position_ids.shape[1], 1, device=self.device, dtype=self.compute_dtype)
+            args = () if layer_type is None else (layer_type,)
+            self._rotary_tables[layer_type] = self._rotary_module(probe, self.position_ids, *args)
+        return self._rotary_tables[layer_type]
+
+    def _attention_mask(self, layer: int) -> torch.Tensor | None:
+        """``[1, 1, seq, seq]`` (True: attend) for a sliding-window layer whose window is shorter than the
+        windows calibrated on; None where causal attention over the whole window is the layer's own."""
+        window = self.adapter.sliding_window(self.config, layer)
+        seq = self.position_ids.shape[1]
+        if window is None or window >= seq:
+            return None
+        distance = self.position_ids[0, :, None] - self.position_ids[0, None, :]  # query - key
+        return ((distance >= 0) & (distance < window))[None, None]
 
     @staticmethod
     def _attn_config(config: Any) -> Any:
@@ -121,7 +139,11 @@ class Calibrator:
 
     def embed(self, embedding: torch.Tensor) -> None:
         # Gather the calibration tokens' rows first: a whole embedding table in float32 is 2 GB for Llama-3.
-        self.hidden = embedding[self.tokens.to(embedding.device)].to(self.device, self.compute_dtype)
+        rows = embedding[self.tokens.to(embedding.device)]
+        scale = self.adapter.embed_scale(self.config)
+        if scale is not None:  # as the model does it: the factor in the table's dtype, the product too
+            rows = rows * torch.tensor(scale).to(rows.dtype)
+        self.hidden = rows.to(self.device, self.compute_dtype)
 
     def _build_layer(self, index: int, tensors: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, GatedLinear]]:
         with quiet_transformers(), torch.device("meta"):
@@ -160,7 +182,8 @@ class Calibrator:
             chunk = hidden[start : start + batch]
             n = chunk.shape[0]
             pos = {"position_embeddings": (cos[:, :length].expand(n, -1, -1), sin[:, :length].expand(n, -1, -1)),
-                   "position_ids": self.position_ids[:, :length]}
+                   "position_ids": self.position_ids[:, :length],
+                   "attention_mask": None if self.mask is None else self.mask[..., :length, :length]}
             result = fn(chunk, pos)
             if out is None:
                 out = result.new_empty((count, *result.shape[1:]))
@@ -171,7 +194,7 @@ class Calibrator:
     def _attention(self, layer: nn.Module, normed: torch.Tensor) -> torch.Tensor:
         """The attention sub-block (causal) on its normalized input ``[n, seq, d]``."""
         attn = getattr(layer, self.adapter.attn_module)
-        return self._batched(normed, lambda c, pos: attn(hidden_states=c, attention_mask=None, **pos)[0])
+        return self._batched(normed, lambda c, pos: attn(hidden_states=c, **pos)[0])
 
     def _mlp(self, layer: nn.Module, normed: torch.Tensor) -> torch.Tensor:
         mlp = getattr(layer, self.adapter.mlp_module)
@@ -179,6 +202,11 @@ class Calibrator:
 
     def _apply(self, gate: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self._batched(x, lambda c, pos: gate(c))
+
+    def _post_norm(self, layer: nn.Module, name: str | None, y: torch.Tensor) -> torch.Tensor:
+        """What a sub-block's output ``y`` adds to the residual: ``y``, or ``y`` through the family's
+        post-sub-block norm (Gemma)."""
+        return y if name is None else self._apply(getattr(layer, name), y)
 
     @staticmethod
     def _shortcut(layer: nn.Module, name: str, h: torch.Tensor) -> torch.Tensor:
@@ -210,6 +238,8 @@ class Calibrator:
         if self.hidden is None:
             raise RuntimeError("Calibrator.embed() must come before the first layer")
         layer, gates = self._build_layer(index, tensors)
+        self.rotary = self._rotary(self.adapter.layer_type(self.config, index))
+        self.mask = self._attention_mask(index)
         with torch.no_grad():
             inputs, attn_ref, mlp_ref = self._dense_sample(layer, gates, self._curve_sample())
             quantiles = {name: self._quantiles(gate, inputs[name]) for name, gate in gates.items()}
@@ -246,7 +276,8 @@ class Calibrator:
 
     def _dense_sample(self, layer: nn.Module, gates: dict[str, GatedLinear], sample: torch.Tensor
                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Dense run of the layer on ``sample``: every gate's input, the attention and MLP outputs."""
+        """Dense run of the layer on ``sample``: every gate's input, and what the attention and the MLP add
+        to the residual (their outputs, through the post-sub-block norms where the family has them)."""
         a = self.adapter
         inputs: dict[str, list[torch.Tensor]] = {name: [] for name in gates}
         handles = [gate.register_forward_pre_hook(lambda m, args, name=name: inputs[name].append(args[0].detach()))
@@ -254,9 +285,9 @@ class Calibrator:
         for gate in gates.values():
             gate.active = False
         try:
-            attn_out = self._attention(layer, getattr(layer, a.attn_norm)(sample))
+            attn_out = self._post_norm(layer, a.attn_post_norm, self._attention(layer, getattr(layer, a.attn_norm)(sample)))
             mid = self._shortcut(layer, "attn_shortcut", sample) + attn_out
-            mlp_out = self._mlp(layer, getattr(layer, a.mlp_norm)(mid))
+            mlp_out = self._post_norm(layer, a.mlp_post_norm, self._mlp(layer, getattr(layer, a.mlp_norm)(mid)))
         finally:
             for h in handles:
                 h.remove()
@@ -265,12 +296,15 @@ class Calibrator:
     def _error_curves(self, layer: nn.Module, gates: dict[str, GatedLinear], quantiles: dict[str, torch.Tensor],
                       parts: list[tuple[str, int]], free: torch.Tensor, inputs: dict[str, torch.Tensor],
                       attn_ref: torch.Tensor, mlp_ref: torch.Tensor) -> list[list[tuple[float, float]]]:
-        """Squared error of the sub-block output with each matrix gated alone, at ``GREEDY_GRID`` sparsities.
+        """Squared error of what a sub-block adds to the residual with each matrix gated alone, at
+        ``GREEDY_GRID`` sparsities.
 
         Both sub-blocks write into the residual stream, so their errors are in the same units and
         comparable. q/k/v re-run the attention and gate/up the MLP, from their recorded inputs;
         o_proj and down_proj are the sub-blocks' last linears, so their error is exactly
-        ``W (x - gated(x))``, computed without running anything.
+        ``W (x - gated(x))``, computed without running anything; where a post-sub-block norm ``n``
+        follows them (Gemma) it is ``n(W gated(x)) - n(W x)`` instead, the norm applied to the
+        gated output.
         """
         a = self.adapter
         attn_in, mlp_in = inputs[a.attn_inputs[0]], inputs[a.mlp_inputs[0]]
@@ -290,14 +324,23 @@ class Calibrator:
                     rows[p] = t
                     gate.set_thresholds(rows)
                     if name in a.attn_inputs:
-                        error = (self._attention(layer, attn_in) - attn_ref).float().pow(2).sum()
+                        out = self._post_norm(layer, a.attn_post_norm, self._attention(layer, attn_in))
+                        error = (out - attn_ref).float().pow(2).sum()
                     else:
-                        error = (self._mlp(layer, mlp_in) - mlp_ref).float().pow(2).sum()
+                        out = self._post_norm(layer, a.mlp_post_norm, self._mlp(layer, mlp_in))
+                        error = (out - mlp_ref).float().pow(2).sum()
                     gate.active = False
                 else:
                     x = inputs[name]
-                    dropped = torch.where(x.abs() > t.to(x.device, x.dtype), torch.zeros_like(x), x)
-                    error = torch.nn.functional.linear(dropped, weight).float().pow(2).sum()
+                    keep = x.abs() > t.to(x.device, x.dtype)
+                    post = a.attn_post_norm if name == a.attn_output else a.mlp_post_norm
+                    if post is None:
+                        dropped = torch.where(keep, torch.zeros_like(x), x)
+                        error = torch.nn.functional.linear(dropped, weight).float().pow(2).sum()
+                    else:
+                        ref = attn_ref if name == a.attn_output else mlp_ref
+                        out = self._post_norm(layer, post, torch.nn.functional.linear(x * keep, weight, gate.bias))
+                        error = (out - ref).float().pow(2).sum()
                 curve.append((s, max(float(error), curve[-1][1])))
             curves.append(curve)
         return curves
@@ -322,27 +365,28 @@ class Calibrator:
         a = self.adapter
         quantiles: dict[str, torch.Tensor] = {}
         mid = self._sub_block(layer, gates, sparsities, quantiles, self.hidden, a.attn_norm, a.attn_inputs,
-                              a.attn_output, self._attention, "attn_shortcut")
+                              a.attn_output, a.attn_post_norm, self._attention, "attn_shortcut")
         # Neither the layer input nor the attention's weights are needed any more: free them
         # before the MLP's activations (167 MB of float32 weights for a Llama-3-8B layer).
         self.hidden = None
         _release(getattr(layer, a.attn_module))
         _release(getattr(layer, "attn_shortcut", None))
         out = self._sub_block(layer, gates, sparsities, quantiles, mid, a.mlp_norm, a.mlp_inputs,
-                              a.mlp_output, self._mlp, "mlp_shortcut")
+                              a.mlp_output, a.mlp_post_norm, self._mlp, "mlp_shortcut")
         return out, quantiles
 
     def _sub_block(self, layer: nn.Module, gates: dict[str, GatedLinear], sparsities: dict[str, list[float]],
                    quantiles: dict[str, torch.Tensor], h: torch.Tensor, norm: str, inputs: tuple[str, ...],
-                   output: str, run, shortcut: str) -> torch.Tensor:
-        """``shortcut(h) + block(norm(h))`` with the block's gates set at the target from their actual inputs."""
+                   output: str, post_norm: str | None, run, shortcut: str) -> torch.Tensor:
+        """``shortcut(h) + post_norm(block(norm(h)))`` with the block's gates set at the target from their
+        actual inputs (no ``post_norm``: the block's output goes straight into the residual)."""
         normed = self._apply(getattr(layer, norm), h)
         self._gate_at_target(gates, inputs, normed, sparsities, quantiles)
         with _bypassed(layer, output) as linear:
             x = run(layer, normed)
         del normed
         self._gate_at_target(gates, (output,), x, sparsities, quantiles)
-        out = self._apply(linear, x)
+        out = self._post_norm(layer, post_norm, self._apply(linear, x))
         del x
         out += self._residual(layer, shortcut, h)
         return out

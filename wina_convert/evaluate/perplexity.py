@@ -13,12 +13,16 @@ from ..calibration.text import eval_windows, heldout_texts
 from ..errors import WinaError
 
 DEFAULT_EVAL_TOKENS = 8192
+LOGITS_BUDGET = 1 << 29  # bytes of float32 logits per forward: 4 windows of 512 for SmolLM2, 1 for Gemma 3's 262k vocabulary
 
 
 @torch.no_grad()
 def perplexity(model: Any, windows: torch.Tensor, batch: int = 4) -> float:
-    """exp of the mean next-token loss over all windows."""
+    """exp of the mean next-token loss over all windows, at most ``batch`` windows a forward (fewer where a
+    large vocabulary's logits would pass ``LOGITS_BUDGET``; the sum of the losses does not depend on it)."""
     device = next(model.parameters()).device
+    vocab = getattr(model.config, "vocab_size", 1)
+    batch = max(1, min(batch, LOGITS_BUDGET // (4 * vocab * windows.shape[1])))
     total, count = 0.0, 0
     for start in range(0, windows.shape[0], batch):
         ids = windows[start : start + batch].to(device)

@@ -111,6 +111,9 @@ def load(
     sidecar, meta = read_sidecar(directory / SIDECAR)
     config = base_config(config_dict)
     adapter = adapter_for(config.model_type)
+    adapter.check(config)
+    if config_dict["wina"].get("transform") and adapter.transform_refusal:
+        raise WinaError(f"cannot load {directory}, a transformed checkpoint: {adapter.transform_refusal}")
     causal_lm, _, _ = adapter.model_classes()
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     with quiet_transformers():

@@ -89,7 +89,8 @@ class Shortcut(nn.Linear):
 class WinaDecoderLayer(nn.Module):
     """A pre-norm decoder layer whose residual changes basis around each sub-block.
 
-    ``h -> attn_shortcut(h) + attn(norm1(h))`` then ``h -> mlp_shortcut(h) + mlp(norm2(h))``.
+    ``h -> attn_shortcut(h) + attn(norm1(h))`` then ``h -> mlp_shortcut(h) + mlp(norm2(h))``, each
+    sub-block's output through its post-sub-block norm first where the family has one (Gemma).
     It takes over the original layer's submodules, so parameter names (and the checkpoint) are
     the original ones plus ``attn_shortcut`` / ``mlp_shortcut``. Residual dropouts (Phi-3) are
     dropped: WINA checkpoints are for inference.
@@ -113,13 +114,18 @@ class WinaDecoderLayer(nn.Module):
             out = (self.attn_shortcut, self.mlp_shortcut)[index](h)
         return out
 
+    def _post(self, name: str, y: torch.Tensor) -> torch.Tensor:
+        """A sub-block's output as it joins the residual: through the family's post-sub-block norm, if any."""
+        norm = self._names.get(name)
+        return y if norm is None else getattr(self, norm)(y)
+
     def forward(self, hidden_states: torch.Tensor, **kwargs):
         n = self._names
         x = getattr(self, n["attn_norm"])(hidden_states)
         residual = self._shortcut(0, hidden_states, x)
         attn_out = getattr(self, n["attn_module"])(hidden_states=x, **kwargs)
-        hidden_states = residual + (attn_out[0] if isinstance(attn_out, tuple) else attn_out)
+        hidden_states = residual + self._post("attn_post_norm", attn_out[0] if isinstance(attn_out, tuple) else attn_out)
         x = getattr(self, n["mlp_norm"])(hidden_states)
         residual = self._shortcut(1, hidden_states, x)
-        hidden_states = residual + getattr(self, n["mlp_module"])(x)
+        hidden_states = residual + self._post("mlp_post_norm", getattr(self, n["mlp_module"])(x))
         return hidden_states

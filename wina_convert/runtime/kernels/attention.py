@@ -11,6 +11,7 @@ transformers wants back.
 It is registered as the attention implementation ``"wina_sdpa"`` (``enable``): one-token steps on CUDA
 take the kernel, everything else (prompts, CPU, softcap, sinks, dropout, unusual masks) goes to
 transformers' own ``sdpa_attention_forward`` with the same mask, so the numbers are SDPA's there.
+Gemma 3's scale and sliding-window layers take the kernel too (``kernel_takes`` says on what terms).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .backend import tl, triton
 from .configs import Config
 from .launch import cdiv, launch_kernel
 
-__all__ = ["decode_attention", "reference_decode_attention", "supported", "enable", "IMPLEMENTATION"]
+__all__ = ["decode_attention", "reference_decode_attention", "supported", "kernel_takes", "enable", "IMPLEMENTATION"]
 
 IMPLEMENTATION = "wina_sdpa"
 _LOG2E = 1.4426950408889634
@@ -259,15 +260,37 @@ def _register_op():
 _OP = _register_op()
 
 
-def _attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                       is_causal=None, **kwargs):
-    """transformers' attention interface: the kernel for one-token steps, SDPA for everything else."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def kernel_takes(query, key, value, attention_mask, dropout: float = 0.0, **kwargs) -> bool:
+    """Whether a call of transformers' attention interface runs the kernel (else SDPA runs it).
 
+    The kernel computes ``softmax(q k^T * scaling + mask) v`` and nothing else, so anything more goes to
+    SDPA: dropout, soft-capping, attention sinks, position biases, returned weights. Two inputs need a
+    word because Gemma 3 passes them:
+
+    * ``scaling``: the module's own scale (``query_pre_attn_scalar ** -0.5`` for Gemma, not
+      ``head_dim ** -0.5``) is passed through to the kernel as it is; it is never recomputed here.
+    * ``sliding_window``: the kernel has no window of its own. It attends to exactly the keys the mask
+      lets through, and transformers' mask of a sliding-window layer is the window (``sdpa_mask`` with
+      the layer's window; a sliding-window cache layer holds the last ``window`` keys). So a
+      sliding-window layer takes the kernel only with that mask, or when all its keys are inside the
+      window; a mask-less call over more keys than the window goes to SDPA, as transformers would run it.
+    """
     plain = (dropout == 0.0 and kwargs.get("softcap") is None and kwargs.get("s_aux") is None
              and kwargs.get("sinks") is None and kwargs.get("position_bias") is None
              and not kwargs.get("output_attentions", False) and kwargs.get("cache") is None)
-    if plain and supported(query, key, value, attention_mask):
+    window = kwargs.get("sliding_window")
+    if window is not None and attention_mask is None and key.shape[-2] > window:
+        return False
+    return plain and supported(query, key, value, attention_mask)
+
+
+def _attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                       is_causal=None, **kwargs):
+    """transformers' attention interface: the kernel for one-token steps (``kernel_takes``), SDPA for
+    everything else."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if kernel_takes(query, key, value, attention_mask, dropout, **kwargs):
         scale = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else float(scaling)
         if _OP is not None and torch.compiler.is_compiling():
             return _OP(query, key, value, attention_mask, scale), None
