@@ -159,12 +159,14 @@ def convert(
     torch_device = _device(device)
     shard_bytes = parse_size(shard_size)
     target = Path(output).expanduser()
-    out_dir = OutputDir(target, overwrite=overwrite)
+    local = Path(os.path.expanduser(str(model)))
+    out_dir = OutputDir(target, overwrite=overwrite, protected=[local] if local.exists() else [])
     reporter = reporter or Reporter(quiet=quiet)
     clock = StageClock(torch_device)
 
     t0 = time.perf_counter()
     source = open_source(model, revision=revision, token=token, trust_remote_code=trust_remote_code)
+    out_dir.protect([*source.origin, *source.files.values()])  # a Hub snapshot is known only now
     config = source.config
     adapter = adapter_for(config.model_type)
     check_shapes(adapter, config, source.names, lambda name: source.tensor(name).shape)

@@ -86,6 +86,7 @@ class Source:
     generation_config: Any | None
     files: dict[str, Path] = field(default_factory=dict)  # tensor name -> its safetensors file (a directory)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # or the tensors themselves (a dequantized .gguf)
+    origin: list[Path] = field(default_factory=list)  # the directory or .gguf file it was read from
     _handles: dict[Path, Any] = field(default_factory=dict)
 
     @property
@@ -189,7 +190,8 @@ def open_directory(directory: Path, *, model_id: str | None = None, revision: st
     except (OSError, ValueError):
         generation = None
     base = {"id": model_id or directory.name, "revision": revision, "sha256": None}
-    return Source(config=config, base=base, tokenizer_source=directory, generation_config=generation, files=files)
+    return Source(config=config, base=base, tokenizer_source=directory, generation_config=generation, files=files,
+                  origin=[directory])
 
 
 def open_gguf(path: Path) -> Source:
@@ -227,7 +229,8 @@ def open_gguf(path: Path) -> Source:
     tensors = {k: v.detach() for k, v in model.state_dict().items()}
     generation = model.generation_config
     base = {"id": path.name, "revision": None, "sha256": sha256_file(path)}
-    return Source(config=config, base=base, tokenizer_source=tokenizer, generation_config=generation, tensors=tensors)
+    return Source(config=config, base=base, tokenizer_source=tokenizer, generation_config=generation, tensors=tensors,
+                  origin=[path])
 
 
 def open_source(model: str | os.PathLike, *, revision: str | None = None, token: str | None = None,
