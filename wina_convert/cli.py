@@ -101,7 +101,6 @@ def convert(
     token: Optional[str] = typer.Option(None, "--token", help="Hugging Face token (default: HF_TOKEN or the saved login).", show_default=False),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Maximum shard size, e.g. 5GB or 500MB."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code from the Hub to run."),
     push_to: Optional[str] = typer.Option(None, "--push", help="After converting, push to this Hub repo (org/name)."),
     private: bool = typer.Option(False, "--private", help="With --push: create the repo private."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
@@ -117,7 +116,7 @@ def convert(
         model, output, sparsity=_sparsity(sparsity), transform=transform, dtype=dtype, revision=revision, token=token,
         shard_size=shard_size, overwrite=overwrite, device=device, calibrate=calibrate, calibration=calibration,
         samples=samples, seq_len=seq_len, seed=seed, allocation=allocation, method=method,
-        trust_remote_code=trust_remote_code, quiet=quiet,
+        quiet=quiet,
     )
     if not quiet:
         err.print(_convert_summary(result))

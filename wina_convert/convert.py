@@ -142,7 +142,6 @@ def convert(
     seed: int = 0,
     allocation: str = DEFAULTS["allocation"],
     method: str = DEFAULTS["method"],
-    trust_remote_code: bool = False,
     quiet: bool = False,
     reporter: Reporter | None = None,
 ) -> ConvertResult:
@@ -165,7 +164,7 @@ def convert(
     clock = StageClock(torch_device)
 
     t0 = time.perf_counter()
-    source = open_source(model, revision=revision, token=token, trust_remote_code=trust_remote_code)
+    source = open_source(model, revision=revision, token=token)
     out_dir.protect([*source.origin, *source.files.values()])  # a Hub snapshot is known only now
     config = source.config
     adapter = adapter_for(config.model_type)
