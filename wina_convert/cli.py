@@ -219,7 +219,7 @@ def generate(
     torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     with torch.no_grad(), quiet_transformers():
-        generated = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+        generated = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id,
                                    **sampling)
     print(tok.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
 
