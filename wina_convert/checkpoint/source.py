@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,12 @@ class Source:
         if path not in self._handles:
             self._handles[path] = SafetensorsFile(path)
         return self._handles[path]
+
+    def numel(self, name: str) -> int:
+        """Elements of a tensor, from the file's header (nothing is read)."""
+        if name in self.tensors:
+            return self.tensors[name].numel()
+        return math.prod(self._file(self.files[name]).entries[name]["shape"])
 
     def dtype_of(self, name: str) -> torch.dtype | None:
         """The stored dtype of a tensor, from the file's header (nothing is read)."""
