@@ -23,6 +23,7 @@ Prints a markdown table last; ``--out-json`` / ``--out-md`` keep the numbers.
 
     python benchmarks/bench_convert.py --layers 4 --device cpu [--no-transform]          # this CPU machine
     python benchmarks/bench_convert.py --device cuda --samples 128 --seq-len 512 --reference-svd
+    python benchmarks/bench_convert.py --layers 4 --no-transform --calibration self --samples 2 --seq-len 16
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def convert_child(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     result = convert(args.model, args.output, device=args.device, samples=args.samples, seq_len=args.seq_len,
-                     transform=args.transform, shard_size=args.shard_size, reporter=LineReporter(quiet=True))
+                     calibration=args.calibration, transform=args.transform, shard_size=args.shard_size, reporter=LineReporter(quiet=True))
     out = {
         "seconds": result.seconds,
         "stage_seconds": result.stage_seconds,
@@ -175,6 +176,8 @@ def run_convert(args: argparse.Namespace, model: Path, output: Path, child_json:
            "--child-json", str(child_json), "--transform" if args.transform else "--no-transform"]
     if args.samples is not None:
         cmd += ["--samples", str(args.samples)]
+    if args.calibration is not None:
+        cmd += ["--calibration", args.calibration]
     if args.seq_len is not None:
         cmd += ["--seq-len", str(args.seq_len)]
     peaks: dict[str, int] = {}
@@ -367,6 +370,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--samples", type=int, default=None, help="calibration samples (convert's default if unset)")
     parser.add_argument("--seq-len", type=int, default=None, help="calibration sequence length (convert's default if unset)")
+    parser.add_argument("--calibration", default=None, help="convert's --calibration (e.g. self); the bundled set if unset")
     parser.add_argument("--shard-size", default="5GB")
     parser.add_argument("--transform", action=argparse.BooleanOptionalAction, default=True,
                         help="convert with the transform (default: on, the heavier path; --no-transform is convert's default)")

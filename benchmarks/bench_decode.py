@@ -90,6 +90,7 @@ def measure(path: Path, modes: list[str], tokens: int, prompt: int, device: str,
     out = {}
     t0 = time.perf_counter()
     model = load(path, sparsity=0.0, device=device)
+    model.wina.set_counting(False)  # no counting ops in the recorded steps
     if attention:  # e.g. "sdpa": transformers' own attention instead of the runtime's decode kernel
         model.set_attn_implementation(attention)
     load_s = time.perf_counter() - t0

@@ -100,18 +100,6 @@ def test_quiet_prints_nothing(model, tmp_path, capsys):
     assert code == 0 and stdout == "" and err == ""
 
 
-def test_overwrite(model, tmp_path, capsys):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "precious.txt").write_text("mine")
-    code, _, err = run(capsys, "convert", model, "-o", out, "--no-calibrate", "-q")
-    assert_one_line_error(code, err, "not empty", "--overwrite")
-    assert (out / "precious.txt").read_text() == "mine"
-    code, _, err = run(capsys, "convert", model, "-o", out, "--no-calibrate", "-q", "--overwrite")
-    assert code == 0, err
-    assert not (out / "precious.txt").exists() and (out / "wina-manifest.json").is_file()
-
-
 # --------------------------------------------------------------------------- bad input: convert
 
 def test_missing_path(tmp_path, capsys):

@@ -326,7 +326,7 @@ def test_smollm2_batched_generation_equals_one_by_one(smollm2_converted):
     tok.padding_side = "left"
     prompts = ["Hello", "Write a short poem about the sea and the", "The capital of France is"]
     model = load(smollm2_converted, sparsity=0)
-    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id)
     with torch.no_grad():
         batch = tok(prompts, return_tensors="pt", padding=True)
         together = model.generate(**batch, **kw)[:, batch["input_ids"].shape[1]:]

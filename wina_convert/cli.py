@@ -101,7 +101,6 @@ def convert(
     token: Optional[str] = typer.Option(None, "--token", help="Hugging Face token (default: HF_TOKEN or the saved login).", show_default=False),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Maximum shard size, e.g. 5GB or 500MB."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code from the Hub to run."),
     push_to: Optional[str] = typer.Option(None, "--push", help="After converting, push to this Hub repo (org/name)."),
     private: bool = typer.Option(False, "--private", help="With --push: create the repo private."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
@@ -117,7 +116,7 @@ def convert(
         model, output, sparsity=_sparsity(sparsity), transform=transform, dtype=dtype, revision=revision, token=token,
         shard_size=shard_size, overwrite=overwrite, device=device, calibrate=calibrate, calibration=calibration,
         samples=samples, seq_len=seq_len, seed=seed, allocation=allocation, method=method,
-        trust_remote_code=trust_remote_code, quiet=quiet,
+        quiet=quiet,
     )
     if not quiet:
         err.print(_convert_summary(result))
@@ -240,7 +239,7 @@ def generate(
     torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     with torch.no_grad(), quiet_transformers():
-        generated = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+        generated = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id,
                                    **sampling)
     print(tok.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
 

@@ -142,7 +142,6 @@ def convert(
     seed: int = 0,
     allocation: str = DEFAULTS["allocation"],
     method: str = DEFAULTS["method"],
-    trust_remote_code: bool = False,
     quiet: bool = False,
     reporter: Reporter | None = None,
 ) -> ConvertResult:
@@ -159,12 +158,14 @@ def convert(
     torch_device = _device(device)
     shard_bytes = parse_size(shard_size)
     target = Path(output).expanduser()
-    out_dir = OutputDir(target, overwrite=overwrite)
+    local = Path(os.path.expanduser(str(model)))
+    out_dir = OutputDir(target, overwrite=overwrite, protected=[local] if local.exists() else [])
     reporter = reporter or Reporter(quiet=quiet)
     clock = StageClock(torch_device)
 
     t0 = time.perf_counter()
-    source = open_source(model, revision=revision, token=token, trust_remote_code=trust_remote_code)
+    source = open_source(model, revision=revision, token=token)
+    out_dir.protect([*source.origin, *source.files.values()])  # a Hub snapshot is known only now
     config = source.config
     adapter = adapter_for(config.model_type)
     adapter.check(config)

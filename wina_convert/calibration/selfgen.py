@@ -7,6 +7,12 @@ languages) by sampling at temperature 1 with nucleus (top-p) filtering. What com
 the model's own distribution, which is the distribution the thresholds will be applied to.
 Sampling is batched with a KV cache (``generate``) and seeded, so the text is reproducible for a
 given model, seed and device.
+
+Memory stays bounded (issue 18): on a GPU the model is loaded straight onto it in its own dtype; on
+the CPU a model whose float32 copy would exceed ``WHOLE_MODEL_BYTES`` is *streamed*: the embedding,
+final norm and head are held, and each decoder layer gets its weights (read from the source, cast to
+float32) only while it runs, so the host holds one layer at a time, as conversion itself does. The
+arithmetic is the same either way; streaming costs one read of the layers per sampled token.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import WinaError, one_line
 from ..progress import quiet_transformers
@@ -44,17 +51,24 @@ SEED_PROMPTS = (
 TEMPERATURE = 1.0
 TOP_P = 0.95
 MARGIN = 1.1  # generate a little more than seq_len tokens: re-tokenized text can come out shorter
+WHOLE_MODEL_BYTES = 4 * 1024**3  # above this (float32 on the CPU), the layers are streamed
 
 
 def self_generated_texts(source: Any, samples: int, seq_len: int, seed: int, *,
-                         device: torch.device | str = "cpu", batch: int = 16) -> list[str]:
+                         device: torch.device | str = "cpu", batch: int = 16,
+                         whole_model_bytes: int = WHOLE_MODEL_BYTES) -> list[str]:
     """``samples`` documents sampled from the model, each long enough to fill ``seq_len`` tokens.
 
-    ``source`` is a ``checkpoint.source.Source``; the whole model is loaded (once, in its own dtype,
-    float32 for half precision on a CPU) on ``device`` to sample, then released.
+    ``source`` is a ``checkpoint.source.Source``. The model is loaded once on ``device`` (in its own
+    dtype on a GPU; float32 on a CPU, streamed layer by layer when larger than ``whole_model_bytes``),
+    used to sample, then released.
     """
     tokenizer = tokenizer_of(source)
-    model = _load_model(source, torch.device(device))
+    device = torch.device(device)
+    if device.type == "cpu" and _float32_bytes(source) > whole_model_bytes:
+        model = _streamed_model(source)
+    else:
+        model = _load_model(source, device)
     try:
         prompts = list(SEED_PROMPTS)
         random.Random(seed).shuffle(prompts)
@@ -70,8 +84,68 @@ def self_generated_texts(source: Any, samples: int, seq_len: int, seed: int, *,
     return texts
 
 
+def _float32_bytes(source: Any) -> int:
+    return 4 * sum(source.numel(name) for name in source.names)
+
+
+def _streamed_model(source: Any) -> Any:
+    """The source as a float32 causal LM on the CPU whose decoder layers hold their weights only while
+    they run (forward hooks read them from ``source`` and drop them again)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..arch import adapter_for
+    from ..arch.base import model_classes
+
+    adapter = adapter_for(source.config.model_type)
+    with quiet_transformers(), torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(source.config, dtype=torch.float32)
+    layers = model.get_submodule(adapter.layers_prefix)
+    inside = {id(p) for p in layers.parameters()}
+    for name, param in list(model.named_parameters(remove_duplicate=False)):
+        if id(param) in inside or name == adapter.lm_head:
+            continue
+        _set_parameter(model, name, source.tensor(name).to(torch.float32))
+    if source.has(adapter.lm_head):
+        _set_parameter(model, adapter.lm_head, source.tensor(adapter.lm_head).to(torch.float32))
+    else:  # tied
+        model.get_submodule(adapter.lm_head.rpartition(".")[0]).weight = model.get_submodule(adapter.embed.rpartition(".")[0]).weight
+    rotary_cls = model_classes(source.config)[2]
+    for name, module in list(model.named_modules()):
+        if isinstance(module, rotary_cls):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, rotary_cls(config=source.config))
+    outside = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+               if t.is_meta and not n.startswith(adapter.layers_prefix + ".")]
+    if outside:
+        raise WinaError(f"cannot stream this model for self-calibration: {outside[:3]} are not in the weights")
+    for index, layer in enumerate(layers):
+        prefix = f"{adapter.layers_prefix}.{index}."
+        names = [n for n, _ in layer.named_parameters()]
+
+        def fill(module, args, prefix=prefix, names=names):
+            for n in names:
+                _set_parameter(module, n, source.tensor(prefix + n).to(torch.float32))
+
+        def drop(module, args, output, names=names):
+            for n in names:
+                parent, _, attr = n.rpartition(".")
+                owner = module.get_submodule(parent) if parent else module
+                owner._parameters[attr] = nn.Parameter(torch.empty_like(owner._parameters[attr], device="meta"),
+                                                        requires_grad=False)
+
+        layer.register_forward_pre_hook(fill)
+        layer.register_forward_hook(drop)
+    return model.eval()
+
+
+def _set_parameter(root: Any, name: str, tensor: torch.Tensor) -> None:
+    parent, _, attr = name.rpartition(".")
+    owner = root.get_submodule(parent) if parent else root
+    owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+
+
 def _load_model(source: Any, device: torch.device) -> Any:
-    """The source as a transformers causal LM, in eval mode on ``device``."""
+    """The source as a transformers causal LM, in eval mode on ``device`` (on a GPU straight onto it)."""
     from transformers import AutoModelForCausalLM
 
     dtype = source.dtype
@@ -81,7 +155,8 @@ def _load_model(source: Any, device: torch.device) -> Any:
         try:
             if source.files:  # a local (or downloaded) Hugging Face directory
                 directory = Path(next(iter(source.files.values()))).parent
-                model = AutoModelForCausalLM.from_pretrained(directory, config=source.config, dtype=dtype)
+                placement = {"device_map": {"": device}} if device.type == "cuda" else {}
+                model = AutoModelForCausalLM.from_pretrained(directory, config=source.config, dtype=dtype, **placement)
             else:  # tensors already in memory (a dequantized .gguf)
                 model = AutoModelForCausalLM.from_config(source.config, dtype=dtype)
                 missing, unexpected = model.load_state_dict(dict(source.tensors), strict=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,7 @@ class Source:
     generation_config: Any | None
     files: dict[str, Path] = field(default_factory=dict)  # tensor name -> its safetensors file (a directory)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # or the tensors themselves (a dequantized .gguf)
+    origin: list[Path] = field(default_factory=list)  # the directory or .gguf file it was read from
     _handles: dict[Path, Any] = field(default_factory=dict)
 
     @property
@@ -112,6 +114,12 @@ class Source:
             self._handles[path] = SafetensorsFile(path)
         return self._handles[path]
 
+    def numel(self, name: str) -> int:
+        """Elements of a tensor, from the file's header (nothing is read)."""
+        if name in self.tensors:
+            return self.tensors[name].numel()
+        return math.prod(self._file(self.files[name]).entries[name]["shape"])
+
     def dtype_of(self, name: str) -> torch.dtype | None:
         """The stored dtype of a tensor, from the file's header (nothing is read)."""
         if name in self.tensors:
@@ -126,8 +134,12 @@ class Source:
         return torch.float32
 
 
-def read_model_config(directory: Path, trust_remote_code: bool = False) -> Any:
-    """The transformers config of a model to convert; refuses WINA checkpoints and unsupported families."""
+def read_model_config(directory: Path) -> Any:
+    """The transformers config of a model to convert; refuses WINA checkpoints, quantized models and
+    unsupported families.
+
+    A model's own code (``auto_map``) is never run: the supported families are all in transformers.
+    """
     from transformers import AutoConfig
 
     path = directory / "config.json"
@@ -137,22 +149,64 @@ def read_model_config(directory: Path, trust_remote_code: bool = False) -> Any:
     from ..arch import adapter_for
 
     adapter_for(raw.get("model_type", "<missing model_type>"))
-    if raw.get("auto_map") and not trust_remote_code:
-        raw.pop("auto_map")
+    refuse_quantized_config(raw, path)
+    raw.pop("auto_map", None)
     try:
         return AutoConfig.for_model(**raw)
     except Exception as e:  # transformers raises many types for bad configs
         raise WinaError(f"cannot read {path}: {one_line(e)}") from e
 
 
+# Float dtypes a converter can read as they are; anything else in a weight file is a quantized pack.
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+# Non-float dtypes that hold buffers, never weights (position ids, masks).
+BUFFER_DTYPES = ("I64", "BOOL")
+
+
+def refuse_quantized_config(raw: dict[str, Any], path: Path) -> None:
+    """A config with ``quantization_config`` (fp8, compressed-tensors, GPTQ, AWQ, bitsandbytes, ...)
+    describes weights that are packed integers or 8-bit floats plus scales: reading them as floats
+    without their scales would silently give another model."""
+    quant = raw.get("quantization_config")
+    if quant is None:
+        return
+    scheme = "unknown scheme"
+    if isinstance(quant, dict):
+        scheme = str(quant.get("quant_method") or quant.get("format") or
+                     ("bitsandbytes" if any(k.startswith(("load_in_", "bnb_")) for k in quant) else scheme))
+    raise WinaError(f"{path.parent} is a quantized model ({scheme}, config.json quantization_config): "
+                    "wina-convert needs float weights; dequantize it first (load it with transformers and "
+                    "save_pretrained in bfloat16), or convert a .gguf file")
+
+
+def refuse_quantized_weights(source: "Source", directory: Path) -> None:
+    """Refuse weight files holding non-float tensors (F8_E4M3/E5M2, I8, U8, I32 packs, ...)."""
+    for name, path in source.files.items():
+        dtype = source._file(path).entries[name].get("dtype")
+        if dtype not in FLOAT_DTYPES and dtype not in BUFFER_DTYPES:
+            raise WinaError(f"{directory}: tensor {name!r} in {path.name} is stored as {dtype} (quantized weights): "
+                            "wina-convert needs float weights; dequantize the model first")
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor -> shard file name) of a ``model.safetensors.index.json``."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise WinaError(f"{index} is not a valid safetensors index: {one_line(e)}") from e
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise WinaError(f"{index} is not a valid safetensors index: weight_map must map tensor names to shard files")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or Path(shard).name != shard:
+            raise WinaError(f"{index} is not a valid safetensors index: tensor {name!r} maps to {shard!r}, not a shard file name")
+    return weight_map
+
+
 def safetensors_files(directory: Path) -> dict[str, Path]:
     index = directory / INDEX
     files: dict[str, Path] = {}
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise WinaError(f"{index} is not a valid safetensors index: {one_line(e)}") from e
+        weight_map = read_index(index)
         for name, shard in weight_map.items():
             if not (directory / shard).is_file():
                 raise WinaError(f"{directory} is incomplete: shard {shard} listed in {INDEX} is missing")
@@ -177,19 +231,23 @@ def safetensors_files(directory: Path) -> dict[str, Path]:
     return files
 
 
-def open_directory(directory: Path, *, model_id: str | None = None, revision: str | None = None,
-                   trust_remote_code: bool = False) -> Source:
+def open_directory(directory: Path, *, model_id: str | None = None, revision: str | None = None) -> Source:
     """A local Hugging Face directory (safetensors, sharded or not)."""
     from transformers import GenerationConfig
 
-    config = read_model_config(directory, trust_remote_code)
+    config = read_model_config(directory)
     files = safetensors_files(directory)
     try:
         generation = GenerationConfig.from_pretrained(directory)
     except (OSError, ValueError):
         generation = None
     base = {"id": model_id or directory.name, "revision": revision, "sha256": None}
-    return Source(config=config, base=base, tokenizer_source=directory, generation_config=generation, files=files)
+    source = Source(config=config, base=base, tokenizer_source=directory, generation_config=generation, files=files,
+                    origin=[directory])
+    for path in set(files.values()):
+        source._file(path)  # every header read now: a truncated shard fails before any work
+    refuse_quantized_weights(source, directory)
+    return source
 
 
 def open_gguf(path: Path) -> Source:
@@ -227,19 +285,22 @@ def open_gguf(path: Path) -> Source:
     tensors = {k: v.detach() for k, v in model.state_dict().items()}
     generation = model.generation_config
     base = {"id": path.name, "revision": None, "sha256": sha256_file(path)}
-    return Source(config=config, base=base, tokenizer_source=tokenizer, generation_config=generation, tensors=tensors)
+    return Source(config=config, base=base, tokenizer_source=tokenizer, generation_config=generation, tensors=tensors,
+                  origin=[path])
 
 
-def open_source(model: str | os.PathLike, *, revision: str | None = None, token: str | None = None,
-                trust_remote_code: bool = False) -> Source:
+def open_source(model: str | os.PathLike, *, revision: str | None = None, token: str | None = None) -> Source:
     """A Hub id, a local Hugging Face directory or a .gguf file."""
     path = Path(os.path.expanduser(str(model)))
+    if revision is not None and (path.exists() or path.suffix == ".gguf"):
+        # a local input has no revision: recording one would stand in for the sha256 of its weights
+        raise WinaError(f"--revision applies to Hub ids only, and {model} is a local path: drop --revision")
     if path.suffix == ".gguf":
         if not path.is_file():
             raise WinaError(f"no such file: {model}")
         return open_gguf(path)
     if path.is_dir():
-        return open_directory(path, revision=revision, trust_remote_code=trust_remote_code)
+        return open_directory(path)
     if path.exists():
         raise WinaError(f"{model} is neither a model directory nor a .gguf file")
     from ..hub.download import hub_revision, resolve_model
@@ -247,5 +308,4 @@ def open_source(model: str | os.PathLike, *, revision: str | None = None, token:
     local = resolve_model(str(model), revision=revision, token=token, purpose="convert")
     if local.is_file():
         return open_gguf(local)
-    return open_directory(local, model_id=str(model), revision=hub_revision(local) or revision,
-                          trust_remote_code=trust_remote_code)
+    return open_directory(local, model_id=str(model), revision=hub_revision(local) or revision)

@@ -8,12 +8,12 @@ import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
-from ..errors import WinaError
-from .format import DTYPE_NAMES, INDEX, TMP_MARK, sha256_file
+from ..errors import WinaError, one_line
+from .format import DTYPE_NAMES, INDEX, MANIFEST, TMP_MARK, manifest_files, sha256_file
 
 
 class ShardWriter:
@@ -116,21 +116,83 @@ def _rewrite_with_header(path: Path, header: bytes, data_start: int) -> None:
     os.replace(moved, path)
 
 
+def _resolved(path: Path) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def check_not_input(target: Path, protected: Iterable[Path]) -> None:
+    """Refuse a ``target`` that is one of ``protected`` or contains one (see ``check_replaceable``)."""
+    real = _resolved(target)
+    for path in protected:
+        path = _resolved(path)
+        if path == real:
+            raise WinaError(f"output {target} is the input model: choose another -o")
+        if path.is_relative_to(real):
+            raise WinaError(f"output {target} contains the input model ({path}): choose another -o")
+
+
+def check_replaceable(target: Path, protected: Iterable[Path] = ()) -> None:
+    """Refuse (one-line ``WinaError``) to replace ``target`` unless nothing of the user's can be lost.
+
+    ``protected`` are the paths of the input (the model directory or .gguf file, and the files it
+    was read from, e.g. a Hub cache snapshot and its blobs): ``target`` must be none of them and
+    contain none of them (``-o ~/models`` when the model lives in ``~/models/llama``). Paths are
+    compared resolved (symlinks followed), so another spelling of the same directory is caught.
+    A non-empty ``target`` may only be an earlier WINA checkpoint: ``config.json`` with a ``wina``
+    block, ``wina-manifest.json``, and no file that the manifest does not list (its model card
+    aside). Anything else is data this run did not write and will not delete.
+    """
+    check_not_input(target, protected)
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    config = target / "config.json"
+    try:
+        wina = json.loads(config.read_text()).get("wina") if config.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        wina = None
+    if not isinstance(wina, dict) or not (target / MANIFEST).is_file():
+        raise WinaError(f"refusing to replace {target}: it is not empty and not a WINA checkpoint "
+                        f"(no {MANIFEST} or no wina block in config.json); choose another -o or empty it yourself")
+    try:
+        listed = set(manifest_files(target))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise WinaError(f"refusing to replace {target}: its {MANIFEST} is unreadable ({one_line(e)})") from e
+    listed |= {MANIFEST, "README.md"}
+    extra = sorted(p.relative_to(target).as_posix() for p in target.rglob("*")
+                   if not p.is_dir() and p.relative_to(target).as_posix() not in listed)
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise WinaError(f"refusing to replace {target}: it holds files that its {MANIFEST} does not list "
+                        f"({', '.join(extra[:3])}{more}); move them away or choose another -o")
+
+
 class OutputDir:
     """A temporary directory beside the target, renamed into place only when complete.
 
     An interrupted conversion leaves a ``.<name>.wina-partial-*`` directory, never one that looks
-    like a checkpoint; the next run reports and removes it.
+    like a checkpoint; the next run reports and removes it. An existing target is replaced only
+    with ``overwrite`` and only when ``check_replaceable`` allows it (an empty directory or an
+    earlier WINA checkpoint, never the input or a directory that holds it); everything is checked
+    in ``__init__`` (and ``protect``), before anything on disk is touched.
     """
 
-    def __init__(self, target: Path, overwrite: bool = False):
+    def __init__(self, target: Path, overwrite: bool = False, protected: Iterable[Path] = ()):
         self.target = target
         self.overwrite = overwrite
         if target.exists() and not target.is_dir():
             raise WinaError(f"output {target} exists and is not a directory")
+        self.protect(protected)
         if target.is_dir() and any(target.iterdir()) and not overwrite:
             raise WinaError(f"output directory {target} is not empty: choose another -o or pass --overwrite")
         self.stale = sorted(target.parent.glob(f".{target.name}{TMP_MARK}*")) if target.parent.exists() else []
+
+    def protect(self, protected: Iterable[Path]) -> None:
+        """Refuse the target if it is, or contains, one of ``protected`` (paths known only later, e.g. a
+        Hub snapshot); with ``overwrite``, also refuse a non-empty target that is not a WINA checkpoint."""
+        if self.overwrite:
+            check_replaceable(self.target, protected)
+        else:
+            check_not_input(self.target, protected)
 
     def __enter__(self) -> Path:
         for stale in self.stale:
@@ -144,10 +206,10 @@ class OutputDir:
             shutil.rmtree(self.path, ignore_errors=True)
             return
         if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.wina-old")
-            shutil.rmtree(old, ignore_errors=True)
-            self.target.rename(old)
+            old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.wina-old-", dir=self.target.parent))
+            os.replace(self.target, old)  # onto the empty directory just made: a name nobody else uses
             self.path.rename(self.target)
             shutil.rmtree(old, ignore_errors=True)
         else:
             self.path.rename(self.target)
+

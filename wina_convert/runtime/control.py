@@ -25,7 +25,7 @@ from torch import nn
 from ..arch import Adapter
 from ..errors import WinaError
 from ..gate import MAX_SPARSITY, interp, thresholds_at
-from .modules import GatedLinear
+from .modules import GateContext, GatedLinear
 
 
 @dataclass
@@ -52,14 +52,16 @@ def gate_modules(adapter: Adapter, num_layers: int) -> list[list[str]]:
     return [[adapter.layer_key(layer, name) for name in adapter.gated_linears()] for layer in range(num_layers)]
 
 
-def swap_gated_linears(model: nn.Module, modules: list[str], splits: dict[str, list[int]]) -> dict[str, GatedLinear]:
-    """Replace each named ``nn.Linear`` by a ``GatedLinear`` sharing its parameters."""
+def swap_gated_linears(model: nn.Module, modules: list[str], splits: dict[str, list[int]],
+                       context: GateContext | None = None) -> dict[str, GatedLinear]:
+    """Replace each named ``nn.Linear`` by a ``GatedLinear`` sharing its parameters (and ``context``)."""
     swapped = {}
+    context = context or GateContext()
     for name in modules:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)
-        gated = linear if isinstance(linear, GatedLinear) else GatedLinear(linear, splits[name])
+        gated = linear if isinstance(linear, GatedLinear) else GatedLinear(linear, splits[name], context)
         setattr(parent, child, gated)
         swapped[name] = gated
     return swapped
@@ -84,6 +86,47 @@ class WinaControl:
         self.quantile_levels = torch.tensor(meta.get("quantile_levels", [0.0, 1.0]), dtype=torch.float64)
         self.allocation_levels = torch.tensor(meta.get("allocation_levels", [0.0, 1.0]), dtype=torch.float64)
         self.sparsity = 0.0
+        self.context = next(iter(gates.values())).context if gates else GateContext()
+        self.layers_prefix = "model.layers"  # set by load (the adapter's)
+        self.checkpoint_config: dict[str, Any] | None = None  # the config.json it was loaded from (for saving)
+
+    @property
+    def epoch(self) -> int:
+        """Bumped when any of this model's gates changes thresholds (its decode graphs are stale then)."""
+        return self.context.epoch
+
+    def sidecar_tensors(self) -> dict[str, torch.Tensor]:
+        """The sidecar's tensors as loaded (column norms, quantile tables, allocations), to save again."""
+        out = {}
+        for name, table in self.tables.items():
+            out[f"{name}.column_norms"] = table.column_norms
+            if table.quantiles is not None:
+                out[f"{name}.quantiles"] = table.quantiles
+        for layer, alloc in enumerate(self.allocation):
+            if alloc is not None:
+                out[f"{self.layers_prefix}.{layer}.allocation"] = alloc
+        return out
+
+    def watch_padding(self, model: nn.Module) -> None:
+        """Exclude padded positions from the counters: before each forward of ``model``, the real positions
+        of its input (from the attention mask) are noted in the gates' shared context."""
+        model.register_forward_pre_hook(self._note_positions, with_kwargs=True)
+        model.register_forward_hook(self._forget_positions, always_call=True)
+
+    def _note_positions(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        self.context.valid = real_positions(mask, ids, kwargs.get("cache_position"))
+
+    def _forget_positions(self, *args: Any) -> None:
+        self.context.valid = None
+
+    def set_counting(self, enabled: bool) -> None:
+        """Count dropped inputs (``stats``) or not; benchmarks of decode speed switch it off."""
+        for gate in self.gates.values():
+            gate.counting = enabled
 
     @property
     def target_sparsity(self) -> float:
@@ -137,10 +180,12 @@ class WinaControl:
         """Achieved sparsity: per gate (by module name), per role, and parameter-weighted overall."""
         per_gate, by_role = {}, {}
         total_w = total_zero = 0.0
+        counts = {name: (gate.zeroed.tolist(), gate.tokens) for name, gate in self.gates.items()}
         for name, gate in self.gates.items():
-            if gate.tokens == 0:
+            zeroed, tokens = counts[name]
+            if tokens == 0:
                 continue
-            fractions = (gate.zeroed / (gate.tokens * gate.in_features)).tolist()
+            fractions = [z / (tokens * gate.in_features) for z in zeroed]
             weights = [size * gate.in_features for size in gate.splits]
             zero = sum(f * w for f, w in zip(fractions, weights))
             per_gate[name] = zero / sum(weights)
@@ -155,3 +200,29 @@ class WinaControl:
             "by_role": {role: z / w for role, (z, w) in by_role.items()},
             "per_gate": per_gate,
         }
+
+
+def real_positions(mask: Any, ids: Any, cache_position: Any = None) -> torch.Tensor | None:
+    """``[batch, positions]`` bool: which positions of this forward are real tokens, not padding.
+
+    ``mask`` is transformers' attention mask: 2-D ``[batch, past + positions]`` (1 = real), or 4-D
+    ``[batch, 1, positions, keys]`` (bool: True = attend; float: 0 = attend), or a dict of those per
+    layer type. A real token always attends to itself, so in the 4-D form position ``q`` is real when
+    its own key ``cache_position[q]`` is not masked. None (count everything) when it cannot tell.
+    """
+    if not isinstance(ids, torch.Tensor) or ids.dim() < 2:
+        return None
+    batch, positions = ids.shape[0], ids.shape[1]
+    if isinstance(mask, dict):
+        mask = next((m for m in mask.values() if isinstance(m, torch.Tensor)), None)
+    if not isinstance(mask, torch.Tensor):
+        return None
+    if mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= positions:
+        return mask[:, mask.shape[1] - positions:] != 0
+    if mask.dim() == 4 and mask.shape[0] == batch and mask.shape[2] == positions and isinstance(cache_position, torch.Tensor):
+        if cache_position.numel() != positions:
+            return None
+        keys = cache_position.reshape(1, 1, positions, 1).expand(batch, 1, positions, 1).to(mask.device)
+        own = mask.gather(3, keys.clamp(max=mask.shape[3] - 1)).reshape(batch, positions)
+        return own if own.dtype == torch.bool else own == 0
+    return None

@@ -9,12 +9,14 @@ a transformers ``StaticCache`` (whose position counter is a device tensor, so a 
 autograd off. For each distinct call signature (the cache object, the shapes of the tensor arguments, the
 other arguments) the first call runs eagerly with the kernels (triton compiles, the workspace exists), the
 second records the graph and replays it, and later ones copy their tensor arguments into the graph's input
-buffers and replay. Any other call runs the model as it is. Gates count nothing while a step is recorded
-or replayed (``counting`` is off then, which is what selects the kernels); in a sparse configuration every
+buffers and replay. Any other call runs the model as it is. While a step is recorded or replayed a gate's
+``counting`` is off (which selects the kernels); a gate that was counting sets ``tally`` instead and counts on
+the device (``GatedLinear.count``), so ``model.wina.stats()`` includes the replayed steps (``model.wina.
+set_counting(False)`` leaves the counting out of the graph, as the speed benchmarks do); in a sparse configuration every
 gate bound to a kernel takes it, also one whose thresholds are all zero (see ``DecodeGraphs.fast``).
 
 Thresholds are read from their tensors' addresses at recording time, and the path of every gate (dense,
-kernel) is decided then: any ``set_thresholds`` (``model.wina.set_sparsity``) bumps ``GatedLinear.epoch``
+kernel) is decided then: any ``set_thresholds`` (``model.wina.set_sparsity``) bumps the model's ``GateContext.epoch``
 and drops every recorded graph.
 
 With ``compile=True`` the recorded step is the ``torch.compile``'d forward (inductor, no cudagraphs of its
@@ -109,7 +111,8 @@ class DecodeGraphs:
         self.failures: dict[Any, str] = {}
         self._graphs: OrderedDict[Any, _Graph] = OrderedDict()
         self._warm: OrderedDict[Any, Any] = OrderedDict()
-        self._epoch = GatedLinear.epoch
+        self.context = self.gates[0].context if self.gates else None
+        self._epoch = self.epoch
         self._compiled = None
         self._compiled_flag = None
         self._stream: torch.cuda.Stream | None = None
@@ -154,9 +157,10 @@ class DecodeGraphs:
 
     # -- calling ---------------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._follow_weights()
         if args or not self.eligible(kwargs):
             return self.model(*args, **kwargs)
-        if GatedLinear.epoch != self._epoch:
+        if self.epoch != self._epoch:
             self.reset()
         try:
             key = self.key(kwargs)
@@ -188,6 +192,19 @@ class DecodeGraphs:
         self.replays += 1
         return graph.run(kwargs)
 
+    def _follow_weights(self) -> None:
+        """After ``model.to(dtype/device)`` the kernels' packed weights are stale (and a recorded graph
+        reads freed memory): repack every group, which also drops the graphs. One group is checked per
+        call (a whole-model ``.to`` moves them all)."""
+        hooks = getattr(self, "_hooks", None)
+        if hooks is None:
+            hooks = self._hooks = list({id(g.kernel): g.kernel for g in self.gates
+                                        if g.kernel is not None and hasattr(g.kernel, "stale")}.values())
+        if hooks and hooks[0].stale():
+            for hook in hooks:
+                if hook.stale():
+                    hook.repack()
+
     def compiled_call(self, compile_config: Any = None) -> "DecodeGraphs":
         """transformers' ``get_compiled_call``: ``generate`` runs its decode steps through this runner."""
         return self
@@ -197,7 +214,12 @@ class DecodeGraphs:
         self._graphs.clear()
         self._warm.clear()
         self.failures.clear()
-        self._epoch = GatedLinear.epoch
+        self._epoch = self.epoch
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of this model's gates (``GateContext``): another model's ``set_sparsity`` leaves it alone."""
+        return self.context.epoch if self.context is not None else 0
 
     @contextlib.contextmanager
     def fast(self) -> Iterator[None]:
@@ -205,9 +227,10 @@ class DecodeGraphs:
         active, every gate bound to a kernel takes it, those with all-zero thresholds too (the kernel
         at sparsity 0 is as fast as cuBLAS, and one path for every sparse configuration means one
         ``torch.compile`` for all of them). With no gate active (sparsity 0) the step stays dense."""
-        saved = [(g.counting, g.active) for g in self.gates]
+        saved = [(g.counting, g.active, g.tally) for g in self.gates]
         sparse = any(g.active for g in self.gates)
         for g in self.gates:
+            g.tally = g.counting  # a counting gate counts on the kernel path: on the device, so replays count
             g.counting = False
             if sparse and g.kernel is not None:
                 g.active = True
@@ -218,8 +241,8 @@ class DecodeGraphs:
         try:
             yield
         finally:
-            for g, (counting, active) in zip(self.gates, saved):
-                g.counting, g.active = counting, active
+            for g, (counting, active, tally) in zip(self.gates, saved):
+                g.counting, g.active, g.tally = counting, active, tally
 
     def forward_fn(self):
         """The forward that is run and recorded: the model's, or its ``torch.compile``'d version."""

@@ -18,7 +18,7 @@ from ..gate import column_norms
 from ..progress import quiet_transformers
 from ..transform import ATTN_SHORTCUT, MLP_SHORTCUT
 from .control import GateTable, WinaControl, gate_modules, swap_gated_linears
-from .modules import Shortcut, WinaDecoderLayer
+from .modules import GateContext, Shortcut, WinaDecoderLayer, wina_model_class
 
 
 def wrap_layer(layer: nn.Module, adapter: Adapter, dim: int) -> WinaDecoderLayer:
@@ -49,7 +49,7 @@ def attach_gates(model: nn.Module, adapter: Adapter, config: Any, sidecar: dict[
         for name in adapter.gated_linears():
             full = adapter.layer_key(layer, name)
             splits[full] = adapter.splits(name, config, model.get_submodule(full).out_features)
-    gates = swap_gated_linears(model, [n for names in layers for n in names], splits)
+    gates = swap_gated_linears(model, [n for names in layers for n in names], splits, GateContext())
     tables = {}
     for name, gate in gates.items():
         norms = sidecar.get(f"{name}.column_norms")
@@ -58,6 +58,8 @@ def attach_gates(model: nn.Module, adapter: Adapter, config: Any, sidecar: dict[
         tables[name] = GateTable(name, norms.float(), sidecar.get(f"{name}.quantiles"))
     allocation = [sidecar.get(f"{adapter.layers_prefix}.{layer}.allocation") for layer in range(config.num_hidden_layers)]
     control = WinaControl(gates, tables, allocation, layers, meta)
+    control.layers_prefix = adapter.layers_prefix
+    control.watch_padding(model)
     model.wina = control
     return control
 
@@ -114,7 +116,7 @@ def load(
     adapter.check(config)
     if config_dict["wina"].get("transform") and adapter.transform_refusal:
         raise WinaError(f"cannot load {directory}, a transformed checkpoint: {adapter.transform_refusal}")
-    causal_lm, _, _ = adapter.model_classes()
+    causal_lm = wina_model_class(adapter.model_classes()[0])  # its save_pretrained writes a WINA checkpoint
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     with quiet_transformers():
         try:
@@ -125,6 +127,7 @@ def load(
         _install_shortcuts(hf_model, adapter, config, directory)
     control = attach_gates(hf_model, adapter, config, sidecar, meta)
     check_sidecar(control, meta, config.num_hidden_layers)
+    control.checkpoint_config = config_dict
     hf_model.to(device)
     hf_model.eval()
     control.set_gate_prefill(gate_prefill)

@@ -9,7 +9,9 @@ two shortcut rotations that move the residual stream between the attention and M
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+import os
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,20 @@ from torch import nn
 
 # Signature of a fast kernel: (x, gated_linear) -> y, or None to fall back to the reference.
 Kernel = Callable[[torch.Tensor, "GatedLinear"], "torch.Tensor | None"]
+
+
+class GateContext:
+    """State that the gates of ONE model share (``runtime/control.py`` gives each loaded model its own).
+
+    ``epoch`` is bumped whenever one of the model's gates changes its thresholds: the model's recorded
+    decode graphs (``runtime/graphs.py``) are stale then; another model's are not. ``valid`` is the
+    ``[batch, positions]`` mask of the real (not padded) positions of the forward being run, set from
+    its attention mask (``WinaControl``'s forward hook), so that the counters skip padding.
+    """
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.valid: torch.Tensor | None = None
 
 
 class GatedLinear(nn.Module):
@@ -27,10 +43,7 @@ class GatedLinear(nn.Module):
     are gated only when ``gate_prefill`` is set.
     """
 
-    # Bumped whenever any gate's thresholds change: recorded decode graphs (runtime/graphs.py) are stale then.
-    epoch = 0
-
-    def __init__(self, linear: nn.Linear, splits: list[int]):
+    def __init__(self, linear: nn.Linear, splits: list[int], context: GateContext | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
@@ -39,10 +52,13 @@ class GatedLinear(nn.Module):
         self.register_buffer("thresholds", torch.zeros(len(splits), self.in_features, device=linear.weight.device), persistent=False)
         self.active = False
         self.gate_prefill = True
-        self.counting = True
+        self.counting = True  # count with the masking reference (off: the kernel, if bound, runs)
+        self.tally = False  # count on the kernel path too (set by the decode graphs for counting gates)
+        self.context = context or GateContext()
         self.kernel: Kernel | None = None
-        self.register_buffer("zeroed", torch.zeros(len(splits), dtype=torch.float64, device=linear.weight.device), persistent=False)
-        self.tokens = 0
+        # integer counters on the weight's device: a CUDA graph replay adds to them, .to(dtype) leaves them alone
+        self.register_buffer("zeroed", torch.zeros(len(splits), dtype=torch.int64, device=linear.weight.device), persistent=False)
+        self.register_buffer("counted", torch.zeros((), dtype=torch.int64, device=linear.weight.device), persistent=False)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, splits={self.splits}, active={self.active}"
@@ -51,11 +67,39 @@ class GatedLinear(nn.Module):
         """Per-channel thresholds ``[len(splits), in]``; all zeros (or ``active=False``) is dense."""
         self.thresholds = thresholds.to(device=self.weight.device, dtype=torch.float32).reshape(len(self.splits), -1)
         self.active = bool((self.thresholds > 0).any())
-        GatedLinear.epoch += 1
+        self.context.epoch += 1
+
+    @property
+    def tokens(self) -> int:
+        """Positions counted since ``reset_stats`` (padding excluded); reading it waits for the device."""
+        return int(self.counted.item())
 
     def reset_stats(self) -> None:
         self.zeroed.zero_()
-        self.tokens = 0
+        self.counted.zero_()
+
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)`` must not round the thresholds: they stay float32 (on the weight's device), as in a
+        model loaded in that dtype."""
+        thresholds = self.thresholds
+        super()._apply(fn, recurse)
+        self.thresholds = thresholds.to(device=self.weight.device, dtype=torch.float32)
+        return self
+
+    def count(self, keep: torch.Tensor) -> None:
+        """Add the dropped inputs of ``keep`` ``[..., n_mats, in]`` to the counters, real positions only.
+
+        Only device tensors change (no host sync), so a CUDA graph replay counts too.
+        """
+        flat = keep.reshape(-1, len(self.splits), self.in_features)
+        valid = self.context.valid
+        if valid is not None and valid.numel() == flat.shape[0]:
+            weight = valid.reshape(-1, 1, 1).to(device=flat.device)
+            self.zeroed += ((~flat) & weight).sum(dim=(0, 2))
+            self.counted += weight.sum()
+        else:
+            self.zeroed += (~flat).sum(dim=(0, 2))
+            self.counted += flat.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active or (x.dim() > 2 and x.shape[-2] > 1 and not self.gate_prefill):
@@ -63,12 +107,12 @@ class GatedLinear(nn.Module):
         if self.kernel is not None and not self.counting:
             y = self.kernel(x, self)
             if y is not None:
+                if self.tally:
+                    self.count(x.abs().unsqueeze(-2) > self.thresholds)
                 return y
         keep = x.abs().unsqueeze(-2) > self.thresholds  # [..., n_mats, in]
         if self.counting:
-            flat = keep.reshape(-1, len(self.splits), self.in_features)
-            self.zeroed += (~flat).sum(dim=(0, 2)).to(torch.float64)
-            self.tokens += flat.shape[0]
+            self.count(keep)
         if len(self.splits) == 1:
             return F.linear(x * keep[..., 0, :], self.weight, self.bias)
         outs, start = [], 0
@@ -129,3 +173,44 @@ class WinaDecoderLayer(nn.Module):
         residual = self._shortcut(1, hidden_states, x)
         hidden_states = residual + self._post("mlp_post_norm", getattr(self, n["mlp_module"])(x))
         return hidden_states
+
+
+class WinaModelMixin:
+    """Put before a transformers ``XForCausalLM`` by ``load`` (``wina_model_class``), for two round trips.
+
+    * ``save_pretrained`` writes a complete WINA checkpoint (``runtime/save.py``), never the rotated
+      weights under the base model type (which plain transformers would run without the rotations).
+    * ``.to(dtype)`` keeps float32 the non-persistent float32 buffers (the rotary ``inv_freq``), as a
+      model loaded in that dtype has them: the result computes exactly like ``load(..., dtype=...)``.
+    """
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: str | int = "5GB",
+                        **kwargs: Any) -> None:
+        from ..errors import WinaError
+        from .save import save_checkpoint
+
+        unknown = sorted(set(kwargs) - {"safe_serialization", "is_main_process"})
+        if unknown or kwargs.get("safe_serialization") is False:
+            raise WinaError("save_pretrained of a WINA model writes safetensors only and takes max_shard_size; "
+                            f"not {', '.join(unknown) or 'safe_serialization=False'}")
+        if kwargs.get("is_main_process", True):
+            from pathlib import Path
+
+            save_checkpoint(self, Path(save_directory), shard_size=max_shard_size)
+
+    def _apply(self, fn, recurse=True):
+        kept = [(module, name, buf) for module in self.modules() for name, buf in module._buffers.items()
+                if buf is not None and buf.dtype == torch.float32 and name in module._non_persistent_buffers_set
+                and not isinstance(module, GatedLinear)]
+        super()._apply(fn, recurse)
+        for module, name, buf in kept:
+            moved = module._buffers[name]
+            module._buffers[name] = buf.to(device=moved.device)
+        return self
+
+
+@functools.lru_cache(maxsize=None)
+def wina_model_class(causal_lm: type) -> type:
+    """``causal_lm`` with ``WinaModelMixin`` in front (one class per family, made once)."""
+    return type(causal_lm.__name__, (WinaModelMixin, causal_lm), {"__module__": __name__,
+                                                                "__qualname__": causal_lm.__name__})

@@ -39,6 +39,10 @@ class SharedInput:
     def __init__(self, gates: list[GatedLinear]):
         self.gates = gates
         self.index = {id(g): i for i, g in enumerate(gates)}
+        self._pack()
+
+    def _pack(self) -> None:
+        gates = self.gates
         self.weight_t = launch.pack_weight([g.weight.detach() for g in gates])
         biases = [g.bias for g in gates]
         has_bias = any(b is not None for b in biases)
@@ -70,6 +74,23 @@ class SharedInput:
             if g.bias is not None:
                 g.bias = nn.Parameter(self.bias[c0:c1], requires_grad=False)
             g.weight_t = self.weight_t[:, c0:c1]
+        self._packed = (self.gates[0].weight.data_ptr(), self.weight_t.dtype, self.weight_t.device)
+
+    def stale(self) -> bool:
+        """True after ``model.to(dtype/device)``: the members' weights are no longer views of ``weight_t``."""
+        w = self.gates[0].weight
+        return (w.data_ptr(), w.dtype, w.device) != self._packed
+
+    def repack(self) -> None:
+        """Pack the members' (converted) weights again, the shortcut too; the old packed copy is freed (no
+        reference to it is left) and the model's recorded decode graphs are dropped (new addresses)."""
+        shortcut, eps = self.shortcut, self.rms_eps
+        self._pack()
+        if shortcut is not None:
+            self.add_shortcut(shortcut, eps)
+        self.gates[0].context.epoch += 1
+        if self.weight_t.is_cuda:
+            launch.reserve_workspace(self.weight_t.device, self.weight_t.shape[1])
 
     def refresh(self) -> None:
         """Copy the members' threshold rows into ``thr`` ``[sum P, in]`` (in place: its address is what a
@@ -104,6 +125,7 @@ class SharedInput:
                 self.bias = torch.cat([self.bias, self.bias.new_zeros(d)])
             self._alias()
             shortcut.weight = nn.Parameter(self.weight_t[:, start:].t(), requires_grad=False)
+            shortcut.weight_t = self.weight_t[:, start:]
             self.thr = torch.cat([self.thr, self.thr.new_full((1, self.thr.shape[1]), float("-inf"))])
         self._thr_src = ()
         self.splits = self.splits + [d]
@@ -121,7 +143,9 @@ class SharedInput:
         on ``x``; ``None`` (nothing launched) unless this is a one-token decode through the kernels."""
         if self.shortcut is None or x.numel() != self.thr.shape[1] or h.numel() != x.numel():
             return None
-        if any(g.counting for g in self.gates) or not any(g.active for g in self.gates):
+        if not torch.compiler.is_compiling() and self.stale():
+            self.repack()
+        if any(g.counting for g in self.gates) or not any(g.active for g in self.gates):  # (tally: counted in forward)
             return None
         if not torch.compiler.is_compiling():
             self.refresh()
@@ -139,6 +163,8 @@ class SharedInput:
             return None
         i = self.index[id(gate)]
         if not torch.compiler.is_compiling():  # a compiled step reads thr as refreshed before it ran
+            if self.stale():
+                self.repack()
             self.refresh()
         if len(self.gates) == 1 and self.shortcut is None:
             return launch.gated_linear_op(x, self.weight_t, self.thr, gate.splits, gate.bias)
@@ -272,4 +298,4 @@ def force_kernels(control: WinaControl) -> None:
     sparsity 0, for measuring it against the dense one). ``set_sparsity`` undoes it."""
     for gate in control.gates.values():
         gate.active = True
-    GatedLinear.epoch += 1
+    control.context.epoch += 1

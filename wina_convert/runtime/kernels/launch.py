@@ -16,8 +16,8 @@ Host cost: a launch reuses the compiled kernel's launcher with raw addresses (``
 device machine one call still costs ~60 us of CPU; decode must run under CUDA graphs to see the GPU-side
 speedup (measured per layer: eager sparse is slower than eager dense there).
 
-The workspace is per device and is reset by every launch, so calls must not run concurrently on two
-streams of one device. Importing this module needs no triton: ``backend.HAS_TRITON`` is then False,
+The split-K workspace is per device AND stream (every launch leaves it zeroed): two models, or one
+model's graphs and an eager call, may run on two streams of one device at the same time. Importing this module needs no triton: ``backend.HAS_TRITON`` is then False,
 ``gated_linear`` computes with torch and ``reference_gated_linear`` still works. ``gated_linear_op`` is the
 same function as an opaque operator for ``torch.compile``.
 """
@@ -146,6 +146,7 @@ def _dense_masked(x2: torch.Tensor, weight_t: torch.Tensor, thr: torch.Tensor, s
 
 _SM_COUNT: dict = {}
 _WORKSPACE: dict = {}
+_RESERVED: dict = {}  # device -> widest output any bound model needs (a new stream's workspace starts that wide)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -159,9 +160,13 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _workspace(device: torch.device, n_ws: int, n_cnt: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The zeroed fp32 accumulator and ticket counters of ``device`` (every launch leaves them zeroed)."""
-    key = (device.type, device.index)
+    """The zeroed fp32 accumulator and ticket counters of ``device`` on the current stream (every launch
+    leaves them zeroed)."""
+    key = (device.type, device.index, _stream(device) if device.type == "cuda" else 0)
     ws, cnt = _WORKSPACE.get(key, (None, None))
+    if ws is None:
+        widest = _RESERVED.get((device.type, device.index), 0)
+        n_ws, n_cnt = max(n_ws, widest), max(n_cnt, cdiv(widest, 16) + 1)
     if ws is None or ws.numel() < n_ws or cnt.numel() < n_cnt:
         n_ws = max(n_ws, 0 if ws is None else ws.numel())
         n_cnt = max(n_cnt, 0 if cnt is None else cnt.numel())
@@ -177,7 +182,10 @@ def reserve_workspace(device: torch.device, n_out: int) -> None:
     Called when the kernels are bound to a model, so that no launch grows the workspace while a CUDA graph
     is being captured (a buffer allocated during capture would belong to that graph's private pool).
     """
-    _workspace(torch.device(device), n_out, cdiv(n_out, 16) + 1)
+    device = torch.device(device)
+    key = (device.type, device.index)
+    _RESERVED[key] = max(_RESERVED.get(key, 0), n_out)
+    _workspace(device, n_out, cdiv(n_out, 16) + 1)
 
 
 def cdiv(a: int, b: int) -> int:
