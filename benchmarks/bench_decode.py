@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode.py --out DIR [--layers 32] [--tokens 128] [--modes graphs,compile]
                                       [--work DIR] [--hf-dense] [--dtype float16] [--only 'no transform']
+                                      [--batches 1,2,4,8] [--name decode_h200]
 
 No download: a random-weight Llama with Llama-3-8B's shapes (32 layers, hidden 4096, intermediate 14336,
 32 heads, 8 KV heads, vocab 128256, bf16 unless --dtype float16) is built on the GPU and saved with a small byte-level BPE
@@ -10,6 +11,9 @@ converted twice on the GPU (``transform=False`` and ``True``, target 0.5, a few 
 speed depends only on the sparsity achieved, which is measured and reported), then ``wina_convert.evaluate.bench``
 decodes greedily (batch 1, static KV cache, one CUDA graph per token) dense and at 0 / 0.4 / 0.5 / 0.65,
 in each mode: ``graphs`` (the eager step recorded) and ``compile`` (the ``torch.compile``'d step recorded).
+Every speedup is given twice: over transformers' dense layout ("dense") and over our fused dense path
+(sparsity 0 through the kernels, "fused dense"); the headline uses the faster of the two. ``--batches``
+adds batched decoding (more than one sequence; the no-transform checkpoint, last mode only).
 ``--hf-dense`` also measures dense through an unpacked model (``kernels=False``: transformers' weight layout),
 to check that storing q/k/v and gate/up packed as ``W^T`` costs the dense path nothing.
 
@@ -86,7 +90,8 @@ def free() -> None:
         torch.cuda.empty_cache()
 
 
-def measure(path: Path, modes: list[str], tokens: int, prompt: int, device: str, attention: str | None = None) -> dict[str, dict]:
+def measure(path: Path, modes: list[str], tokens: int, prompt: int, device: str, attention: str | None = None,
+            batches: tuple[int, ...] = ()) -> dict[str, dict]:
     out = {}
     t0 = time.perf_counter()
     model = load(path, sparsity=0.0, device=device)
@@ -104,6 +109,12 @@ def measure(path: Path, modes: list[str], tokens: int, prompt: int, device: str,
         out[mode] = res
         print(f"  {path.name} {mode}: {res['wall_s']:.0f} s; " + ", ".join(
             f"{r['label']} {r['tokens_per_s']:.1f} tok/s" for r in [res["dense"], *res["rows"]]), flush=True)
+    for b in batches:
+        mode = modes[-1]
+        res = bench(model, sparsities=SPARSITIES, tokens=tokens, prompt_tokens=prompt, compile=(mode == "compile"), batch=b)
+        out[f"{mode}, batch {b}"] = res
+        print(f"  {path.name} {mode} batch {b}: " + ", ".join(
+            f"{r['label']} {r['tokens_per_s']:.1f} tok/s ({r['path']})" for r in [res["dense"], *res["rows"]]), flush=True)
     del model
     free()
     return out
@@ -128,42 +139,57 @@ def table(results: dict, hf: dict | None, meta: dict) -> str:
     lines = []
     copy = next(iter(next(iter(results.values())).values()))["copy_gbps"]
     base = results.get("no transform") or next(iter(results.values()))  # the original model's dense run
-    plain = {mode: res["dense"] for mode, res in base.items()}
+    plain = {mode: res["dense"] for mode, res in base.items() if "batch" not in mode}
     lines.append(f"Device: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}. "
                  f"Random-weight Llama-3-8B shapes ({meta['layers']} layers), {meta.get('dtype', 'bfloat16')}, batch 1, greedy, "
                  f"prompt {meta['prompt']} tokens, {meta['tokens']} decode tokens ({meta['tokens'] - 1} timed), "
                  f"static KV cache, one CUDA graph per token, attention {next(iter(base.values())).get('attention')}. "
                  f"Device-to-device copy: {copy or 0:.0f} GB/s (read + write).")
     lines.append("")
-    lines.append("| checkpoint | mode | config | achieved sparsity | tokens/s | ms/token (median) | GB/s | x dense (same ckpt) "
-                 "| limit | % of limit | x plain dense |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("| checkpoint | mode | config | path | achieved sparsity | tokens/s | ms/token (median) | GB/s | x dense (same ckpt) "
+                 "| limit | % of limit | x plain dense | x fused dense | byte limit tok/s | % of byte limit |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for ckpt, by_mode in results.items():
         for mode, res in by_mode.items():
             for row in [res["dense"], *res["rows"]]:
                 dense = row["sparsity"] is None
-                vs_plain = row["tokens_per_s"] / plain[mode]["tokens_per_s"]
+                ref = plain.get(mode) or res["dense"]  # batched runs: their own dense
+                vs_plain = row["tokens_per_s"] / ref["tokens_per_s"]
+                fused = _fused(base.get(mode) or res)
+                vs_fused = row["tokens_per_s"] / fused if fused else float("nan")
+                bl, fb = row.get("byte_limit_tokens_per_s"), row.get("fraction_of_byte_limit")
                 lines.append(
-                    f"| {ckpt} | {mode} | {row['label']} | {row['achieved_sparsity']:.1%} | {row['tokens_per_s']:.1f} "
+                    f"| {ckpt} | {mode} | {row['label']} | {row['path']} | {row['achieved_sparsity']:.1%} | {row['tokens_per_s']:.1f} "
                     f"| {row['latency_ms']:.2f} | {row['gbps']:.0f} | {'1.00' if dense else format(row['speedup'], '.2f')}x "
                     f"| {'' if dense else format(row['limit'], '.2f') + 'x'} | {'' if dense else format(row['fraction_of_limit'], '.0%')} "
-                    f"| {vs_plain:.2f}x |")
+                    f"| {vs_plain:.2f}x | {vs_fused:.2f}x | {'' if bl is None else format(bl, '.0f')} "
+                    f"| {'' if fb is None else format(fb, '.0%')} |")
     lines.append("")
     for mode, d in plain.items():
+        read = base[mode].get("read_gbps")
         lines.append(f"Dense baseline ({mode}): {d['tokens_per_s']:.1f} tokens/s = {d['gbps']:.0f} GB/s of "
                      f"{base[mode]['bytes']['dense_per_token'] / 1e9:.2f} GB per token, "
-                     f"{(d['efficiency'] or 0):.0%} of the copy bandwidth.")
+                     f"{(d['efficiency'] or 0):.0%} of the copy bandwidth"
+                     + (f"; read bandwidth {read:.0f} GB/s; fastest dense: {base[mode].get('fastest_dense')}." if read else "."))
     if hf:
         for mode, res in hf.items():
             d = res["dense"]
             lines.append(f"Dense with transformers' weight layout (unpacked, {mode}): {d['tokens_per_s']:.1f} tokens/s "
                          f"({(d['efficiency'] or 0):.0%} of copy).")
     lines.append("")
+    lines.append("'x fused dense' compares with our sparsity-0 path of the no-transform checkpoint (the kernels, every "
+                 "threshold zero; for a batch, the same batch size): the dense speed a user of this runtime gets. "
+                 "byte limit = read bandwidth x batch / bytes per token.")
     lines.append("'x dense' and 'limit' compare a checkpoint with its own dense run (a transformed checkpoint's dense reads "
                  "its shortcut rotations too); 'x plain dense' compares with the dense no-transform model, i.e. the original "
                  "model. limit = dense bytes / sparse bytes per token (weights + static KV cache, sparse bytes from the "
                  "achieved sparsity).")
     return "\n".join(lines) + "\n"
+
+
+def _fused(res: dict) -> float | None:
+    """Tokens/s of the fused dense row (sparsity 0 through the kernels) of a bench result, if measured."""
+    return next((r["tokens_per_s"] for r in res["rows"] if r["sparsity"] == 0.0), None)
 
 
 def main() -> None:
@@ -182,6 +208,7 @@ def main() -> None:
                     help="attention implementation to run instead of the runtime's (e.g. sdpa, for comparison)")
     ap.add_argument("--only", default=None, help="measure one checkpoint: 'no transform' or 'transform'")
     ap.add_argument("--name", default="decode_h100")
+    ap.add_argument("--batches", default="", help="comma-separated batch sizes > 1 to measure too (no-transform checkpoint)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="small shapes, for trying the script on a CPU")
     args = ap.parse_args()
@@ -229,7 +256,8 @@ def main() -> None:
     results = {}
     hf = None
     for name, path in ckpts.items():
-        results[name] = measure(path, modes, args.tokens, args.prompt, args.device, args.attention)
+        batches = tuple(int(b) for b in args.batches.split(",") if b.strip() and int(b) > 1) if name == "no transform" else ()
+        results[name] = measure(path, modes, args.tokens, args.prompt, args.device, args.attention, batches)
         if name == "no transform" and args.hf_dense:
             hf = measure_hf_dense(path, modes, args.tokens, args.prompt, args.device)
         (out_dir / f"{args.name}.json").write_text(json.dumps({"meta": meta, "timings": timings, "results": results,

@@ -125,3 +125,18 @@ def test_bench_decode_script_float16_one_checkpoint(tmp_path):
 def test_bench_decode_script_rejects_unknown_checkpoint(tmp_path):
     proc = _run_bench_decode(tmp_path, "--only", "notransform")
     assert proc.returncode == 2 and "--only must be one of" in proc.stderr
+
+
+def test_batch_and_fastest_dense(tiny_checkpoints):
+    """Two sequences decode together; every row is compared with the faster of dense and fused dense."""
+    res = bench(tiny_checkpoints[False], sparsities=(0.0, 0.5), tokens=4, prompt_tokens=3, device="cpu", batch=2)
+    assert res["batch"] == 2 and res["read_gbps"] is None
+    rows = [res["dense"], *res["rows"]]
+    assert res["fastest_dense"] in ("dense", "fused dense") and res["rows"][0]["label"] == "fused dense"
+    fastest = max(r["tokens_per_s"] for r in rows[:2])
+    for row in rows:
+        assert row["speedup_vs_fastest_dense"] == pytest.approx(row["tokens_per_s"] / fastest)
+        assert row["byte_limit_tokens_per_s"] is None and row["fraction_of_byte_limit"] is None
+    assert res["rows"][1]["achieved_sparsity"] > 0.3  # no kernels bound on CPU: the batch is gated (reference)
+    with pytest.raises(WinaError, match="batch"):
+        bench(tiny_checkpoints[False], tokens=3, device="cpu", batch=0)

@@ -344,3 +344,28 @@ def test_compiled_decode_step(converted):
     compiled = _teacher_forced_logits(fast, ids, 8, fast.wina_decode)
     assert not fast.wina_decode.failures, fast.wina_decode.failures
     assert float((compiled - plain).norm() / plain.norm()) <= 1e-4
+
+
+@needs_gpu
+def test_batched_decode_in_graphs_is_dense(converted):
+    """Three sequences decoded together through the recorded graphs: beyond ``sparse_batch`` the step reads every
+    weight, so the tokens equal the dense model's; raised, the batch is gated (and differs from dense)."""
+    from wina_convert import load
+    from wina_convert.runtime.kernels.hook import set_sparse_batch
+
+    path = converted[("qwen2", False, "float32")]
+    fast = load(path, sparsity=0.5, device=DEV)
+    dense = load(path, sparsity=0.0, device=DEV, kernels=False)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, fast.config.vocab_size, (3, 6), generator=g).to(DEV)
+    for m in (fast, dense):
+        for gate in m.wina.gates.values():
+            gate.gate_prefill = False  # the prompt dense in both: only the decode steps differ
+    with torch.no_grad():
+        a = fast.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        b = dense.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, cache_implementation="static")
+        assert fast.wina_decode.replays >= 8 and not fast.wina_decode.failures
+        assert torch.equal(a, b)
+        set_sparse_batch(fast.wina, 8)
+        c = fast.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert not torch.equal(c, b)

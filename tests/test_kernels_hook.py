@@ -159,3 +159,30 @@ def test_rms_scaled_matrices_on_the_torch_path(rows):
     torch.testing.assert_close(y[:, 32:], h @ w[:, 32:] + b[32:], rtol=1e-4, atol=1e-4)  # the un-normalized product
     ref = kernels.reference_gated_linear(x.double(), w.double(), thr, splits, b.double(), rms=(norm.double(), 0b100, 40, 1e-5))
     torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_batched_decode_runs_dense_unless_allowed(checkpoint):
+    """A decode step of more sequences than ``sparse_batch`` reads every weight (one dense product per group):
+    its logits are the dense model's; with ``set_sparse_batch`` raised it is gated like the reference."""
+    from wina_convert.runtime.kernels.hook import set_sparse_batch
+
+    model, groups = _bound(checkpoint, 0.5)
+    dense = load(checkpoint, sparsity=0.0)
+    gated = load(checkpoint, sparsity=0.5)
+    for gate in model.wina.gates.values():
+        gate.counting = False
+    ids = torch.randint(0, model.config.vocab_size, (3, 1), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        want_dense = dense(input_ids=ids).logits
+        want_gated = gated(input_ids=ids).logits
+        assert not torch.allclose(want_dense, want_gated, atol=1e-3)  # the check below can tell them apart
+        torch.testing.assert_close(got, want_dense, rtol=1e-4, atol=1e-4)
+        set_sparse_batch(model.wina, 3)
+        assert all(g.sparse_batch == 3 for g in groups)
+        torch.testing.assert_close(model(input_ids=ids).logits, want_gated, rtol=1e-4, atol=1e-4)
+        one = ids[:1]
+        set_sparse_batch(model.wina, 1)  # batch 1 is always gated
+        torch.testing.assert_close(model(input_ids=one).logits, gated(input_ids=one).logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError):
+        set_sparse_batch(model.wina, 0)

@@ -316,6 +316,7 @@ def bench(
     device: Optional[str] = typer.Option(None, "--device", help="Default: cuda when available, else cpu."),
     dtype: Optional[str] = typer.Option(None, "--dtype"),
     compile: bool = typer.Option(False, "--compile", help="CUDA: record the torch.compile'd decode step (slower to start, faster per token)."),
+    batch: int = typer.Option(1, "--batch", "-b", help="Sequences decoded together (beyond 1, decode steps run dense on the GPU)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Decode speed, dense vs sparse, in the same runtime (tokens/s, latency, physical limit)."""
@@ -327,7 +328,8 @@ def bench(
         raise WinaError("--sparsity needs at least one value")
     if tokens < 1:
         raise WinaError(f"--tokens must be at least 1, got {tokens}")
-    result = run_bench(checkpoint, sparsities=levels, tokens=tokens, device=device, dtype=dtype, compile=compile or None)
+    result = run_bench(checkpoint, sparsities=levels, tokens=tokens, device=device, dtype=dtype, compile=compile or None,
+                       batch=batch)
     if as_json:
         print(json.dumps(result, default=str))
     else:

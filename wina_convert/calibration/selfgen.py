@@ -94,7 +94,6 @@ def _streamed_model(source: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
     from ..arch import adapter_for
-    from ..arch.base import model_classes
 
     adapter = adapter_for(source.config.model_type)
     with quiet_transformers(), torch.device("meta"):
@@ -109,7 +108,7 @@ def _streamed_model(source: Any) -> Any:
         _set_parameter(model, adapter.lm_head, source.tensor(adapter.lm_head).to(torch.float32))
     else:  # tied
         model.get_submodule(adapter.lm_head.rpartition(".")[0]).weight = model.get_submodule(adapter.embed.rpartition(".")[0]).weight
-    rotary_cls = model_classes(source.config)[2]
+    rotary_cls = adapter.model_classes()[2]
     for name, module in list(model.named_modules()):
         if isinstance(module, rotary_cls):
             parent, _, child = name.rpartition(".")

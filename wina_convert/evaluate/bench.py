@@ -5,9 +5,12 @@ Batch-1 decode reads every weight once per token, so its speed is set by bytes: 
 ``s`` the skipped weight columns are never read. The physical limit on the speedup is
 ``dense_bytes / sparse_bytes`` (from the weights and the sparsity actually achieved, measured on the
 decoded tokens), and the achieved fraction of that limit says how much of the saving the kernels
-realize. Dense is sparsity 0 through transformers' own linears (``F.linear``); every configuration
-decodes greedily from the same random prompt through the same runtime: a static KV cache, and on CUDA
-one CUDA graph per token (``runtime/graphs.py``), so launch overhead is out of both.
+realize. Dense is sparsity 0 through transformers' own linears (``F.linear``); "fused dense" is the
+sparse path at sparsity 0 (our kernels with every threshold zero: q/k/v and gate/up in one launch each),
+which a dense user of this runtime also gets, so speedups are reported against the faster of the two.
+Every configuration decodes greedily from the same random prompt through the same runtime: a static KV
+cache, and on CUDA one CUDA graph per token (``runtime/graphs.py``), so launch overhead is out of both.
+The byte limit is the read bandwidth (``read_gbps``, a reduction over 1 GiB) over the bytes a token reads.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def bench(
     *,
     compile: bool | None = None,
     seed: int = 0,
+    batch: int = 1,
 ) -> dict[str, Any]:
     """Decode ``tokens`` tokens greedily, dense and at each sparsity; time every token.
 
@@ -40,6 +44,9 @@ def bench(
     Dense is always measured first; a sparsity of 0 in ``sparsities`` measures the sparse path (the
     kernels, every threshold zero) against it. ``compile`` (CUDA): record the ``torch.compile``'d step
     (None keeps the runtime's setting). On CPU the reference path runs without graphs (tiny models).
+    ``batch``: sequences decoded together; a batched decode step runs dense on the kernel path unless
+    the model's ``sparse_batch`` allows it (``runtime/kernels/hook.py``), and its row says so.
+    With the kernels bound, sparsity 0 is always measured ("fused dense").
 
     Returns a dict:
 
@@ -52,13 +59,17 @@ def bench(
     * ``bytes``: per-token reads, dense: ``dense_per_token`` = ``gated`` (the gated matrices) +
       ``shortcuts`` (a transformed checkpoint's residual rotations) + ``lm_head`` + ``kv_cache``
       (the static cache, read whole by attention) + ``other`` (norms, the embedding row).
+    * ``read_gbps``: read-only bandwidth (bytes read per second / 1e9; None on CPU);
+      ``fastest_dense``: the label of the faster of dense and fused dense.
     * ``dense`` and ``rows`` (one per requested sparsity), each a dict: ``label``, ``sparsity``
       (asked; None for dense), ``achieved_sparsity`` (parameter-weighted fraction of weight columns
       skipped on the decoded tokens), ``path`` ("dense", "kernel" or "reference"), ``tokens_per_s``,
       ``latency_ms`` (median per token), ``latency_ms_p90``, ``bytes_per_token``, ``gbps`` (bytes
       per token x tokens/s), ``speedup`` (tokens/s over dense), ``limit`` (dense bytes / these
-      bytes), ``fraction_of_limit`` (speedup / limit), ``same_tokens_as_dense``; the dense row also
-      has ``efficiency`` (gbps / copy_gbps, None on CPU).
+      bytes), ``fraction_of_limit`` (speedup / limit), ``same_tokens_as_dense``,
+      ``speedup_vs_fastest_dense`` (tokens/s over the faster of dense and fused dense),
+      ``byte_limit_tokens_per_s`` (read bandwidth / bytes per token) and ``fraction_of_byte_limit``;
+      the dense row also has ``efficiency`` (gbps / copy_gbps, None on CPU).
     """
     from ..runtime.graphs import greedy
     from ..runtime.kernels.hook import force_kernels
@@ -69,6 +80,8 @@ def bench(
         raise WinaError(f"--tokens must be at least 2, got {tokens}")
     if prompt_tokens < 1:
         raise WinaError(f"the prompt needs at least one token, got {prompt_tokens}")
+    if batch < 1:
+        raise WinaError(f"--batch must be at least 1, got {batch}")
     if isinstance(path_or_model, (str, os.PathLike)):
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load(path_or_model, sparsity=0.0, device=dev, dtype=dtype)
@@ -87,16 +100,22 @@ def bench(
     if runner is not None and compile is not None:
         runner.compile = compile
     kernels_bound = any(g.kernel is not None for g in control.gates.values())
+    if kernels_bound and 0.0 not in levels:
+        levels = [0.0] + levels
+    sparse_batch = min((getattr(g.kernel, "sparse_batch", batch) for g in control.gates.values() if g.kernel is not None),
+                       default=batch)
+    dense_batch = kernels_bound and batch > sparse_batch
 
     generator = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=generator).to(dev)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_tokens), generator=generator).to(dev)
+
     from transformers import StaticCache
 
-    cache = StaticCache(config=model.config, max_cache_len=prompt_tokens + tokens + 1)
+    cache = StaticCache(config=model.config, max_cache_len=prompt_tokens + tokens + 1)  # sized to the batch on first use
     previous = (control.sparsity, [(g.gate_prefill, g.counting) for g in control.gates.values()])
     control.set_counting(False)  # timed steps count nothing (``_achieved`` counts them apart)
     try:
-        configs = [("dense", None)] + [(f"s={s:.2f}", s) for s in levels]
+        configs = [("dense", None)] + [("fused dense" if s == 0 else f"s={s:.2f}", s) for s in levels]
         rows, dense_tokens = [], None
         for label, s in configs:
             if s is None or s == 0:
@@ -110,13 +129,13 @@ def bench(
             row = {
                 "label": label,
                 "sparsity": s,
-                "path": "dense" if s is None else ("kernel" if kernels_bound else "reference"),
+                "path": "dense" if s is None else ("dense (batch)" if dense_batch else "kernel" if kernels_bound else "reference"),
                 "tokens_per_s": (tokens - 1) / sum(times),
                 "latency_ms": statistics.median(times) * 1e3,
                 "latency_ms_p90": _quantile(times, 0.9) * 1e3,
             }
-            if s is None:
-                dense_tokens = out
+            if s is None or dense_batch:  # a batched step beyond sparse_batch reads every weight
+                dense_tokens = out if s is None else dense_tokens
                 row["achieved_sparsity"], row["skipped_bytes"] = 0.0, 0
             else:
                 row["achieved_sparsity"], row["skipped_bytes"] = _achieved(model, control, prompt, out)
@@ -130,13 +149,19 @@ def bench(
     sizes = _bytes_per_token(model, control, cache)
     dense_bytes = sizes["dense_per_token"]
     copy = _copy_gbps(dev) if dev.type == "cuda" else None
+    read = _read_gbps(dev) if dev.type == "cuda" else None
     dense = rows[0]
+    fastest = max((r for r in rows if r["sparsity"] in (None, 0.0)), key=lambda r: r["tokens_per_s"])
     for row in rows:
         row["bytes_per_token"] = dense_bytes - row.pop("skipped_bytes")
         row["gbps"] = row["bytes_per_token"] * row["tokens_per_s"] / 1e9
         row["speedup"] = row["tokens_per_s"] / dense["tokens_per_s"]
+        row["speedup_vs_fastest_dense"] = row["tokens_per_s"] / fastest["tokens_per_s"]
         row["limit"] = dense_bytes / row["bytes_per_token"]
         row["fraction_of_limit"] = row["speedup"] / row["limit"]
+        # a token of a batch of B reads the weights once for all B (the KV cache B times: counted once, a bound)
+        row["byte_limit_tokens_per_s"] = read * 1e9 * batch / row["bytes_per_token"] if read else None
+        row["fraction_of_byte_limit"] = row["tokens_per_s"] / row["byte_limit_tokens_per_s"] if read else None
     dense["efficiency"] = dense["gbps"] / copy if copy else None
     wina_meta = getattr(model.config, "wina", None) or {}
     return {
@@ -152,7 +177,11 @@ def bench(
         "attention": getattr(model.config, "_attn_implementation", None),
         "prompt_tokens": prompt_tokens,
         "tokens": tokens,
+        "batch": batch,
+        "sparse_batch": sparse_batch,
         "copy_gbps": copy,
+        "read_gbps": read,
+        "fastest_dense": fastest["label"],
         "bytes": sizes,
         "dense": dense,
         "rows": rows[1:],
@@ -264,13 +293,31 @@ def _copy_gbps(dev: torch.device, nbytes: int = 1 << 30, reps: int = 20) -> floa
     return 2 * nbytes / statistics.median(times) / 1e9
 
 
+def _read_gbps(dev: torch.device, nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """Read-only bandwidth: a sum over a ``nbytes`` buffer (bytes read per second / 1e9), median of ``reps``."""
+    a = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
+    out = torch.empty((), dtype=torch.float32, device=dev)
+    torch.sum(a, out=out)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.sum(a, out=out)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a
+    return nbytes / statistics.median(times) / 1e9
+
+
 def format_bench(result: dict[str, Any]) -> Any:
     """A rich Table of a ``bench`` result: one row per configuration, the roofline in the caption."""
     from rich.table import Table
 
-    title = f"{Path(str(result['model'])).name}: decode, batch 1, {result['tokens']} tokens"
+    title = f"{Path(str(result['model'])).name}: decode, batch {result.get('batch', 1)}, {result['tokens']} tokens"
     table = Table(title=title, title_justify="left")
-    for col in ("config", "achieved", "path", "tokens/s", "ms/token", "GB/s", "speedup", "limit", "% of limit"):
+    for col in ("config", "achieved", "path", "tokens/s", "ms/token", "GB/s", "speedup", "x fastest dense", "limit",
+                "% of limit", "% of byte limit"):
         table.add_column(col, justify="left" if col in ("config", "path") else "right")
     for row in [result["dense"], *result["rows"]]:
         dense = row["sparsity"] is None
@@ -282,8 +329,10 @@ def format_bench(result: dict[str, Any]) -> Any:
             f"{row['latency_ms']:.2f}",
             f"{row['gbps']:.0f}" if row["gbps"] >= 1 else f"{row['gbps']:.3f}",
             "1.00x" if dense else f"{row['speedup']:.2f}x",
+            f"{row['speedup_vs_fastest_dense']:.2f}x",
             "" if dense else f"{row['limit']:.2f}x",
             "" if dense else f"{row['fraction_of_limit']:.0%}",
+            "" if row.get("fraction_of_byte_limit") is None else f"{row['fraction_of_byte_limit']:.0%}",
         )
     parts = [f"{result['device']}" + (f" ({result['gpu']})" if result["gpu"] else ""), result["dtype"],
              "transform" if result["transform"] else "no transform",
@@ -293,6 +342,9 @@ def format_bench(result: dict[str, Any]) -> Any:
     if result["copy_gbps"]:
         eff = result["dense"]["efficiency"]
         parts.append(f"copy {result['copy_gbps']:.0f} GB/s, dense at {eff:.0%} of it")
+    if result.get("read_gbps"):
+        parts.append(f"read {result['read_gbps']:.0f} GB/s")
+    parts.append(f"fastest dense: {result.get('fastest_dense', 'dense')}")
     parts.append(f"dense reads {result['bytes']['dense_per_token'] / 1e9:.3g} GB/token")
     table.caption = "; ".join(parts)
     return table

@@ -13,8 +13,11 @@ A transformed model's shortcut rotations join the launch of the linears that fol
 normalized input ``x = h / rms(h)`` and scales the shortcut's sums by ``rms(h)`` (``gated_linear``'s
 ``rms_*`` arguments): ``h S^T`` without a separate dense GEMV.
 
-Only one-token inputs (decode) take the kernel; batches and prompts return ``None`` here, so
-``GatedLinear`` runs its masking reference (masked ``F.linear``, cuBLAS). Kernels are used only while a
+Only one-token inputs (decode) take the kernel; prompts return ``None`` here, so ``GatedLinear`` runs
+its masking reference (masked ``F.linear``, cuBLAS). A decode step of more than ``sparse_batch`` sequences
+(``set_sparse_batch``; default 1) runs dense through the packed weight: the union of the rows' masks keeps
+73% (B=2) to 98% (B=8) of the weight rows at sparsity 0.5, so no gated path read fewer bytes than cuBLAS, and
+masking cost 10-17 us a matrix on top (benchmarks/KERNELS.md, batch > 1). Kernels are used only while a
 gate's ``counting`` is off: the decode graphs (``runtime/graphs.py``) switch it off while they record.
 """
 
@@ -66,6 +69,7 @@ class SharedInput:
         self.shortcut: nn.Linear | None = None
         self.rms_mask = 0
         self.rms_eps = 0.0
+        self.sparse_batch = 1  # decode steps of more sequences than this run dense (set_sparse_batch)
 
     def _alias(self) -> None:
         """Replace every member's weight (and bias) by a view of the packed tensors: one copy in memory."""
@@ -159,15 +163,17 @@ class SharedInput:
         return y[..., c0:c1]
 
     def __call__(self, x: torch.Tensor, gate: GatedLinear) -> torch.Tensor | None:
-        if x.numel() != gate.in_features:  # prompts and batches: the masking reference (cuBLAS)
-            return None
+        batched = x.numel() != gate.in_features
+        if batched and _decode_rows(x) <= self.sparse_batch:
+            return None  # prompts (and gated batches): the masking reference (cuBLAS)
         i = self.index[id(gate)]
         if not torch.compiler.is_compiling():  # a compiled step reads thr as refreshed before it ran
             if self.stale():
                 self.repack()
-            self.refresh()
+            if not batched:
+                self.refresh()
         if len(self.gates) == 1 and self.shortcut is None:
-            return launch.gated_linear_op(x, self.weight_t, self.thr, gate.splits, gate.bias)
+            return self._run(x, batched, self.weight_t, self.thr, gate.splits, gate.bias)
         c0, c1 = self.columns[i]
         # (while torch.compile traces, the version counter is not readable: identity within one trace)
         if self._x is x and i in self._left and (torch.compiler.is_compiling() or self._x_version == x._version):
@@ -175,15 +181,43 @@ class SharedInput:
             self._left.discard(i)
         else:
             if self.shortcut is None:
-                y = launch.gated_linear_op(x, self.weight_t, self.thr, self.splits, self.bias)
+                y = self._run(x, batched, self.weight_t, self.thr, self.splits, self.bias)
             else:
-                y = launch.gated_linear_op(x, *self._members)
+                y = self._run(x, batched, *self._members)
             self._x, self._y = x, y
             self._x_version = -1 if torch.compiler.is_compiling() else x._version
             self._left = {j for j, g in enumerate(self.gates) if g.active and j != i}
         if not self._left:  # every member served: drop the references
             self._x = self._y = None
         return y[..., c0:c1]
+
+    @staticmethod
+    def _run(x, batched: bool, weight_t, thr, splits, bias) -> torch.Tensor:
+        """The group's output columns: the gated GEMV for one token, one dense product over the packed
+        ``W^T`` for a batched decode step (the members' matrices in one cuBLAS call)."""
+        if batched:
+            y = torch.matmul(x, weight_t)
+            return y if bias is None else y + bias
+        return launch.gated_linear_op(x, weight_t, thr, splits, bias)
+
+
+def _decode_rows(x: torch.Tensor) -> int:
+    """Sequences of a one-position decode input ``[B, 1, in]`` (0 for a prompt of several positions)."""
+    return int(x.shape[0]) if x.dim() == 3 and x.shape[1] == 1 else 0
+
+
+def set_sparse_batch(control: WinaControl, rows: int) -> None:
+    """Decode steps of up to ``rows`` sequences are gated; larger batches run dense (on the kernel path).
+
+    ``rows=1`` (the default) gates batch-1 decoding only; a large value gates every batch through the
+    masking reference, which is slower than dense on the GPUs measured.
+    """
+    if rows < 1:
+        raise ValueError(f"sparse_batch must be at least 1, got {rows}")
+    for gate in control.gates.values():
+        if isinstance(gate.kernel, SharedInput):
+            gate.kernel.sparse_batch = int(rows)
+    GatedLinear.epoch += 1
 
 
 def input_groups(adapter, num_layers: int) -> list[list[str]]:
