@@ -217,7 +217,7 @@ def set_sparse_batch(control: WinaControl, rows: int) -> None:
     for gate in control.gates.values():
         if isinstance(gate.kernel, SharedInput):
             gate.kernel.sparse_batch = int(rows)
-    GatedLinear.epoch += 1
+    control.context.epoch += 1
 
 
 def input_groups(adapter, num_layers: int) -> list[list[str]]:
