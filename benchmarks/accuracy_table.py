@@ -43,6 +43,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "teal-uniform": {"method": "teal", "allocation": "uniform"},
     "wina-topk": {"method": "wina", "topk": True},
     "teal-topk": {"method": "teal", "topk": True},
+    "wina-global": {"method": "wina", "allocation": "global"},
+    "teal-global": {"method": "teal", "allocation": "global"},
     "wina-heads": {"method": "wina", "head_bases": "pca"},
     "teal-heads": {"method": "teal", "head_bases": "pca"},
     "wina-center": {"method": "wina", "center": "median"},

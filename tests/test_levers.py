@@ -224,3 +224,25 @@ def test_accuracy_table_script(tiny_models, tmp_path):
     table = (tmp_path / "out" / "accuracy.md").read_text()
     assert "`teal`: TEAL, greedy" in table and "Off-target" in table
     assert (tmp_path / "out" / "frontier.png").stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------- whole-model allocation
+
+def test_global_allocation_spends_the_model_budget_unevenly(tiny_models, tmp_path):
+    """--allocation global: layers get different sparsities, the model as a whole reads 1 - s of its bytes."""
+    out = convert(tiny_models["llama"], tmp_path / "global", sparsity=0.5, allocation="global", transform=True, **CAL).output
+    control = load(out, sparsity=0.5).wina
+    assert control.scope == "model"
+    per_gate = control.gate_sparsities(0.5)
+    levels, sizes = [], []
+    for names in control.layers:
+        size = sum(control.gates[n].weight.numel() for n in names)
+        level = sum(float((per_gate[n] * torch.tensor(control.gates[n].splits)).sum()) * control.gates[n].in_features
+                    for n in names) / size
+        levels.append(level)
+        sizes.append(size)
+    model_level = sum(lv * sz for lv, sz in zip(levels, sizes)) / sum(sizes)
+    extra = sum(e * sz for e, sz in zip(control.extra_fraction, sizes)) / sum(sizes)
+    assert model_level == pytest.approx(0.5 + extra, abs=1e-3)
+    assert max(levels) - min(levels) > 0.005, levels  # per-layer greedy would put every layer at 0.5 + extra
+    assert describe(out)["kept_bytes_fraction"] == pytest.approx(0.5, abs=1e-3)

@@ -157,8 +157,8 @@ def convert(
     _check_sparsity(sparsity)
     if method not in ("wina", "teal"):
         raise WinaError(f"unknown method {method!r}: use wina or teal")
-    if allocation not in ("uniform", "greedy"):
-        raise WinaError(f"unknown allocation {allocation!r}: use uniform or greedy")
+    if allocation not in ("uniform", "greedy", "global"):
+        raise WinaError(f"unknown allocation {allocation!r}: use uniform, greedy or global")
     if center not in ("none", "mean", "median"):
         raise WinaError(f"unknown center {center!r}: use none, mean or median")
     if head_bases not in ("none", "pca"):

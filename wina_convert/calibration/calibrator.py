@@ -104,6 +104,7 @@ class Calibrator:
         self.head_bases = head_bases
         self.info = {**info, "allocation": allocation, "method": method, "center": center, "head_bases": head_bases}
         self.extra_fraction: list[float] = []
+        self.curves: list[tuple[list[list[tuple[float, float]]], torch.Tensor, torch.Tensor]] = []  # global allocation
         self.generator = torch.Generator().manual_seed(info.get("seed", 0))
         self.hidden: torch.Tensor | None = None
         self.tensors: dict[str, torch.Tensor] = {}
@@ -246,9 +247,13 @@ class Calibrator:
             parts = [(name, p) for name in gates for p in range(len(gates[name].splits))]
             sizes = torch.tensor([gates[n].splits[p] * gates[n].in_features for n, p in parts], dtype=torch.float64)
             free = torch.tensor([zero_fraction(quantiles[n][p]) for n, p in parts], dtype=torch.float64)
-            if self.allocation == "greedy":
+            if self.allocation in ("greedy", "global"):
                 curves = self._error_curves(layer, gates, quantiles, parts, free, inputs, attn_ref, mlp_ref)
                 alloc = greedy_path(curves, sizes, free)
+                if self.allocation == "global":
+                    # errors relative to the residual stream's energy at this layer: comparable across layers
+                    energy = float(self._curve_sample().float().pow(2).sum()) or 1.0
+                    self.curves.append(([[(x, e / energy) for x, e in c] for c in curves], sizes, free))
             else:
                 alloc = uniform_path(len(parts), free, sizes)
             del inputs, attn_ref, mlp_ref
@@ -291,6 +296,26 @@ class Calibrator:
                 v = torch.nn.functional.linear(chunk, weight, bias).reshape(-1, groups, head_dim).double()
                 moments += torch.einsum("tgi,tgj->gij", v, v)
         return moments
+
+    def _global_allocation(self) -> None:
+        """``--allocation global``: one greedy path over every matrix of every layer (TEAL-greedyopt's idea
+        at model scope), replacing each layer's allocation by its columns of the model's.
+
+        Each layer's error curves (its sub-block outputs' squared error with one matrix gated) are
+        divided by the energy of the residual stream entering that layer, so that a step's cost is
+        a relative perturbation wherever it happens; the rows are then *model* levels (the
+        size-weighted mean over the whole model), which the runtime shifts by the model-wide extra
+        fraction (``allocation_scope: "model"``). Layers were propagated at the per-layer greedy
+        allocation; the quantile tables serve any sparsity, so the thresholds follow the new one.
+        """
+        curves = [c for layer_curves, _, _ in self.curves for c in layer_curves]
+        sizes = torch.cat([s for _, s, _ in self.curves])
+        free = torch.cat([f for _, _, f in self.curves])
+        alloc = greedy_path(curves, sizes, free)
+        column = 0
+        for index, (layer_curves, _, _) in enumerate(self.curves):
+            self.tensors[f"{self.adapter.layers_prefix}.{index}.allocation"] = alloc[:, column : column + len(layer_curves)].float()
+            column += len(layer_curves)
 
     def _input_groups(self) -> list[tuple[str, ...]]:
         """The gated linears that read one input (and so share its center)."""
@@ -421,11 +446,13 @@ class Calibrator:
         return h if shortcut is None else self._apply(shortcut, h)
 
     def finish(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        if self.allocation == "global":
+            self._global_allocation()
         by_role = {role: sum(v) / len(v) for role, v in self.report.items()}
         meta = {
             "quantile_levels": QUANTILE_LEVELS.tolist(),
             "allocation_levels": ALLOCATION_LEVELS.tolist(),
-            "allocation_scope": "layer",
+            "allocation_scope": "model" if self.allocation == "global" else "layer",
             "calibration": {**self.info, "target_sparsity": self.target, "report": by_role},
         }
         return self.tensors, meta

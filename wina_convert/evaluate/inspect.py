@@ -60,6 +60,8 @@ def describe(directory: str | Path) -> dict[str, Any]:
             rows, cols = shapes[f"{adapter.layer_key(layer, name)}.weight"]
             sizes += [r * cols for r in adapter.splits(name, config, rows)]
         level = target + extra[layer] if target > 0 else 0.0
+        if meta.get("allocation_scope") == "model" and target > 0:  # the whole model pays for its shortcuts together
+            level = target + sum(extra) / len(extra)  # (every layer of a family is the same size)
         values = [level] * len(sizes) if alloc is None else interp(level, levels, alloc.T.to(torch.float64)).tolist()
         if target <= 0:
             values = [0.0] * len(sizes)
