@@ -2,7 +2,7 @@
 
     python benchmarks/accuracy_table.py MODEL --out DIR [--device cuda] [--sparsities 0.4,0.5,0.65]
         [--settings NAME,...] [--samples N --seq-len N] [--max-tokens N] [--speed-curve FILE]
-        [--tasks piqa,arc_easy,... --limit N] [--off-target] [--render]
+        [--tasks piqa,arc_easy,... --limit N] [--off-target 0.4,0.65] [--append] [--render]
 
 MODEL is anything ``wina convert`` takes: a Hugging Face directory or a .gguf file (e.g.
 ~/.cache/wina-convert/smollm2-hf, or the GGUF itself on a machine that only has the GGUF). Every
@@ -16,8 +16,9 @@ gated sub-blocks read per token over their dense bytes), bytes per token (plus l
 embedding row) and, with ``--speed-curve FILE`` (a JSON list of ``{"kept_bytes_fraction",
 "tokens_per_s"}`` measured on a GPU), the decode tokens/s interpolated at the cell's kept-bytes
 fraction (blank without it). ``--tasks`` adds zero-shot accuracy (``wina eval --tasks``'s runner,
-``--limit`` items per task). ``--off-target`` also evaluates each setting's 0.5 checkpoint at the
-other sparsities (issue 16 item 5: no recalibration). Writes DIR/accuracy.md, DIR/accuracy.json
+``--limit`` items per task). ``--off-target 0.4,0.65`` also evaluates each setting's 0.5 checkpoint
+at those sparsities (issue 16 item 5: no recalibration); ``--append`` adds rows and cells to an
+existing DIR/accuracy.json (to build a table in several runs). Writes DIR/accuracy.md, DIR/accuracy.json
 and DIR/frontier.png (perplexity against kept-bytes fraction, or tokens/s with a speed curve).
 """
 
@@ -163,17 +164,15 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {sum(seconds) / max(len(seconds), 1):.0f} |")
     off = [row for row in report["rows"] if row.get("off_target")]
     if off:
+        others = sorted({float(s) for row in off for s in row["off_target"]})
         lines += ["", f"Off-target (item 5): the checkpoint calibrated at {OFF_TARGET_FROM}, run at other sparsities "
                   "without recalibration, against the one calibrated there. Each cell: perplexity / achieved "
                   "kept-bytes fraction.", "",
-                  "| setting | " + " | ".join(f"@{s} from {OFF_TARGET_FROM} | @{s} calibrated" for s in sparsities
-                                             if s != OFF_TARGET_FROM) + " |",
-                  "|---|" + "---|---|" * sum(1 for s in sparsities if s != OFF_TARGET_FROM)]
+                  "| setting | " + " | ".join(f"@{s} from {OFF_TARGET_FROM} | @{s} calibrated" for s in others) + " |",
+                  "|---|" + "---|---|" * len(others)]
         for row in off:
             cells = []
-            for s in sparsities:
-                if s == OFF_TARGET_FROM:
-                    continue
+            for s in others:
                 for r in (row["off_target"].get(str(s)), row["results"].get(str(s))):
                     cells.append("" if r is None else f"{r['perplexity']:.2f} / {r['kept_bytes_fraction']:.3f}")
             lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
@@ -234,7 +233,8 @@ def main() -> None:
     parser.add_argument("--speed-curve", type=Path, default=None)
     parser.add_argument("--tasks", default=None, help="zero-shot tasks, e.g. piqa,arc_easy (needs the [eval] extra and data)")
     parser.add_argument("--limit", type=int, default=None, help="items per task")
-    parser.add_argument("--off-target", action="store_true", help=f"also run each {OFF_TARGET_FROM} checkpoint at the other sparsities")
+    parser.add_argument("--off-target", default=None,
+                        help=f"comma-separated sparsities at which each {OFF_TARGET_FROM} checkpoint is also run (no recalibration)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/wina-accuracy-table"))
     parser.add_argument("--append", action="store_true", help="add rows (and cells) to DIR/accuracy.json instead of starting anew")
     parser.add_argument("--render", action="store_true", help="only re-render DIR/accuracy.md and frontier.png from DIR/accuracy.json")
@@ -287,9 +287,9 @@ def main() -> None:
             print(json.dumps({"setting": name, "target": sparsity, "perplexity": round(r["perplexity"], 3),
                               "sparsity": round(r["sparsity"], 4), "kept_bytes": round(r["kept_bytes_fraction"], 4),
                               "dense": round(r["dense_perplexity"], 3), "convert_s": round(convert_s, 1)}), flush=True)
-            if args.off_target and sparsity == OFF_TARGET_FROM and len(sparsities) > 1:
-                row["off_target"] = {str(s): measure(target, s, setting, args, curve)
-                                     for s in sparsities if s != OFF_TARGET_FROM}
+            if args.off_target and sparsity == OFF_TARGET_FROM:
+                row["off_target"] = {str(float(s)): measure(target, float(s), setting, args, curve)
+                                     for s in args.off_target.split(",")}
             shutil.rmtree(target, ignore_errors=True)
         report["rows"].append(row)
         report["seconds"] = time.perf_counter() - start

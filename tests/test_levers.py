@@ -213,7 +213,7 @@ def test_accuracy_table_script(tiny_models, tmp_path):
     proc = subprocess.run([sys.executable, str(script), str(tiny_models["llama"]), "--out", str(tmp_path / "out"),
                            "--work", str(tmp_path / "work"), "--settings", "teal,wina-heads", "--sparsities", "0.4,0.5",
                            "--samples", "2", "--seq-len", "32", "--max-tokens", "512", "--eval-seq-len", "128", "--speed-curve", str(curve),
-                           "--off-target"], capture_output=True, text=True, timeout=900)
+                           "--off-target", "0.4"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "out" / "accuracy.json").read_text())
     assert [row["name"] for row in report["rows"]] == ["teal", "wina-heads"]
