@@ -235,3 +235,17 @@ def test_generate_keeps_pad_token_id_zero(checkpoints, monkeypatch, capsys):
     code, _, err = run(capsys, "generate", checkpoints["plain"], "Once", "-n", "2", "--raw")
     assert code == 0, err
     assert seen["pad_token_id"] == 0
+
+
+def test_save_pretrained_keeps_the_centers(tiny_models, tmp_path):
+    """A --center checkpoint saved from a loaded model keeps its per-channel centers (the gates would
+    otherwise gate |x| again): the reloaded model computes the same logits at the target."""
+    src = convert(tiny_models["llama"], tmp_path / "c", sparsity=0.5, center="median", samples=4, seq_len=64,
+                  quiet=True).output
+    model = load(src, sparsity=0.5)
+    assert any(g.center is not None for g in model.wina.gates.values())
+    model.save_pretrained(tmp_path / "saved")
+    again = load(tmp_path / "saved", sparsity=0.5)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)

@@ -72,6 +72,10 @@ def reference_model(directory: Path, sparsity: float):
     gates = PHI3_GATES if wina["base_model_type"] == "phi3" else LLAMA_GATES
     for i, layer in enumerate(model.model.layers):
         alloc = sidecar[f"model.layers.{i}.allocation"].double().numpy()
+        # sparsity counts bytes: a transformed layer's matrices also pay for its two d x d shortcuts
+        extra = 2 * config.hidden_size**2 / sum(layer.get_submodule(n).weight.numel() for n in gates) if wina["transform"] else 0.0
+        assert meta["extra_fraction"][i] == pytest.approx(extra)
+        level = sparsity + extra if sparsity > 0 else 0.0
         column = 0
         for name in gates:
             full = f"model.layers.{i}.{name}"
@@ -79,7 +83,7 @@ def reference_model(directory: Path, sparsity: float):
             splits = _splits(name, linear.weight, config)
             thresholds, start = [], 0
             for p, rows in enumerate(splits):
-                s = float(np.interp(sparsity, a_levels, alloc[:, column]))
+                s = float(np.interp(level, a_levels, alloc[:, column]))
                 t = float(np.interp(s, q_levels, sidecar[f"{full}.quantiles"][p].double().numpy())) if s > 0 else 0.0
                 # float32 like the runtime: calibration scores tie exactly with repeated tokens' inputs
                 norms = sidecar[f"{full}.column_norms"][p].float()

@@ -86,15 +86,17 @@ def _sparsity(value: Optional[str], name: str = "--sparsity") -> Optional[float]
 def convert(
     model: str = typer.Argument(..., help="Hub id (org/name), local Hugging Face directory, or .gguf file."),
     output: Path = typer.Option(..., "--output", "-o", help="Output directory (must not exist or be empty, unless --overwrite)."),
-    sparsity: str = typer.Option("0.5", "--sparsity", "-s", help="Target sparsity in [0, 0.9] (fraction of weight columns skipped)."),
+    sparsity: str = typer.Option("0.5", "--sparsity", "-s", help="Target sparsity: the fraction of the gated sub-blocks' dense decode bytes skipped (a transform's shortcut rotations count as bytes read), so a sparsity costs the same bytes under every setting."),
     transform: bool = typer.Option(DEFAULTS["transform"], "--transform/--no-transform", help="Rotate the weights into per-layer column-orthogonal bases (exact at sparsity 0; helps above ~0.6 sparsity, adds the shortcut rotations to every decode step)."),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Calibrate thresholds (without it only sparsity 0 is available)."),
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration text: PATH (.txt/.jsonl/dir), hf:DATASET[:CONFIG[:SPLIT]], or 'self'. Default: the bundled set."),
     samples: Optional[int] = typer.Option(None, "--samples", help="Calibration windows (default 16)."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per calibration window (default 512)."),
     seed: int = typer.Option(0, "--seed", help="Seed for choosing calibration windows."),
-    allocation: str = typer.Option(DEFAULTS["allocation"], "--allocation", help="Per-gate sparsity allocation: greedy or uniform."),
+    allocation: str = typer.Option(DEFAULTS["allocation"], "--allocation", help="Per-gate sparsity allocation: greedy (per layer), global (greedy over the whole model: layers get different sparsities) or uniform."),
     method: str = typer.Option(DEFAULTS["method"], "--method", help="Gate scores: wina (|x|·column norm) or teal (|x|)."),
+    center: str = typer.Option(DEFAULTS["center"], "--center", help="Gate |x - c| with a calibrated per-channel center c (mean or median; W c becomes a bias, exact at sparsity 0), or none."),
+    head_bases: str = typer.Option(DEFAULTS["head_bases"], "--head-bases", help="pca: rotate each KV head's values into their principal axes (absorbed exactly into v_proj and o_proj, free at decode), or none."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype: float32, bfloat16 or float16 (default: the input's)."),
     device: str = typer.Option("cpu", "--device", help="Where to transform and calibrate: cpu or cuda."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) of MODEL."),
@@ -116,7 +118,7 @@ def convert(
         model, output, sparsity=_sparsity(sparsity), transform=transform, dtype=dtype, revision=revision, token=token,
         shard_size=shard_size, overwrite=overwrite, device=device, calibrate=calibrate, calibration=calibration,
         samples=samples, seq_len=seq_len, seed=seed, allocation=allocation, method=method,
-        quiet=quiet,
+        center=center, head_bases=head_bases, quiet=quiet,
     )
     if not quiet:
         err.print(_convert_summary(result))
@@ -162,11 +164,12 @@ def eval_(
     max_tokens: int = typer.Option(8192, "--max-tokens", help="Evaluate at most this many tokens."),
     device: str = typer.Option("cpu", "--device"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)."),
+    topk: bool = typer.Option(False, "--topk", help="Gate by per-token top-k at the allocation's per-matrix sparsities (the paper's protocol) instead of calibrated thresholds."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Zero-shot accuracy on these lm-eval tasks instead of perplexity, e.g. piqa,arc_easy (needs the eval extra and `wina fetch-data`)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="With --tasks: at most this many items per task."),
 ) -> None:
-    """Dense vs sparse perplexity (or, with --tasks, zero-shot accuracy) and the achieved sparsity."""
+    """Dense vs sparse perplexity (or, with --tasks, zero-shot accuracy), the achieved sparsity and bytes per token."""
     if tasks is not None:
         from .evaluate.report import print_task_report
 
@@ -177,7 +180,7 @@ def eval_(
     from .evaluate.perplexity import evaluate
 
     result = evaluate(checkpoint, text=text, sparsity=_sparsity(sparsity), seq_len=seq_len, max_tokens=max_tokens,
-                      device=device, dtype=dtype)
+                      device=device, dtype=dtype, topk=topk)
     if as_json:
         print(json.dumps(result, default=str))
         return
@@ -186,8 +189,11 @@ def eval_(
     table.add_column("perplexity", justify="right")
     table.add_column("sparsity", justify="right")
     table.add_row("dense", f"{result['dense_perplexity']:.3f}", "0.0%")
-    table.add_row(f"WINA @ {result['target_sparsity']:.2f}", f"{result['perplexity']:.3f}", percent(result["sparsity"], missing="-"))
+    label = f"WINA @ {result['target_sparsity']:.2f}" + (" (top-k)" if result.get("topk") else "")
+    table.add_row(label, f"{result['perplexity']:.3f}", percent(result["sparsity"], missing="-"))
     table.add_row("ratio", f"{result['ratio']:.3f}x", "")
+    table.add_row("kept bytes", "", percent(result["kept_bytes_fraction"], missing="-"))
+    table.add_row("bytes per token", "", human_size(int(result["bytes_per_token"])))
     for role, value in result["by_role"].items():
         table.add_row(f"  {role}", "", percent(value, missing="-"))
     out.print(table)
@@ -261,13 +267,15 @@ def inspect(
     head = Table(title=str(checkpoint), show_header=False, title_justify="left")
     head.add_column(style="bold")
     head.add_column()
-    for key in ("base_model", "architecture", "layers", "method", "transform", "target_sparsity", "dtype", "size",
-                "tool_version", "calibration"):
+    for key in ("base_model", "architecture", "layers", "method", "transform", "center", "head_bases", "target_sparsity",
+                "kept_bytes_fraction", "bytes_per_token", "dtype", "size", "tool_version", "calibration"):
         value = info.get(key)
         if key == "size":
             value = human_size(value)
-        elif key == "target_sparsity":
+        elif key in ("target_sparsity", "kept_bytes_fraction"):
             value = percent(value, missing="-")
+        elif key == "bytes_per_token" and isinstance(value, (int, float)):
+            value = human_size(int(value))
         elif isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items() if not isinstance(v, dict))
         head.add_row(key, str(value))

@@ -32,7 +32,8 @@ from .errors import WinaError
 from .gate import MAX_SPARSITY, column_norms
 from .hub.card import write_model_card
 from .progress import Reporter
-from .transform import attention_basis, rotate_embedding, transform_layer
+from .transform import (attention_basis, rotate_embedding, rotate_value_heads, shortcut_fraction, transform_layer,
+                        value_head_bases)
 from .units import parse_size
 from .version import __version__
 
@@ -142,6 +143,8 @@ def convert(
     seed: int = 0,
     allocation: str = DEFAULTS["allocation"],
     method: str = DEFAULTS["method"],
+    center: str = DEFAULTS["center"],
+    head_bases: str = DEFAULTS["head_bases"],
     quiet: bool = False,
     reporter: Reporter | None = None,
 ) -> ConvertResult:
@@ -153,8 +156,14 @@ def convert(
     _check_sparsity(sparsity)
     if method not in ("wina", "teal"):
         raise WinaError(f"unknown method {method!r}: use wina or teal")
-    if allocation not in ("uniform", "greedy"):
-        raise WinaError(f"unknown allocation {allocation!r}: use uniform or greedy")
+    if allocation not in ("uniform", "greedy", "global"):
+        raise WinaError(f"unknown allocation {allocation!r}: use uniform, greedy or global")
+    if center not in ("none", "mean", "median"):
+        raise WinaError(f"unknown center {center!r}: use none, mean or median")
+    if head_bases not in ("none", "pca"):
+        raise WinaError(f"unknown head bases {head_bases!r}: use none or pca")
+    if not calibrate and (center != "none" or head_bases != "none"):
+        raise WinaError("--center and --head-bases are measured on calibration text: drop --no-calibrate")
     torch_device = _device(device)
     shard_bytes = parse_size(shard_size)
     target = Path(output).expanduser()
@@ -184,7 +193,8 @@ def convert(
         tokens, cal_info = load_calibration_tokens(source, calibration, samples=samples, seq_len=seq_len, seed=seed,
                                                    device=torch_device)
         calibrator = Calibrator(config, adapter, tokens, transform=transform, method=method, allocation=allocation,
-                                target=sparsity, device=torch_device, dtype=out_dtype, info=cal_info)
+                                target=sparsity, device=torch_device, dtype=out_dtype, info=cal_info,
+                                center=center, head_bases=head_bases)
     clock.seconds["setup"] = time.perf_counter() - t0
     if out_dir.stale:
         reporter.log(f"[yellow]removing an interrupted conversion: {', '.join(p.name for p in out_dir.stale)}[/]")
@@ -192,6 +202,7 @@ def convert(
     with reporter.running(), out_dir as tmp:
         writer = ShardWriter(tmp, shard_bytes)
         sidecar: dict[str, torch.Tensor] = {}
+        extra: list[float] = []  # per layer: bytes read densely beside the gated matrices, over theirs
         count = config.num_hidden_layers
         reporter.stage("transform" if transform else "copy", count)
         q_attn = None
@@ -225,6 +236,9 @@ def convert(
                 else:
                     final = {name: t.to(torch_device, out_dtype) for name, t in tensors.items()}
                 del tensors
+                if head_bases == "pca":  # calibrator is set: checked above
+                    final = rotate_value_heads(final, adapter, config, value_head_bases(calibrator.value_moments(layer, final)))
+                extra.append(shortcut_fraction(config, [final[f"{n}.weight"].numel() for n in adapter.gated_linears()], transform))
                 for name in adapter.gated_linears():
                     splits = adapter.splits(name, config, final[f"{name}.weight"].shape[0])
                     sidecar[f"{prefix}{name}.column_norms"] = column_norms(final[f"{name}.weight"], splits).cpu()
@@ -249,6 +263,8 @@ def convert(
             "transform": transform,
             "num_layers": config.num_hidden_layers,
             "target_sparsity": sparsity if calibrator is not None else 0.0,
+            "budget": "bytes",
+            "extra_fraction": extra,
         }
         if calibrator is not None:
             cal_tensors, cal_meta = calibrator.finish()
@@ -263,6 +279,9 @@ def convert(
             "method": method,
             "transform": transform,
             "target_sparsity": meta["target_sparsity"],
+            "budget": "bytes",  # --sparsity is the fraction of the gated sub-blocks' decode bytes skipped
+            "center": center,
+            "head_bases": head_bases,
             "base_model": source.base,
             "license": getattr(config, "license", None),
             "sidecar": SIDECAR,

@@ -166,6 +166,12 @@ def transform_layer(layer: Tensors, adapter: Adapter, config: Any, q_attn: torch
     return out
 
 
+def shortcut_fraction(config: Any, gated_sizes: list[int], transform: bool) -> float:
+    """The bytes a layer reads densely beside its gated matrices, over theirs: its two ``d x d``
+    shortcut rotations when transformed (``2 d^2 / sum of the gated matrices' sizes``), else 0."""
+    return 2 * config.hidden_size**2 / sum(gated_sizes) if transform else 0.0
+
+
 def shortcut_rotation(q_from: torch.Tensor, q_to: torch.Tensor) -> torch.Tensor:
     """The ``nn.Linear`` weight that moves a residual from basis ``q_from`` to ``q_to``."""
     return q_to.T @ q_from
@@ -180,3 +186,47 @@ def rotate_embedding(embedding: torch.Tensor, q_attn0: torch.Tensor, dtype: torc
     """
     out = embedding if embedding.dtype == dtype else torch.empty(embedding.shape, dtype=dtype, device=embedding.device)
     return rotate_inputs(embedding, q_attn0, None, dtype, out=out)
+
+
+# --------------------------------------------------------------------------- per-head bases of the o_proj input
+
+def value_head_bases(moments: torch.Tensor) -> torch.Tensor:
+    """``[G, hd, hd]`` orthogonal bases from the second moments ``E[v v^T]`` of each KV head's values.
+
+    The columns are the eigenvectors by decreasing eigenvalue (PCA without centering): in that basis
+    a head's value energy is packed into its first channels, which magnitude gating can then keep.
+    """
+    _, vectors = torch.linalg.eigh(moments.to(torch.float64))
+    return vectors.flip(-1)
+
+
+def rotate_value_heads(layer: Tensors, adapter: Adapter, config: Any, bases: torch.Tensor) -> Tensors:
+    """Rotate each KV head's values by its basis ``R_g``, exactly (``--head-bases``).
+
+    The o_proj input of query head ``h`` is an attention-weighted sum of its KV head ``g``'s values,
+    so rotating them (``v' = v R_g``: rows ``W_v[g] <- R_g^T W_v[g]``, bias ``b_v[g] <- R_g^T b_v[g]``)
+    rotates that input, and ``W_o[:, h] <- W_o[:, h] R_g`` undoes it: ``o' W_o'^T = o R_g R_g^T W_o^T``.
+    No weight is added, so the rotation is free at decode; with grouped-query attention every query
+    head of a group shares its KV head's basis. Computed in float64, cast back to each tensor's dtype.
+    """
+    heads, groups = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    per_group = heads // groups
+    value, rows = adapter.value_proj(config)
+    start = 0 if rows is None else rows.start
+    out = dict(layer)
+    for kind in ("weight", "bias"):
+        key = f"{value}.{kind}"
+        if key not in layer:
+            continue
+        tensor = layer[key].to(torch.float64).clone()
+        block = tensor[start : start + groups * head_dim].reshape(groups, head_dim, *tensor.shape[1:])
+        rotated = torch.einsum("gji,gj...->gi...", bases.to(tensor.device), block)  # R_g^T block_g
+        tensor[start : start + groups * head_dim] = rotated.reshape(groups * head_dim, *tensor.shape[1:])
+        out[key] = tensor.to(layer[key].dtype)
+    key = f"{adapter.attn_output}.weight"
+    w_o = layer[key].to(torch.float64)
+    cols = w_o.reshape(w_o.shape[0], groups, per_group, head_dim)
+    cols = torch.einsum("ogph,ghk->ogpk", cols, bases.to(w_o.device))  # W_o[:, h] R_g
+    out[key] = cols.reshape(w_o.shape).to(layer[key].dtype)
+    return out

@@ -74,6 +74,10 @@ class Adapter:
         """How many positions back (the query's own included) layer ``layer`` attends; None: all of them."""
         return None
 
+    def value_proj(self, config: Any) -> tuple[str, Slice | None]:
+        """The linear (and its rows, for fused projections) that computes the attention's values."""
+        return "self_attn.v_proj", None
+
     def gated_linears(self) -> tuple[str, ...]:
         """Every linear whose input is gated, in layer order."""
         return (*self.attn_inputs, self.attn_output, *self.mlp_inputs, self.mlp_output)

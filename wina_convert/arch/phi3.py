@@ -17,6 +17,11 @@ class Phi3Adapter(Adapter):
         kv_rows = config.num_key_value_heads * _head_dim(config)
         return "self_attn.qkv_proj", Slice(q_rows, q_rows + kv_rows)
 
+    def value_proj(self, config: Any) -> tuple[str, Slice]:
+        q_rows = config.num_attention_heads * _head_dim(config)
+        kv_rows = config.num_key_value_heads * _head_dim(config)
+        return "self_attn.qkv_proj", Slice(q_rows + kv_rows, q_rows + 2 * kv_rows)
+
     def mlp_basis(self, config: Any) -> tuple[str, Slice]:
         return "mlp.gate_up_proj", Slice(0, config.intermediate_size)
 

@@ -25,14 +25,16 @@ from torch import nn
 
 from ..arch import Adapter
 from ..errors import WinaError
-from ..gate import ALLOCATION_LEVELS, QUANTILE_LEVELS, column_norms, interp, score_quantiles, thresholds_at
+from ..gate import ALLOCATION_LEVELS, MAX_SPARSITY, QUANTILE_LEVELS, column_norms, interp, score_quantiles, thresholds_at
 from ..progress import quiet_transformers
 from ..runtime.modules import GatedLinear, Shortcut, WinaDecoderLayer
+from ..transform import shortcut_fraction
 from .allocation import GREEDY_GRID, greedy_path, uniform_path, zero_fraction
 from .text import read_texts, token_windows, tokenizer_of
 
 CURVE_TOKENS = 1024  # tokens on which the greedy allocation's error curves are measured
 CURVE_WINDOW = 256  # ... as the first positions of several calibration samples
+CENTER_TOKENS = 8192  # tokens (drawn uniformly) over which a gate input's center is measured
 CHUNK_TOKENS = 1024  # tokens per forward of a sub-block: bounds the transient activations (an MLP's 3 x 14336 wide)
 DEFAULT_SAMPLES = 16
 DEFAULT_SEQ_LEN = 512
@@ -86,7 +88,8 @@ class Calibrator:
     """Consumes converted layers in order; produces the sidecar's quantiles and allocations."""
 
     def __init__(self, config: Any, adapter: Adapter, tokens: torch.Tensor, *, transform: bool, method: str,
-                 allocation: str, target: float, device: torch.device, dtype: torch.dtype, info: dict[str, Any]):
+                 allocation: str, target: float, device: torch.device, dtype: torch.dtype, info: dict[str, Any],
+                 center: str = "none", head_bases: str = "none"):
         self.config = config
         self.adapter = adapter
         self.tokens = tokens
@@ -96,7 +99,11 @@ class Calibrator:
         self.target = target
         self.device = device
         self.compute_dtype = torch.float32 if device.type == "cpu" else dtype
-        self.info = {**info, "allocation": allocation, "method": method}
+        self.center = center
+        self.head_bases = head_bases
+        self.info = {**info, "allocation": allocation, "method": method, "center": center, "head_bases": head_bases}
+        self.extra_fraction: list[float] = []
+        self.curves: list[tuple[list[list[tuple[float, float]]], torch.Tensor, torch.Tensor]] = []  # global allocation
         self.generator = torch.Generator().manual_seed(info.get("seed", 0))
         self.hidden: torch.Tensor | None = None
         self.tensors: dict[str, torch.Tensor] = {}
@@ -221,9 +228,23 @@ class Calibrator:
         return gate.column_norms
 
     def _quantiles(self, gate: GatedLinear, x: torch.Tensor) -> torch.Tensor:
+        """Score quantiles of ``gate`` on its input ``x``, centered by the gate's center if it has one."""
         norms = self._norms(gate)
+        if gate.center is not None:
+            x = x - gate.center
         return torch.stack([score_quantiles(x, None if self.method == "teal" else norms[p], self.generator)
                             for p in range(len(gate.splits))])
+
+    def _center(self, gates: list[GatedLinear], x: torch.Tensor) -> None:
+        """Give the gates that read ``x`` its per-channel center (``--center``: mean or median over tokens)."""
+        if self.center == "none":
+            return
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] > CENTER_TOKENS:
+            flat = flat[torch.randperm(flat.shape[0], generator=self.generator)[:CENTER_TOKENS].to(flat.device)]
+        c = flat.float().mean(0) if self.center == "mean" else flat.float().median(0).values
+        for gate in gates:
+            gate.set_center(c)
 
     def _set(self, gates: dict[str, GatedLinear], quantiles: dict[str, torch.Tensor], sparsities: dict[str, list[float]]) -> None:
         for name, gate in gates.items():
@@ -242,17 +263,30 @@ class Calibrator:
         self.mask = self._attention_mask(index)
         with torch.no_grad():
             inputs, attn_ref, mlp_ref = self._dense_sample(layer, gates, self._curve_sample())
+            for names in self._input_groups():
+                self._center([gates[n] for n in names], inputs[names[0]])
             quantiles = {name: self._quantiles(gate, inputs[name]) for name, gate in gates.items()}
+            extra = self._extra_fraction(gates)
+            self.extra_fraction.append(extra)
+            level = self.target + extra if self.target > 0 else 0.0
+            if level > MAX_SPARSITY + 1e-9:
+                raise WinaError(f"--sparsity {self.target} is too high for this setting: the transform's shortcut rotations "
+                                f"are {extra:.1%} of a layer's bytes, so its matrices would skip {level:.1%} "
+                                f"(at most {MAX_SPARSITY:.0%}); use at most {MAX_SPARSITY - extra:.2f}")
             parts = [(name, p) for name in gates for p in range(len(gates[name].splits))]
             sizes = torch.tensor([gates[n].splits[p] * gates[n].in_features for n, p in parts], dtype=torch.float64)
             free = torch.tensor([zero_fraction(quantiles[n][p]) for n, p in parts], dtype=torch.float64)
-            if self.allocation == "greedy":
+            if self.allocation in ("greedy", "global"):
                 curves = self._error_curves(layer, gates, quantiles, parts, free, inputs, attn_ref, mlp_ref)
                 alloc = greedy_path(curves, sizes, free)
+                if self.allocation == "global":
+                    # errors relative to the residual stream's energy at this layer: comparable across layers
+                    energy = float(self._curve_sample().float().pow(2).sum()) or 1.0
+                    self.curves.append(([[(x, e / energy) for x, e in c] for c in curves], sizes, free))
             else:
                 alloc = uniform_path(len(parts), free, sizes)
             del inputs, attn_ref, mlp_ref
-            at_target = interp(self.target, ALLOCATION_LEVELS, alloc.T).tolist()
+            at_target = interp(level, ALLOCATION_LEVELS, alloc.T).tolist()
             sparsities: dict[str, list[float]] = {name: [] for name in gates}
             for (name, _), s in zip(parts, at_target):
                 sparsities[name].append(s)
@@ -260,10 +294,67 @@ class Calibrator:
         prefix = f"{self.adapter.layers_prefix}.{index}"
         for name, gate in gates.items():
             self.tensors[f"{prefix}.{name}.quantiles"] = quantiles[name].float()
+            if gate.center is not None:
+                self.tensors[f"{prefix}.{name}.center"] = gate.center.float().cpu().clone()
             role = name.rsplit(".", 1)[-1]
             fraction = sum(s * rows for s, rows in zip(sparsities[name], gate.splits)) / sum(gate.splits)
             self.report.setdefault(role, []).append(fraction)
         self.tensors[f"{prefix}.allocation"] = alloc.float()
+
+    def value_moments(self, index: int, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[G, hd, hd]``: ``E[v v^T]`` of each KV head's values on the calibration tokens reaching layer ``index``.
+
+        ``tensors`` (the layer's final tensors) are not consumed. The values are computed from the
+        attention input the sparse model produces at this layer (the upstream layers gated).
+        """
+        if self.hidden is None:
+            raise RuntimeError("Calibrator.embed() must come before the first layer")
+        a, config = self.adapter, self.config
+        heads, groups = config.num_attention_heads, config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        layer, _ = self._build_layer(index, dict(tensors))
+        name, rows = a.value_proj(config)
+        linear = layer.get_submodule(name)
+        start = 0 if rows is None else rows.start
+        weight = linear.weight[start : start + groups * head_dim]
+        bias = None if linear.bias is None else linear.bias[start : start + groups * head_dim]
+        moments = torch.zeros(groups, head_dim, head_dim, dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            normed = self._apply(getattr(layer, a.attn_norm), self.hidden)
+            for chunk in normed.reshape(-1, normed.shape[-1]).split(CHUNK_TOKENS):
+                v = torch.nn.functional.linear(chunk, weight, bias).reshape(-1, groups, head_dim).double()
+                moments += torch.einsum("tgi,tgj->gij", v, v)
+        return moments
+
+    def _global_allocation(self) -> None:
+        """``--allocation global``: one greedy path over every matrix of every layer (TEAL-greedyopt's idea
+        at model scope), replacing each layer's allocation by its columns of the model's.
+
+        Each layer's error curves (its sub-block outputs' squared error with one matrix gated) are
+        divided by the energy of the residual stream entering that layer, so that a step's cost is
+        a relative perturbation wherever it happens; the rows are then *model* levels (the
+        size-weighted mean over the whole model), which the runtime shifts by the model-wide extra
+        fraction (``allocation_scope: "model"``). Layers were propagated at the per-layer greedy
+        allocation; the quantile tables serve any sparsity, so the thresholds follow the new one.
+        """
+        curves = [c for layer_curves, _, _ in self.curves for c in layer_curves]
+        sizes = torch.cat([s for _, s, _ in self.curves])
+        free = torch.cat([f for _, _, f in self.curves])
+        alloc = greedy_path(curves, sizes, free)
+        column = 0
+        for index, (layer_curves, _, _) in enumerate(self.curves):
+            self.tensors[f"{self.adapter.layers_prefix}.{index}.allocation"] = alloc[:, column : column + len(layer_curves)].float()
+            column += len(layer_curves)
+
+    def _input_groups(self) -> list[tuple[str, ...]]:
+        """The gated linears that read one input (and so share its center)."""
+        a = self.adapter
+        return [a.attn_inputs, (a.attn_output,), a.mlp_inputs, (a.mlp_output,)]
+
+    def _extra_fraction(self, gates: dict[str, GatedLinear]) -> float:
+        """Bytes a layer reads densely beside its gated matrices, over theirs: the two ``d x d`` shortcut
+        rotations of a transformed layer, nothing otherwise (a center's bias ``W c`` is one vector)."""
+        return shortcut_fraction(self.config, [g.weight.numel() for g in gates.values()], self.transform)
 
     def _curve_sample(self) -> torch.Tensor:
         """``[n, w, d]``: the first ``w <= CURVE_WINDOW`` positions of ``n`` samples spread over the set,
@@ -331,7 +422,7 @@ class Calibrator:
                         error = (out - mlp_ref).float().pow(2).sum()
                     gate.active = False
                 else:
-                    x = inputs[name]
+                    x = inputs[name] if gate.center is None else inputs[name] - gate.center
                     keep = x.abs() > t.to(x.device, x.dtype)
                     post = a.attn_post_norm if name == a.attn_output else a.mlp_post_norm
                     if post is None:
@@ -339,7 +430,8 @@ class Calibrator:
                         error = torch.nn.functional.linear(dropped, weight).float().pow(2).sum()
                     else:
                         ref = attn_ref if name == a.attn_output else mlp_ref
-                        out = self._post_norm(layer, post, torch.nn.functional.linear(x * keep, weight, gate.bias))
+                        gated = x * keep if gate.center is None else x * keep + gate.center
+                        out = self._post_norm(layer, post, torch.nn.functional.linear(gated, weight, gate.bias))
                         error = (out - ref).float().pow(2).sum()
                 curve.append((s, max(float(error), curve[-1][1])))
             curves.append(curve)
@@ -348,6 +440,7 @@ class Calibrator:
     def _gate_at_target(self, gates: dict[str, GatedLinear], names: tuple[str, ...], x: torch.Tensor,
                         sparsities: dict[str, list[float]], quantiles: dict[str, torch.Tensor]) -> None:
         """Measure ``names``' quantiles on their actual input ``x`` and set their thresholds at the target."""
+        self._center([gates[n] for n in names], x)
         for n in names:
             quantiles[n] = self._quantiles(gates[n], x)
         self._set({n: gates[n] for n in names}, quantiles, sparsities)
@@ -397,10 +490,13 @@ class Calibrator:
         return h if shortcut is None else self._apply(shortcut, h)
 
     def finish(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        if self.allocation == "global":
+            self._global_allocation()
         by_role = {role: sum(v) / len(v) for role, v in self.report.items()}
         meta = {
             "quantile_levels": QUANTILE_LEVELS.tolist(),
             "allocation_levels": ALLOCATION_LEVELS.tolist(),
+            "allocation_scope": "model" if self.allocation == "global" else "layer",
             "calibration": {**self.info, "target_sparsity": self.target, "report": by_role},
         }
         return self.tensors, meta

@@ -9,15 +9,17 @@ from typing import Any
 import torch
 
 from ..arch import adapter_for
-from ..checkpoint.format import MANIFEST, SIDECAR, base_config, read_sidecar, verify_checkpoint
+from ..checkpoint.format import INDEX, MANIFEST, SIDECAR, base_config, read_sidecar, verify_checkpoint
 from ..gate import interp
 
 
 def describe(directory: str | Path) -> dict[str, Any]:
     """A summary of the checkpoint and the per-layer, per-matrix sparsity at its target.
 
-    Keys: base_model, architecture, layers, method, transform, target_sparsity, dtype, size,
-    tool_version, calibration, files, layers_detail (``[{layer, sparsity: {matrix: s}}]``).
+    Keys: base_model, architecture, layers, method, transform, center, head_bases, target_sparsity,
+    kept_bytes_fraction and bytes_per_token at the target (planned by the allocation, from the
+    tensors' shapes: gated columns kept, shortcut rotations, the dense lm_head and one embedding
+    row), dtype, size, tool_version, calibration, files, layers_detail (``[{layer, sparsity: {matrix: s}}]``).
     """
     directory = Path(directory)
     wina = verify_checkpoint(directory, hashes=False)
@@ -36,6 +38,8 @@ def describe(directory: str | Path) -> dict[str, Any]:
         "layers": config.num_hidden_layers,
         "method": wina.get("method"),
         "transform": wina.get("transform"),
+        "center": wina.get("center", "none"),
+        "head_bases": wina.get("head_bases", "none"),
         "target_sparsity": target,
         "dtype": config_dict.get("dtype") or config_dict.get("torch_dtype"),
         "size": sum(entry["size"] for entry in manifest.values()),
@@ -46,10 +50,41 @@ def describe(directory: str | Path) -> dict[str, Any]:
     }
     levels = torch.tensor(meta.get("allocation_levels", [0.0, 1.0]), dtype=torch.float64)
     labels = [part for name in adapter.gated_linears() for part, _ in adapter.linear_outputs(name, config)]
+    shapes, element = _shapes(directory)
+    extra = meta.get("extra_fraction") or [0.0] * config.num_hidden_layers
+    kept = dense = 0.0
     for layer in range(config.num_hidden_layers):
         alloc = sidecar.get(f"{adapter.layers_prefix}.{layer}.allocation")
-        if alloc is None or target <= 0:
-            continue
-        values = interp(target, levels, alloc.T.to(torch.float64)).tolist()
-        info["layers_detail"].append({"layer": layer, "sparsity": dict(zip(labels, values))})
+        sizes = []
+        for name in adapter.gated_linears():
+            rows, cols = shapes[f"{adapter.layer_key(layer, name)}.weight"]
+            sizes += [r * cols for r in adapter.splits(name, config, rows)]
+        level = target + extra[layer] if target > 0 else 0.0
+        if meta.get("allocation_scope") == "model" and target > 0:  # the whole model pays for its shortcuts together
+            level = target + sum(extra) / len(extra)  # (every layer of a family is the same size)
+        values = [level] * len(sizes) if alloc is None else interp(level, levels, alloc.T.to(torch.float64)).tolist()
+        if target <= 0:
+            values = [0.0] * len(sizes)
+        kept += sum((1 - v) * n for v, n in zip(values, sizes)) + extra[layer] * sum(sizes)
+        dense += sum(sizes)
+        if alloc is not None and target > 0:
+            info["layers_detail"].append({"layer": layer, "sparsity": dict(zip(labels, values))})
+    head = shapes.get(adapter.lm_head) or shapes[adapter.embed]
+    info["kept_bytes_fraction"] = kept / dense
+    info["bytes_per_token"] = (kept + head[0] * head[1] + head[1]) * element
     return info
+
+
+def _shapes(directory: Path) -> tuple[dict[str, tuple[int, ...]], int]:
+    """Every weight's shape, read from the safetensors headers (no data), and the bytes of one element."""
+    from safetensors import safe_open
+
+    weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
+    shapes, element = {}, 4
+    for shard in sorted(set(weight_map.values())):
+        with safe_open(str(directory / shard), framework="pt") as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                shapes[name] = tuple(piece.get_shape())
+                element = {"F32": 4, "F16": 2, "BF16": 2}.get(piece.get_dtype(), element)
+    return shapes, element

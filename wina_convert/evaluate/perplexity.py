@@ -42,12 +42,17 @@ def evaluate(
     max_tokens: int = DEFAULT_EVAL_TOKENS,
     device: str = "cpu",
     dtype: str | None = None,
+    topk: bool = False,
 ) -> dict[str, Any]:
     """Dense and sparse perplexity of a WINA checkpoint (path, Hub id, or a loaded model).
 
     Every token is gated (prompt tokens too), as TEAL and WINA measure perplexity. Returns
     ``dense_perplexity``, ``perplexity``, ``ratio``, ``sparsity`` (parameter-weighted fraction of
-    weight columns skipped), ``by_role``, ``per_layer``, ``tokens``, ``target_sparsity``.
+    weight columns skipped), ``by_role``, ``per_layer``, ``tokens``, ``target_sparsity``, and the
+    decode cost: ``kept_bytes_fraction`` (bytes the gated sub-blocks read per token, shortcut rotations
+    included, over their dense bytes: ``1 - sparsity`` asked for, in bytes) and ``bytes_per_token``
+    (those bytes plus the dense lm_head and one embedding row; attention's KV cache not counted).
+    ``topk`` gates each token's top-k channels per matrix (the paper's protocol) instead of thresholds.
     """
     from transformers import AutoTokenizer
 
@@ -68,17 +73,21 @@ def evaluate(
         raise WinaError("--seq-len must be at least 2")
     windows = eval_windows(tokenizer, texts, seq_len, max_tokens)
     target = control.target_sparsity if sparsity is None else sparsity
-    previous = control.sparsity
+    previous, previous_topk = control.sparsity, control.topk
     control.set_gate_prefill(True)
     try:
         control.set_sparsity(0.0)
         dense = perplexity(net, windows)
+        control.topk = topk
         control.set_sparsity(target)
         control.reset_stats()
         sparse = perplexity(net, windows)
         stats = control.stats()
     finally:
+        control.topk = previous_topk
         control.set_sparsity(previous)
+    head = net.get_output_embeddings().weight
+    ungated = head.numel() * head.element_size() + head.shape[-1] * head.element_size()
     per_layer: dict[int, float] = {}
     for layer, names in enumerate(control.layers):
         values = [stats["per_gate"][n] for n in names if n in stats["per_gate"]]
@@ -95,4 +104,7 @@ def evaluate(
         "per_layer": per_layer,
         "tokens": int(windows[:, 1:].numel()),
         "text": text_name,
+        "topk": topk,
+        "kept_bytes_fraction": stats["kept_bytes_fraction"],
+        "bytes_per_token": stats["gated_bytes_per_token"] + ungated,
     }

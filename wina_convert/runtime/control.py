@@ -9,6 +9,16 @@ matrices (1, or 3 for a fused qkv_proj):
   as a whole is at ``meta["allocation_levels"][a]`` (uniform allocation: every column equals the
   levels).
 
+* ``M.center``        ``[in]``     the calibrated center of the gate's input (``convert --center``), if any.
+
+Sparsity counts decode *bytes* (sidecar ``meta["budget"] == "bytes"``): at model sparsity ``s > 0``
+a layer's matrices skip ``s + e`` of their columns, where ``e = meta["extra_fraction"][layer]`` is
+the extra bytes that layer reads densely (a transform's two ``d x d`` shortcut rotations) over the
+bytes of its gated matrices, so every layer reads ``(1 - s)`` of its dense bytes whatever the
+setting. Sparsity 0 is dense (gates off, shortcuts still read). An allocation recorded over the
+whole model (``meta["allocation_scope"] == "model"``) is indexed by the model's level and shifted
+by the model-wide extra fraction instead. Checkpoints without ``budget`` count parameters (``e = 0``).
+
 The threshold of a matrix at its sparsity ``s`` is the ``s``-quantile ``t`` of its scores; the
 per-channel threshold is ``t / column_norms`` for WINA (``|x_i| c_i > t``) and ``t`` for TEAL
 (``gate.thresholds_at``, the rule calibration uses too).
@@ -89,6 +99,13 @@ class WinaControl:
         self.context = next(iter(gates.values())).context if gates else GateContext()
         self.layers_prefix = "model.layers"  # set by load (the adapter's)
         self.checkpoint_config: dict[str, Any] | None = None  # the config.json it was loaded from (for saving)
+        self.topk = False
+        self.gated_params = [sum(gates[n].weight.numel() for n in names) for names in layers]
+        self.extra_fraction = [float(e) for e in meta.get("extra_fraction") or [0.0] * len(layers)]
+        if len(self.extra_fraction) != len(layers):
+            raise WinaError(f"the sidecar's extra_fraction has {len(self.extra_fraction)} layers, the weights {len(layers)}")
+        self.extra_params = [e * m for e, m in zip(self.extra_fraction, self.gated_params)]
+        self.scope = meta.get("allocation_scope", "layer")
 
     @property
     def epoch(self) -> int:
@@ -96,12 +113,15 @@ class WinaControl:
         return self.context.epoch
 
     def sidecar_tensors(self) -> dict[str, torch.Tensor]:
-        """The sidecar's tensors as loaded (column norms, quantile tables, allocations), to save again."""
+        """The sidecar's tensors as loaded (column norms, quantile tables, centers, allocations), to save again."""
         out = {}
         for name, table in self.tables.items():
             out[f"{name}.column_norms"] = table.column_norms
             if table.quantiles is not None:
                 out[f"{name}.quantiles"] = table.quantiles
+            center = self.gates[name].center
+            if center is not None:
+                out[f"{name}.center"] = center.float()
         for layer, alloc in enumerate(self.allocation):
             if alloc is not None:
                 out[f"{self.layers_prefix}.{layer}.allocation"] = alloc
@@ -128,6 +148,21 @@ class WinaControl:
         for gate in self.gates.values():
             gate.counting = enabled
 
+    def matrix_level(self, layer: int, sparsity: float) -> float:
+        """The size-weighted sparsity of ``layer``'s matrices that reads ``1 - sparsity`` of its dense bytes
+        (of the model's, for a whole-model allocation): ``sparsity + extra``; 0 at sparsity 0 (dense)."""
+        if sparsity <= 0:
+            return 0.0
+        if self.scope == "model":
+            return sparsity + sum(self.extra_params) / sum(self.gated_params)
+        return sparsity + self.extra_fraction[layer]
+
+    @property
+    def max_sparsity(self) -> float:
+        """The highest byte sparsity whose matrix levels stay within the calibrated levels."""
+        levels = [self.matrix_level(layer, 1.0) - 1.0 for layer in range(len(self.layers))]
+        return round(MAX_SPARSITY - max(levels, default=0.0), 4)
+
     @property
     def target_sparsity(self) -> float:
         return float(self.meta.get("target_sparsity") or 0.0)
@@ -141,13 +176,14 @@ class WinaControl:
         out = {}
         for layer, names in enumerate(self.layers):
             alloc = self.allocation[layer]
+            level = self.matrix_level(layer, sparsity)
             col = 0
             for name in names:
                 parts = self.tables[name].column_norms.shape[0]
-                if alloc is None or sparsity <= 0:
-                    out[name] = torch.full((parts,), float(sparsity), dtype=torch.float64)
+                if alloc is None or level <= 0:
+                    out[name] = torch.full((parts,), float(level), dtype=torch.float64)
                 else:
-                    out[name] = interp(sparsity, self.allocation_levels, alloc[:, col : col + parts].T.to(torch.float64))
+                    out[name] = interp(level, self.allocation_levels, alloc[:, col : col + parts].T.to(torch.float64))
                 col += parts
         return out
 
@@ -161,12 +197,28 @@ class WinaControl:
             raise WinaError(f"sparsity must be a number in [0, {MAX_SPARSITY}], got {sparsity!r}") from e
         if not 0.0 <= sparsity <= MAX_SPARSITY:
             raise WinaError(f"sparsity must be in [0, {MAX_SPARSITY}], got {sparsity}")
-        if sparsity > 0 and not self.calibrated:
+        if sparsity > self.max_sparsity + 1e-9:
+            raise WinaError(f"sparsity {sparsity} is above this checkpoint's maximum {self.max_sparsity}: its shortcut "
+                            f"rotations are read densely, so its matrices would have to skip more than {MAX_SPARSITY}")
+        if sparsity > 0 and not self.calibrated and not self.topk:
             raise WinaError("this checkpoint is not calibrated: only sparsity 0 is available (convert it with calibration)")
         for name, per_matrix in self.gate_sparsities(sparsity).items():
-            self.gates[name].set_thresholds(self.tables[name].thresholds(per_matrix, self.quantile_levels, self.method))
+            gate = self.gates[name]
+            if self.topk:
+                keep = [round((1.0 - s) * gate.in_features) for s in per_matrix.tolist()]
+                gate.set_topk(keep, self.tables[name].column_norms if self.method == "wina" else None)
+            else:
+                gate.set_topk(None)
+                gate.set_thresholds(self.tables[name].thresholds(per_matrix, self.quantile_levels, self.method))
         self.sparsity = sparsity
         return sparsity
+
+    def set_topk(self, enabled: bool) -> None:
+        """Gate by per-token top-k (each token keeps its ``(1 - s_m) in`` best channels per matrix, at the
+        same per-matrix sparsities ``s_m``) instead of calibrated thresholds; for evaluation, the
+        paper's protocol. Applies to the current sparsity and to later ``set_sparsity`` calls."""
+        self.topk = bool(enabled)
+        self.set_sparsity(self.sparsity)
 
     def set_gate_prefill(self, enabled: bool) -> None:
         for gate in self.gates.values():
@@ -177,9 +229,24 @@ class WinaControl:
             gate.reset_stats()
 
     def stats(self) -> dict[str, Any]:
-        """Achieved sparsity: per gate (by module name), per role, and parameter-weighted overall."""
+        """Achieved sparsity: per gate (by module name), per role, parameter-weighted overall, and bytes.
+
+        ``kept_bytes_fraction`` is what the gated sub-blocks read per token (kept columns, plus the
+        shortcut rotations read densely) over their dense bytes; ``1 - kept_bytes_fraction`` is the
+        byte sparsity that ``--sparsity`` asks for.
+        """
         per_gate, by_role = {}, {}
         total_w = total_zero = 0.0
+        kept_bytes = 0.0
+        for layer, names in enumerate(self.layers):
+            counted = [self.gates[n] for n in names if self.gates[n].tokens > 0]
+            if not counted:
+                continue
+            kept = sum(((1 - g.zeroed / (g.tokens * g.in_features)) * torch.tensor(g.splits, dtype=torch.float64)).sum().item()
+                       * g.in_features * g.weight.element_size() for g in counted)
+            extra = self.extra_params[layer] * counted[0].weight.element_size()
+            kept_bytes += kept + extra
+        dense_bytes = sum(g.weight.numel() * g.weight.element_size() for g in self.gates.values() if g.tokens > 0)
         counts = {name: (gate.zeroed.tolist(), gate.tokens) for name, gate in self.gates.items()}
         for name, gate in self.gates.items():
             zeroed, tokens = counts[name]
@@ -199,6 +266,9 @@ class WinaControl:
             "sparsity": total_zero / total_w if total_w else 0.0,
             "by_role": {role: z / w for role, (z, w) in by_role.items()},
             "per_gate": per_gate,
+            # bytes the gated sub-blocks read per token (kept weight columns + shortcuts), over their dense bytes
+            "kept_bytes_fraction": kept_bytes / dense_bytes if dense_bytes else 1.0,
+            "gated_bytes_per_token": kept_bytes,
         }
 
 

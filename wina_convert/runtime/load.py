@@ -56,6 +56,11 @@ def attach_gates(model: nn.Module, adapter: Adapter, config: Any, sidecar: dict[
         if norms is None or tuple(norms.shape) != (len(gate.splits), gate.in_features):
             raise WinaError(f"the sidecar does not match the weights: column norms of {name} are missing or of the wrong shape")
         tables[name] = GateTable(name, norms.float(), sidecar.get(f"{name}.quantiles"))
+        center = sidecar.get(f"{name}.center")
+        if center is not None:
+            if center.numel() != gate.in_features or not torch.isfinite(center).all():
+                raise WinaError(f"the sidecar's center of {name} is invalid (wrong size or not finite)")
+            gate.set_center(center.float())
     allocation = [sidecar.get(f"{adapter.layers_prefix}.{layer}.allocation") for layer in range(config.num_hidden_layers)]
     control = WinaControl(gates, tables, allocation, layers, meta)
     control.layers_prefix = adapter.layers_prefix

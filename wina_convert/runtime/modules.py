@@ -3,6 +3,14 @@
 ``GatedLinear`` replaces an ``nn.Linear``: input channel ``i`` of a token is kept when
 ``|x_i| > thresholds[i]``, where ``thresholds = t / column_norms`` (WINA) or ``t`` (TEAL). A fused
 linear (Phi-3's qkv_proj) stacks several matrices, each with its own threshold row.
+
+With a calibrated *center* ``c`` (``convert --center``, SCAP-style), the gate reads ``x - c`` instead:
+``y = ((x - c) * [|x - c| > thr]) W^T + (b + W c)``. The constant ``W c`` is a bias, so at
+thresholds 0 this is ``x W^T + b`` exactly, and no weight bytes are added.
+
+With *top-k* gating (``set_topk``, the paper's evaluation protocol) each token keeps exactly its
+``k`` highest-scoring channels per matrix, score ``|x_i - c_i| w_i`` (``w`` = column norms for
+WINA, ones for TEAL), instead of comparing with calibrated thresholds.
 ``WinaDecoderLayer`` replaces a decoder layer of a transformed model: the same submodules plus the
 two shortcut rotations that move the residual stream between the attention and MLP bases.
 """
@@ -59,6 +67,10 @@ class GatedLinear(nn.Module):
         # integer counters on the weight's device: a CUDA graph replay adds to them, .to(dtype) leaves them alone
         self.register_buffer("zeroed", torch.zeros(len(splits), dtype=torch.int64, device=linear.weight.device), persistent=False)
         self.register_buffer("counted", torch.zeros((), dtype=torch.int64, device=linear.weight.device), persistent=False)
+        self.center: torch.Tensor | None = None  # [in], or None: gate |x|
+        self.center_bias: torch.Tensor | None = None  # [out] = W c
+        self.topk: list[int] | None = None  # channels kept per matrix and token (top-k gating), or None: thresholds
+        self.score_weights: torch.Tensor | None = None  # [P, in] the top-k scores' channel weights
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, splits={self.splits}, active={self.active}"
@@ -73,6 +85,40 @@ class GatedLinear(nn.Module):
     def tokens(self) -> int:
         """Positions counted since ``reset_stats`` (padding excluded); reading it waits for the device."""
         return int(self.counted.item())
+
+    def set_center(self, center: torch.Tensor | None) -> None:
+        """Gate ``|x - center|`` and add ``W center`` back as a bias (None: gate ``|x|``)."""
+        if center is None:
+            self.center = self.center_bias = None
+        else:
+            self.center = center.to(device=self.weight.device, dtype=self.weight.dtype).reshape(self.in_features)
+            with torch.no_grad():
+                self.center_bias = F.linear(self.center.float(), self.weight.float()).to(self.weight.dtype)
+        self.context.epoch += 1
+
+    def set_topk(self, keep: list[int] | None, score_weights: torch.Tensor | None = None) -> None:
+        """Keep each token's ``keep[p]`` best channels per matrix (None: back to thresholds)."""
+        self.topk = None if keep is None else [int(k) for k in keep]
+        self.score_weights = None if score_weights is None else score_weights.to(self.weight.device, torch.float32)
+        if self.topk is not None:
+            self.active = any(k < self.in_features for k in self.topk)
+        else:
+            self.active = bool((self.thresholds > 0).any())
+        self.context.epoch += 1
+
+    def _topk_keep(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., P, in]`` mask of each token's ``topk[p]`` highest scores."""
+        scores = x.abs().float().unsqueeze(-2)
+        if self.score_weights is not None:
+            scores = scores * self.score_weights
+        scores = scores.expand(*x.shape[:-1], len(self.splits), self.in_features)
+        keep = torch.zeros(scores.shape, dtype=torch.bool, device=x.device)
+        for p, k in enumerate(self.topk):
+            if k >= self.in_features:
+                keep[..., p, :] = True
+            elif k > 0:
+                keep[..., p, :].scatter_(-1, scores[..., p, :].topk(k, dim=-1).indices, True)
+        return keep
 
     def reset_stats(self) -> None:
         self.zeroed.zero_()
@@ -102,23 +148,34 @@ class GatedLinear(nn.Module):
             self.counted += flat.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.active or (x.dim() > 2 and x.shape[-2] > 1 and not self.gate_prefill):
+        if not self.active:
+            if self.counting:  # a dense gate reads every column: counted (real positions), nothing zeroed
+                valid = self.context.valid
+                n = x.numel() // self.in_features
+                self.counted += valid.sum().to(self.counted.device) if valid is not None and valid.numel() == n else n
             return F.linear(x, self.weight, self.bias)
-        if self.kernel is not None and not self.counting:
+        if x.dim() > 2 and x.shape[-2] > 1 and not self.gate_prefill:  # an ungated prompt: not counted
+            return F.linear(x, self.weight, self.bias)
+        # (a centered gate never takes the kernel: kernels/hook.py binds no centered gate; see set_center)
+        if self.kernel is not None and not self.counting and self.topk is None and self.center is None:
             y = self.kernel(x, self)
             if y is not None:
                 if self.tally:
                     self.count(x.abs().unsqueeze(-2) > self.thresholds)
                 return y
-        keep = x.abs().unsqueeze(-2) > self.thresholds  # [..., n_mats, in]
+        bias = self.bias
+        if self.center is not None:
+            x = x - self.center
+            bias = self.center_bias if bias is None else bias + self.center_bias
+        keep = self._topk_keep(x) if self.topk is not None else x.abs().unsqueeze(-2) > self.thresholds  # [..., n_mats, in]
         if self.counting:
             self.count(keep)
         if len(self.splits) == 1:
-            return F.linear(x * keep[..., 0, :], self.weight, self.bias)
+            return F.linear(x * keep[..., 0, :], self.weight, bias)
         outs, start = [], 0
         for m, size in enumerate(self.splits):
-            bias = None if self.bias is None else self.bias[start : start + size]
-            outs.append(F.linear(x * keep[..., m, :], self.weight[start : start + size], bias))
+            part = None if bias is None else bias[start : start + size]
+            outs.append(F.linear(x * keep[..., m, :], self.weight[start : start + size], part))
             start += size
         return torch.cat(outs, dim=-1)
 

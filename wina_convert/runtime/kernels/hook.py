@@ -250,9 +250,12 @@ def bind_kernels(control: WinaControl, groups: list[list[str]] | None = None) ->
     where ``launch.gated_linear`` computes with torch)."""
     if groups is None:
         groups = [[name] for name in control.gates]
-    named = [[control.gates[n] for n in group if n in control.gates] for group in groups]
+    # A centered gate (convert --center) gates x - c, which the kernels do not take: it keeps the masking
+    # reference (cuBLAS) and is left out of every launch.
+    usable = {n: g for n, g in control.gates.items() if g.center is None}
+    named = [[usable[n] for n in group if n in usable] for group in groups]
     covered = {id(g) for group in named for g in group}
-    named += [[g] for g in control.gates.values() if id(g) not in covered]
+    named += [[g] for g in usable.values() if id(g) not in covered]
     bound = []
     widest = 0
     with torch.no_grad():

@@ -1,0 +1,303 @@
+"""Accuracy at equal decode bytes: TEAL vs WINA and the levers of ``wina convert``, at several sparsities.
+
+    python benchmarks/accuracy_table.py MODEL --out DIR [--device cuda] [--sparsities 0.4,0.5,0.65]
+        [--settings NAME,...] [--samples N --seq-len N] [--max-tokens N] [--speed-curve FILE]
+        [--tasks piqa,arc_easy,... --limit N] [--off-target 0.4,0.65] [--append] [--render]
+
+MODEL is anything ``wina convert`` takes: a Hugging Face directory or a .gguf file (e.g.
+~/.cache/wina-convert/smollm2-hf, or the GGUF itself on a machine that only has the GGUF). Every
+cell is a real ``wina_convert.convert`` at that sparsity (bundled calibration set, convert's
+defaults unless --samples/--seq-len) followed by ``wina_convert.evaluate`` on the bundled held-out
+text, which calibration never reads. Sparsity counts decode bytes (README, "Sparsity means bytes"):
+every setting at 0.5 reads half the dense bytes of the gated sub-blocks, shortcut rotations included.
+
+Per cell: held-out perplexity, achieved parameter-weighted sparsity, kept-bytes fraction (bytes the
+gated sub-blocks read per token over their dense bytes), bytes per token (plus lm_head and one
+embedding row) and, with ``--speed-curve FILE`` (a JSON list of ``{"kept_bytes_fraction",
+"tokens_per_s"}`` measured on a GPU), the decode tokens/s interpolated at the cell's kept-bytes
+fraction (blank without it). ``--tasks`` adds zero-shot accuracy (``wina eval --tasks``'s runner,
+``--limit`` items per task). ``--off-target 0.4,0.65`` also evaluates each setting's 0.5 checkpoint
+at those sparsities (issue 16 item 5: no recalibration); ``--append`` adds rows and cells to an
+existing DIR/accuracy.json (to build a table in several runs). Writes DIR/accuracy.md, DIR/accuracy.json
+and DIR/frontier.png (perplexity against kept-bytes fraction, or tokens/s with a speed curve).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from wina_convert import convert, evaluate
+from wina_convert.defaults import DEFAULTS
+
+SPARSITIES = (0.4, 0.5, 0.65)
+OFF_TARGET_FROM = 0.5
+
+# name -> convert options (+ "topk": evaluate with per-token top-k instead of thresholds)
+SETTINGS: dict[str, dict[str, Any]] = {
+    "teal": {"method": "teal"},
+    "wina": {"method": "wina"},
+    "teal-uniform": {"method": "teal", "allocation": "uniform"},
+    "wina-topk": {"method": "wina", "topk": True},
+    "teal-topk": {"method": "teal", "topk": True},
+    "wina-global": {"method": "wina", "allocation": "global"},
+    "teal-global": {"method": "teal", "allocation": "global"},
+    "wina-heads": {"method": "wina", "head_bases": "pca"},
+    "teal-heads": {"method": "teal", "head_bases": "pca"},
+    "wina-center": {"method": "wina", "center": "median"},
+    "wina-transform": {"method": "wina", "transform": True},
+    "teal-transform": {"method": "teal", "transform": True},
+    "default": {},
+    "default-self": {"calibration": "self"},
+}
+CONVERT_KEYS = ("method", "allocation", "transform", "center", "head_bases")
+
+
+def options(setting: dict[str, Any]) -> dict[str, Any]:
+    """The convert options of a setting: the defaults, overridden by the setting."""
+    return {key: setting.get(key, DEFAULTS[key]) for key in CONVERT_KEYS}
+
+
+def label(name: str, setting: dict[str, Any]) -> str:
+    opts = options(setting)
+    parts = [opts["method"].upper(), opts["allocation"]]
+    if opts["transform"]:
+        parts.append("transform")
+    if opts["head_bases"] != "none":
+        parts.append(f"head bases {opts['head_bases']}")
+    if opts["center"] != "none":
+        parts.append(f"center {opts['center']}")
+    if setting.get("topk"):
+        parts.append("top-k eval")
+    if setting.get("calibration") == "self":
+        parts.append("self-calibration")
+    text = f"`{name}`: " + ", ".join(parts)
+    return f"**{text} (default)**" if name == "default" else text
+
+
+def speed_at(curve: list[dict[str, float]] | None, kept: float) -> float | None:
+    """Tokens/s at a kept-bytes fraction, linearly interpolated on the measured curve (None outside it)."""
+    if not curve:
+        return None
+    points = sorted((float(p["kept_bytes_fraction"]), float(p["tokens_per_s"])) for p in curve)
+    if not points[0][0] - 1e-9 <= kept <= points[-1][0] + 1e-9:
+        return None
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= kept <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (kept - x0) / (x1 - x0)
+    return points[0][1]
+
+
+def read_curve(path: Path | None) -> list[dict[str, float]] | None:
+    if path is None:
+        return None
+    curve = json.loads(path.read_text())
+    if not isinstance(curve, list) or not all({"kept_bytes_fraction", "tokens_per_s"} <= set(p) for p in curve):
+        raise SystemExit(f"{path}: expected a JSON list of {{kept_bytes_fraction, tokens_per_s}} objects")
+    return curve
+
+
+def measure(directory: Path, sparsity: float, setting: dict[str, Any], args: argparse.Namespace,
+            curve: list[dict[str, float]] | None) -> dict[str, Any]:
+    """One evaluation of a checkpoint at ``sparsity``: perplexity, sparsity, bytes, speed, tasks."""
+    from wina_convert import load
+
+    model = load(directory, sparsity=0, device=args.device)
+    ev = evaluate(model, sparsity=sparsity, device=args.device, max_tokens=args.max_tokens, seq_len=args.eval_seq_len,
+                  topk=bool(setting.get("topk")))
+    row = {"perplexity": ev["perplexity"], "dense_perplexity": ev["dense_perplexity"], "sparsity": ev["sparsity"],
+           "kept_bytes_fraction": ev["kept_bytes_fraction"], "bytes_per_token": ev["bytes_per_token"],
+           "tokens_per_s": speed_at(curve, ev["kept_bytes_fraction"]), "by_role": ev["by_role"],
+           "tokens": ev["tokens"], "text": ev["text"]}
+    if args.tasks:
+        try:
+            from wina_convert.evaluate.tasks import evaluate_tasks
+        except ImportError:
+            print("zero-shot tasks skipped: this wina-convert has no task runner (wina_convert.evaluate.tasks)")
+        else:
+            if setting.get("topk"):
+                model.wina.set_topk(True)
+            tasks = evaluate_tasks(model, args.tasks, limit=args.limit, sparsity=sparsity, device=args.device)
+            row["tasks"] = {"dense": tasks["dense"], "sparse": tasks["sparse"]}
+    return row
+
+
+def mean_accuracy(scores: dict[str, Any] | None) -> float | None:
+    if not scores:
+        return None
+    mean = scores.get("mean")
+    if isinstance(mean, dict):
+        return mean.get("acc")
+    return mean if isinstance(mean, (int, float)) else None
+
+
+def markdown(report: dict[str, Any]) -> str:
+    sparsities = report["sparsities"]
+    dense = report.get("dense_perplexity")
+    lines = [f"Model: `{report['model']}`, device {report['device']}; calibration {report['calibration']}; "
+             f"held-out: {report.get('heldout', '?')}.",
+             f"Dense perplexity: **{dense:.2f}**." if dense else "",
+             "Each cell: perplexity (ratio to dense) / achieved parameter-weighted sparsity / kept-bytes fraction"
+             + (" / tokens/s" if report.get("speed_curve") else "") + ". Sparsity counts bytes: every cell of a column "
+             "reads the same bytes of the gated sub-blocks.", "",
+             "| setting | " + " | ".join(f"@{s}" for s in sparsities) + " | calibrate s |",
+             "|---|" + "---|" * (len(sparsities) + 1)]
+    for row in report["rows"]:
+        cells = []
+        for s in sparsities:
+            r = row["results"].get(str(s))
+            if r is None:
+                cells.append("")
+                continue
+            cell = f"{r['perplexity']:.2f} ({r['perplexity'] / r['dense_perplexity']:.2f}x) / {r['sparsity']:.3f} / {r['kept_bytes_fraction']:.3f}"
+            if r.get("tokens_per_s") is not None:
+                cell += f" / {r['tokens_per_s']:.0f}"
+            acc = mean_accuracy((r.get("tasks") or {}).get("sparse"))
+            if acc is not None:
+                cell += f" / acc {100 * acc:.1f}"
+            cells.append(cell)
+        seconds = [r["calibrate_s"] for r in row["results"].values() if r.get("calibrate_s") is not None]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {sum(seconds) / max(len(seconds), 1):.0f} |")
+    off = [row for row in report["rows"] if row.get("off_target")]
+    if off:
+        others = sorted({float(s) for row in off for s in row["off_target"]})
+        lines += ["", f"Off-target (item 5): the checkpoint calibrated at {OFF_TARGET_FROM}, run at other sparsities "
+                  "without recalibration, against the one calibrated there. Each cell: perplexity / achieved "
+                  "kept-bytes fraction.", "",
+                  "| setting | " + " | ".join(f"@{s} from {OFF_TARGET_FROM} | @{s} calibrated" for s in others) + " |",
+                  "|---|" + "---|---|" * len(others)]
+        for row in off:
+            cells = []
+            for s in others:
+                for r in (row["off_target"].get(str(s)), row["results"].get(str(s))):
+                    cells.append("" if r is None else f"{r['perplexity']:.2f} / {r['kept_bytes_fraction']:.3f}")
+            lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    if report.get("tasks"):
+        lines += ["", f"Zero-shot tasks: {', '.join(report['tasks'])} (limit {report.get('limit')}); "
+                  "dense mean accuracy " + ", ".join(
+                      f"{100 * a:.1f}" for a in {mean_accuracy((r.get('tasks') or {}).get('dense'))
+                                                 for row in report["rows"] for r in row["results"].values()} if a is not None)]
+    lines.append("")
+    minutes = (report.get("seconds", 0) + report.get("seconds_before", 0)) / 60
+    lines.append(f"Command: `{report['command']}` ({minutes:.0f} min in all).")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> bool:
+    """Perplexity against kept-bytes fraction (or tokens/s when a speed curve was given), one line per setting."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("frontier.png skipped: pip install matplotlib")
+        return False
+    speed = bool(report.get("speed_curve"))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in report["rows"]:
+        points = sorted((r["tokens_per_s"] if speed else r["kept_bytes_fraction"], r["perplexity"])
+                        for r in row["results"].values() if not speed or r.get("tokens_per_s") is not None)
+        if points:
+            ax.plot(*zip(*points), marker="o", label=row["name"])
+    if report.get("dense_perplexity"):
+        ax.axhline(report["dense_perplexity"], color="gray", linestyle="--", linewidth=1, label="dense")
+    ax.set_xlabel("decode tokens/s (speed curve)" if speed else "kept-bytes fraction of the gated sub-blocks")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_yscale("log")
+    ax.set_title(f"{Path(report['model']).name}: accuracy vs decode cost")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
+    parser.add_argument("--settings", default="teal,wina,wina-topk,wina-heads,wina-center,wina-transform,default",
+                        help=f"comma-separated, from: {', '.join(SETTINGS)}")
+    parser.add_argument("--samples", type=int, default=None, help="calibration windows (default: convert's)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per calibration window (default: convert's)")
+    parser.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens to evaluate")
+    parser.add_argument("--eval-seq-len", type=int, default=512, help="tokens per held-out window")
+    parser.add_argument("--speed-curve", type=Path, default=None)
+    parser.add_argument("--tasks", default=None, help="zero-shot tasks, e.g. piqa,arc_easy (needs the [eval] extra and data)")
+    parser.add_argument("--limit", type=int, default=None, help="items per task")
+    parser.add_argument("--off-target", default=None,
+                        help=f"comma-separated sparsities at which each {OFF_TARGET_FROM} checkpoint is also run (no recalibration)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/wina-accuracy-table"))
+    parser.add_argument("--append", action="store_true", help="add rows (and cells) to DIR/accuracy.json instead of starting anew")
+    parser.add_argument("--render", action="store_true", help="only re-render DIR/accuracy.md and frontier.png from DIR/accuracy.json")
+    args = parser.parse_args()
+    if args.render:
+        report = json.loads((args.out / "accuracy.json").read_text())
+        (args.out / "accuracy.md").write_text(markdown(report))
+        plot(report, args.out / "frontier.png")
+        print(markdown(report))
+        return
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    names = args.settings.split(",")
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"unknown settings {unknown}: choose from {', '.join(SETTINGS)}")
+    curve = read_curve(args.speed_curve)
+    args.out.mkdir(parents=True, exist_ok=True)
+    import sys
+
+    report: dict[str, Any] = {"model": str(args.model), "device": args.device, "sparsities": sparsities,
+                              "defaults": DEFAULTS, "rows": [], "speed_curve": curve, "tasks": args.tasks, "limit": args.limit,
+                              "calibration": f"bundled set, {args.samples or 'default'} x {args.seq_len or 'default'} tokens",
+                              "command": "python benchmarks/accuracy_table.py " + " ".join(sys.argv[1:])}
+    previous = json.loads((args.out / "accuracy.json").read_text()) if args.append and (args.out / "accuracy.json").is_file() else None
+    if previous is not None:
+        report["rows"] = previous["rows"]
+        report["sparsities"] = sorted(set(previous["sparsities"]) | set(sparsities))
+        report["command"] = previous["command"] + "; " + report["command"]
+        report["seconds_before"] = previous.get("seconds", 0) + previous.get("seconds_before", 0)
+    start = time.perf_counter()
+    for name in names:
+        setting = SETTINGS[name]
+        row: dict[str, Any] = {"name": name, "label": label(name, setting), "options": options(setting),
+                               "topk": bool(setting.get("topk")), "results": {}}
+        for old in [r for r in report["rows"] if r["name"] == name]:  # --append: extend the row
+            row["results"], row["off_target"] = old["results"], old.get("off_target")
+            report["rows"].remove(old)
+        for sparsity in sparsities:
+            target = args.work / f"{name}-{sparsity}"
+            shutil.rmtree(target, ignore_errors=True)
+            t0 = time.perf_counter()
+            result = convert(args.model, target, sparsity=sparsity, device=args.device, samples=args.samples,
+                             seq_len=args.seq_len, calibration=setting.get("calibration"), quiet=True, **options(setting))
+            convert_s = time.perf_counter() - t0
+            r = measure(target, sparsity, setting, args, curve)
+            r.update(convert_s=convert_s, calibrate_s=result.stage_seconds.get("calibrate"))
+            row["results"][str(sparsity)] = r
+            report["dense_perplexity"] = r["dense_perplexity"]
+            report["heldout"] = f"{r['tokens']} tokens of {r['text']}"
+            print(json.dumps({"setting": name, "target": sparsity, "perplexity": round(r["perplexity"], 3),
+                              "sparsity": round(r["sparsity"], 4), "kept_bytes": round(r["kept_bytes_fraction"], 4),
+                              "dense": round(r["dense_perplexity"], 3), "convert_s": round(convert_s, 1)}), flush=True)
+            if args.off_target and sparsity == OFF_TARGET_FROM:
+                row["off_target"] = {str(float(s)): measure(target, float(s), setting, args, curve)
+                                     for s in args.off_target.split(",")}
+            shutil.rmtree(target, ignore_errors=True)
+        report["rows"].append(row)
+        report["seconds"] = time.perf_counter() - start
+        (args.out / "accuracy.json").write_text(json.dumps(report, indent=1) + "\n")
+        (args.out / "accuracy.md").write_text(markdown(report))
+    plot(report, args.out / "frontier.png")
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
