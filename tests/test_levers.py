@@ -181,7 +181,7 @@ def test_topk_keeps_exactly_k_per_token(levers):
     for name, gate in control.gates.items():
         kept = [round((1 - s) * gate.in_features) for s in per_matrix[name].tolist()]
         assert gate.topk == kept
-        zeroed = gate.zeroed / gate.tokens
+        zeroed = gate.zeroed.double() / gate.tokens
         assert torch.allclose(zeroed, torch.tensor([gate.in_features - k for k in kept], dtype=torch.float64)), name
     # the kept channels are the top scores |x - c| * column norm
     gate = control.gates["model.layers.0.self_attn.o_proj"]

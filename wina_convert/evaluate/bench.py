@@ -296,13 +296,12 @@ def _copy_gbps(dev: torch.device, nbytes: int = 1 << 30, reps: int = 20) -> floa
 def _read_gbps(dev: torch.device, nbytes: int = 1 << 30, reps: int = 20) -> float:
     """Read-only bandwidth: a sum over a ``nbytes`` buffer (bytes read per second / 1e9), median of ``reps``."""
     a = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
-    out = torch.empty((), dtype=torch.float32, device=dev)
-    torch.sum(a, out=out)
+    a.sum()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        torch.sum(a, out=out)
+        a.sum()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)

@@ -242,7 +242,7 @@ class WinaControl:
             counted = [self.gates[n] for n in names if self.gates[n].tokens > 0]
             if not counted:
                 continue
-            kept = sum(((1 - g.zeroed / (g.tokens * g.in_features)) * torch.tensor(g.splits, dtype=torch.float64)).sum().item()
+            kept = sum(((1 - g.zeroed.cpu().double() / (g.tokens * g.in_features)) * torch.tensor(g.splits, dtype=torch.float64)).sum().item()
                        * g.in_features * g.weight.element_size() for g in counted)
             extra = self.extra_params[layer] * counted[0].weight.element_size()
             kept_bytes += kept + extra

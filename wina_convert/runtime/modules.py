@@ -130,6 +130,12 @@ class GatedLinear(nn.Module):
         thresholds = self.thresholds
         super()._apply(fn, recurse)
         self.thresholds = thresholds.to(device=self.weight.device, dtype=torch.float32)
+        # the center terms follow the weight (device and dtype), the top-k score weights its device
+        if self.center is not None:
+            self.center = self.center.to(device=self.weight.device, dtype=self.weight.dtype)
+            self.center_bias = self.center_bias.to(device=self.weight.device, dtype=self.weight.dtype)
+        if self.score_weights is not None:
+            self.score_weights = self.score_weights.to(device=self.weight.device)
         return self
 
     def count(self, keep: torch.Tensor) -> None:
