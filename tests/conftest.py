@@ -133,6 +133,7 @@ def gemma3_hf() -> Path:
         pytest.skip("scripts/fetch_models.py (which fetches Gemma-3-270M) is not in this checkout yet")
     spec = importlib.util.spec_from_file_location("fetch_models", script)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["fetch_models"] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module.build_hf_dir(module.fetch_gguf("gemma3-270m"), module.DEFAULT_CACHE / "gemma3-hf")
 
