@@ -23,49 +23,10 @@ WRONG = "hf_WrongTokenNotAccepted9876543210zz"
 
 # --------------------------------------------------------------------------- fixtures
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _write_manifest(directory: Path) -> None:
-    try:
-        from wina_convert.checkpoint.format import write_manifest
-    except ImportError:  # the lead's checkpoint module not there yet: the same format, by hand
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(directory.iterdir())
-                 if p.is_file() and p.name not in ("README.md", "wina-manifest.json")}
-        (directory / "wina-manifest.json").write_text(json.dumps({"format_version": 1, "files": files}, indent=2))
-        return
+    from wina_convert.checkpoint.format import write_manifest
+
     write_manifest(directory)
-
-
-@pytest.fixture(autouse=True)
-def _verify_checkpoint_available(monkeypatch):
-    """hub.push calls wina_convert.checkpoint.verify_checkpoint; until it exists, a minimal stand-in."""
-    try:
-        from wina_convert.checkpoint import format as checkpoint
-
-        if hasattr(checkpoint, "verify_checkpoint"):
-            return
-    except ImportError:
-        pass
-    import sys
-    import types
-
-    def verify_checkpoint(directory, *, hashes=True):
-        directory = Path(directory)
-        config = json.loads((directory / "config.json").read_text())
-        if not (directory / "wina-manifest.json").is_file():
-            raise WinaError(f"{directory} is incomplete: wina-manifest.json is missing")
-        for name, entry in json.loads((directory / "wina-manifest.json").read_text())["files"].items():
-            if not (directory / name).is_file():
-                raise WinaError(f"{directory} is incomplete: {name} is missing")
-            if hashes and _sha256(directory / name) != entry["sha256"]:
-                raise WinaError(f"{directory}/{name} has changed since conversion")
-        return config["wina"]
-
-    module = types.ModuleType("wina_convert.checkpoint.format")
-    module.verify_checkpoint = verify_checkpoint
-    monkeypatch.setitem(sys.modules, "wina_convert.checkpoint.format", module)
 
 
 WINA_BLOCK = {

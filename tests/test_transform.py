@@ -13,7 +13,10 @@ from conftest import FAMILIES, ROOT
 from wina_convert import convert, load
 from wina_convert.transform import input_basis
 
-TOLERANCE = 1e-4
+# Relative logit error at sparsity 0, float32. Measured (benchmarks/exactness.py, results/exactness.txt):
+# 4.1e-7 to 5.0e-7 on the tiny models, 2.6e-6 on SmolLM2; the bounds leave ~4x for other CPUs and BLAS.
+TOLERANCE = 2e-6
+SMOLLM2_TOLERANCE = 1e-5
 
 
 def _original(directory: Path):
@@ -135,7 +138,7 @@ def test_transform_is_exact_on_smollm2(smollm2_hf, tmp_path):
     ids = _text_ids(smollm2_hf, 256)
     with torch.no_grad():
         error = _relative_error(original(ids).logits, model(ids).logits)
-    assert error <= TOLERANCE, f"relative logit error {error:.2e}"
+    assert error <= SMOLLM2_TOLERANCE, f"relative logit error {error:.2e}"
     prompt = ids[:, :16]
     assert torch.equal(_greedy(original, prompt), _greedy(model, prompt))
 
@@ -148,5 +151,5 @@ def test_gguf_input_converts_exactly(smollm2_gguf, smollm2_hf, tmp_path):
     ids = _text_ids(smollm2_hf, 64)
     with torch.no_grad():
         error = _relative_error(_original(smollm2_hf)(ids).logits, model(ids).logits)
-    assert error <= TOLERANCE
+    assert error <= SMOLLM2_TOLERANCE
     assert (out / "tokenizer.json").is_file() or (out / "tokenizer.model").is_file()

@@ -1,0 +1,96 @@
+"""How exact the transform is at sparsity 0: relative logit error against the original model, float32.
+
+The measurement of ``tests/test_transform.py`` (the same models, the same token windows), written down:
+each tiny random model of every supported family (3 layers, ``tests/conftest.py``'s recipe, random norm
+weights so that folding them is exercised) on 96 held-out tokens, and the real SmolLM2-135M-Instruct
+(float32, dequantized from its Q4_1 GGUF) on 256. The error is ``||l' - l|| / ||l||`` over all positions'
+logits ``l`` (original) and ``l'`` (converted with ``--transform``, loaded at sparsity 0). Without the
+transform the weights are copied and the error is 0 exactly (also in the output).
+
+    python benchmarks/exactness.py [--smollm2 DIR] [--out benchmarks/results/exactness.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _conftest():
+    spec = importlib.util.spec_from_file_location("wina_tests_conftest", ROOT / "tests" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tokenizer_dir(root: Path) -> Path:
+    """The tests' tiny byte-level BPE tokenizer (the fixture's code, run once here)."""
+    conftest = _conftest()
+
+    class Factory:
+        def mktemp(self, name):
+            path = root / name
+            path.mkdir()
+            return path
+
+    return conftest.tiny_tokenizer_dir.__wrapped__(Factory())
+
+
+def _ids(directory: Path, tokens: int) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(directory)
+    text = (ROOT / "wina_convert" / "calibration" / "data" / "heldout" / "heldout.txt").read_text(encoding="utf-8")
+    return torch.tensor([tok(text)["input_ids"][:tokens]])
+
+
+def relative_error(model_dir: Path, work: Path, tokens: int, transform: bool) -> float:
+    from transformers import AutoModelForCausalLM
+
+    from wina_convert import convert, load
+
+    out = convert(model_dir, work / f"{model_dir.name}-{transform}", calibrate=False, transform=transform, quiet=True).output
+    original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = load(out, sparsity=0)
+    ids = _ids(model_dir, tokens)
+    with torch.no_grad():
+        a, b = original(ids).logits.double(), model(ids).logits.double()
+    return float((a - b).norm() / a.norm())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smollm2", default=os.path.expanduser(os.environ.get("WINA_CACHE", "~/.cache/wina-convert")) + "/smollm2-hf")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "exactness.txt"))
+    args = ap.parse_args()
+    conftest = _conftest()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        tok = _tokenizer_dir(root)
+        for family in conftest.FAMILIES:
+            model_dir = conftest.build_tiny(family, root / family, tok)
+            rows.append((f"tiny {family}", 96, relative_error(model_dir, root, 96, True), relative_error(model_dir, root, 96, False)))
+        smollm2 = Path(args.smollm2)
+        if smollm2.is_dir():
+            rows.append(("SmolLM2-135M-Instruct", 256, relative_error(smollm2, root, 256, True), relative_error(smollm2, root, 256, False)))
+    lines = [f"# python benchmarks/exactness.py  (torch {torch.__version__}, {platform.machine()}, float32, CPU)",
+             "# relative logit error ||l' - l|| / ||l|| at sparsity 0 against the original model",
+             f"{'model':<24} {'tokens':>6} {'--transform':>12} {'--no-transform':>15}"]
+    lines += [f"{name:<24} {n:>6} {t:>12.2e} {p:>15.2e}" for name, n, t, p in rows]
+    lines.append(f"max with --transform: {max(r[2] for r in rows):.2e}")
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
