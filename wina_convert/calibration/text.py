@@ -7,8 +7,9 @@ are joined by the tokenizer's EOS token into one stream, which is cut into windo
 
 A window starts the way the model's own input does: where the tokenizer puts a BOS token before every
 text by default (Gemma, Llama 3), each window is that BOS followed by ``seq_len - 1`` tokens of the
-stream, so no window starts mid-stream without it (Gemma-3-270M's perplexity is about 2.4x worse
-then); other tokenizers' windows are ``seq_len`` tokens of the stream, as before.
+stream, so no window starts mid-stream without it (Gemma-3-270M's dense perplexity on the bundled
+held-out text is 54.0 without it, 18.4 with it); other tokenizers' windows are ``seq_len`` tokens of
+the stream, as before.
 """
 
 from __future__ import annotations
