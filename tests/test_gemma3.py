@@ -189,9 +189,9 @@ def gemma3_converted(gemma3_hf, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_gemma3_270m_is_exact_at_sparsity_0(gemma_hf, gemma3_converted):
-    original, model = _original(gemma_hf), load(gemma3_converted, sparsity=0)
-    ids = _heldout_ids(gemma_hf, 256)
+def test_gemma3_270m_is_exact_at_sparsity_0(gemma3_hf, gemma3_converted):
+    original, model = _original(gemma3_hf), load(gemma3_converted, sparsity=0)
+    ids = _heldout_ids(gemma3_hf, 256)
     with torch.no_grad():
         error = _rel(original(ids).logits, model(ids).logits)
     assert error <= 1e-6, f"relative logit error {error:.2e}"
