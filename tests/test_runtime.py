@@ -318,7 +318,10 @@ def test_smollm2_sparse_equals_reference_and_hits_target(smollm2_converted):
     with torch.no_grad():
         assert _rel(reference(ids).logits, model(ids).logits) <= 1e-4
     result = evaluate(model, max_tokens=4096)
-    assert abs(result["sparsity"] - 0.5) <= 0.02, result["sparsity"]
+    # --sparsity counts decode bytes: the transformed matrices skip more columns to pay for the shortcuts
+    skipped_bytes = 1 - result["kept_bytes_fraction"]
+    assert abs(skipped_bytes - 0.5) <= 0.02, result
+    assert result["sparsity"] > 0.5  # parameter-weighted column sparsity, above the byte target
     assert result["perplexity"] > result["dense_perplexity"]
 
 

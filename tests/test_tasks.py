@@ -195,8 +195,10 @@ def test_real_tasks_on_smollm2(smollm2_converted, eval_data):
         for task in ("piqa", "arc_easy"):
             row = result[side][task]
             assert row["samples"] == 50 and row["acc_stderr"] > 0 and row["acc_norm"] is not None
-        # chance is 0.5 on PIQA and ~0.25 on ARC-Easy; a 135M instruct model is well above both
-        assert result[side]["piqa"]["acc_norm"] > 0.55 and result[side]["arc_easy"]["acc_norm"] > 0.3
-    assert result["sparsity"] > 0.4  # the transformed checkpoint undershoots 0.5 a little
+    # chance is 0.5 on PIQA and ~0.25 on ARC-Easy; the dense 135M instruct model is well above both, the
+    # sparse one (transformed: its matrices skip 0.6875 of their columns at 0.5 of the bytes) above chance
+    assert result["dense"]["piqa"]["acc_norm"] > 0.55 and result["dense"]["arc_easy"]["acc_norm"] > 0.3
+    assert result["sparse"]["piqa"]["acc_norm"] > 0.5 and result["sparse"]["arc_easy"]["acc_norm"] > 0.25
+    assert result["sparsity"] > 0.5  # parameter-weighted: above the byte target for a transformed checkpoint
     dense, sparse = (torch.tensor(result[side]["piqa"]["loglikelihoods"]) for side in ("dense", "sparse"))
     assert dense.shape == (50, 2) and not torch.allclose(dense, sparse, atol=1e-2)

@@ -276,37 +276,35 @@ def _bytes_per_token(model: Any, control: Any, cache: Any) -> dict[str, int]:
             "other": other}
 
 
-def _copy_gbps(dev: torch.device, nbytes: int = 1 << 30, reps: int = 20) -> float:
-    """Device-to-device copy bandwidth (bytes read + written) of a ``nbytes`` buffer, median of ``reps``."""
-    a = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
-    b = torch.empty_like(a)
-    b.copy_(a)
+def _median_gpu_seconds(fn, reps: int) -> float:
+    """Median GPU time of ``fn()`` over ``reps`` calls (CUDA events around each), after one warm-up call."""
+    fn()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        b.copy_(a)
+        fn()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def _copy_gbps(dev: torch.device, nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """Device-to-device copy bandwidth (bytes read + written) of a ``nbytes`` buffer, median of ``reps``."""
+    a = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
+    b = torch.empty_like(a)
+    seconds = _median_gpu_seconds(lambda: b.copy_(a), reps)
     del a, b
-    return 2 * nbytes / statistics.median(times) / 1e9
+    return 2 * nbytes / seconds / 1e9
 
 
 def _read_gbps(dev: torch.device, nbytes: int = 1 << 30, reps: int = 20) -> float:
     """Read-only bandwidth: a sum over a ``nbytes`` buffer (bytes read per second / 1e9), median of ``reps``."""
     a = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
-    a.sum()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a.sum()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+    seconds = _median_gpu_seconds(a.sum, reps)
     del a
-    return nbytes / statistics.median(times) / 1e9
+    return nbytes / seconds / 1e9
 
 
 def format_bench(result: dict[str, Any]) -> Any:
