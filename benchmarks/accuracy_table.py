@@ -45,6 +45,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "wina-topk": {"method": "wina", "topk": True},
     "teal-topk": {"method": "teal", "topk": True},
     "wina-global": {"method": "wina", "allocation": "global"},
+    "wina-output": {"method": "wina", "allocation": "output"},
+    "teal-output": {"method": "teal", "allocation": "output"},
     "teal-global": {"method": "teal", "allocation": "global"},
     "wina-heads": {"method": "wina", "head_bases": "pca"},
     "teal-heads": {"method": "teal", "head_bases": "pca"},
@@ -121,9 +123,31 @@ def measure(directory: Path, sparsity: float, setting: dict[str, Any], args: arg
         else:
             if setting.get("topk"):
                 model.wina.set_topk(True)
-            tasks = evaluate_tasks(model, args.tasks, limit=args.limit, sparsity=sparsity, device=args.device)
-            row["tasks"] = {"dense": tasks["dense"], "sparse": tasks["sparse"]}
+            row["tasks"] = run_task_groups(model, sparsity, args)
     return row
+
+
+DENSE_TASKS: dict[str, Any] = {}  # the dense scores, measured once per run (every checkpoint's dense model is the same)
+
+
+def run_task_groups(model: Any, sparsity: float, args: argparse.Namespace) -> dict[str, Any]:
+    """Dense (first time only) and sparse task scores; MMLU with its own per-subject limit (``--mmlu-limit``)."""
+    from wina_convert.evaluate.tasks import _mean, evaluate_tasks
+
+    names = args.tasks.split(",")
+    groups = [([n for n in names if n != "mmlu"], args.limit), (["mmlu"] if "mmlu" in names else [], args.mmlu_limit)]
+    dense, sparse = {}, {}
+    for group, limit in groups:
+        if not group:
+            continue
+        key = ",".join(group)
+        out = evaluate_tasks(model, group, limit=limit, sparsity=sparsity, device=args.device,
+                             batch_size=args.batch_size, dense=key not in DENSE_TASKS)
+        if out["dense"] is not None:
+            DENSE_TASKS[key] = out["dense"]
+        dense.update({k: v for k, v in DENSE_TASKS[key].items() if k != "mean"})
+        sparse.update({k: v for k, v in out["sparse"].items() if k != "mean"})
+    return {"dense": {**dense, "mean": _mean(dense)}, "sparse": {**sparse, "mean": _mean(sparse)}}
 
 
 def mean_accuracy(scores: dict[str, Any] | None) -> float | None:
@@ -177,10 +201,27 @@ def markdown(report: dict[str, Any]) -> str:
                     cells.append("" if r is None else f"{r['perplexity']:.2f} / {r['kept_bytes_fraction']:.3f}")
             lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     if report.get("tasks"):
-        lines += ["", f"Zero-shot tasks: {', '.join(report['tasks'])} (limit {report.get('limit')}); "
-                  "dense mean accuracy " + ", ".join(
-                      f"{100 * a:.1f}" for a in {mean_accuracy((r.get('tasks') or {}).get('dense'))
-                                                 for row in report["rows"] for r in row["results"].values()} if a is not None)]
+        tasks = report["tasks"].split(",") if isinstance(report["tasks"], str) else list(report["tasks"])
+        lines += ["", f"Zero-shot accuracy (lm-eval stock prompts, local data; `acc` in %, ± its standard error for the "
+                  f"mean; limit {report.get('limit')} items per task, {report.get('mmlu_limit')} per MMLU subject):", "",
+                  "| model | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
+        dense_row = None
+        entries = []
+        for row in report["rows"]:
+            for s in sparsities:
+                r = row["results"].get(str(s))
+                if r and r.get("tasks"):
+                    dense_row = dense_row or r["tasks"]["dense"]
+                    entries.append((f"{row['name']} @{s}", r["tasks"]["sparse"]))
+        if dense_row:
+            entries.insert(0, ("dense", dense_row))
+
+        def pct(v: Any) -> str:
+            return "" if v is None else f"{100 * v:.1f}"
+
+        for name, scores in entries:
+            cells = [pct((scores.get(t) or {}).get("acc")) for t in tasks]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | **{pct(mean_accuracy(scores))}** |")
     lines.append("")
     minutes = (report.get("seconds", 0) + report.get("seconds_before", 0)) / 60
     lines.append(f"Command: `{report['command']}` ({minutes:.0f} min in all).")
@@ -218,9 +259,29 @@ def plot(report: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def merge(directories: list[Path], out: Path) -> None:
+    """One report from several runs of one model (e.g. the parallel processes of benchmarks/gpu_accuracy.sh)."""
+    reports = [json.loads((d / "accuracy.json").read_text()) for d in directories if (d / "accuracy.json").is_file()]
+    if not reports:
+        raise SystemExit("--merge: none of the directories has an accuracy.json")
+    merged = dict(reports[0])
+    merged["rows"] = [row for r in reports for row in r["rows"]]
+    merged["sparsities"] = sorted({s for r in reports for s in r["sparsities"]})
+    merged["command"] = "; ".join(r["command"] for r in reports)
+    merged["seconds"] = max(r.get("seconds", 0) for r in reports)  # they ran side by side
+    merged["seconds_before"] = 0
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "accuracy.json").write_text(json.dumps(merged, indent=1) + "\n")
+    (out / "accuracy.md").write_text(markdown(merged))
+    plot(merged, out / "frontier.png")
+    print(markdown(merged))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model")
+    parser.add_argument("model", nargs="?")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None,
+                        help="combine the accuracy.json of these directories (runs of one model) into --out, and render it")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
@@ -233,18 +294,28 @@ def main() -> None:
     parser.add_argument("--speed-curve", type=Path, default=None)
     parser.add_argument("--tasks", default=None, help="zero-shot tasks, e.g. piqa,arc_easy (needs the [eval] extra and data)")
     parser.add_argument("--limit", type=int, default=None, help="items per task")
+    parser.add_argument("--mmlu-limit", type=int, default=None, help="items per MMLU subject (57 subjects; default: --limit)")
+    parser.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size for the tasks")
+    parser.add_argument("--task-settings", default=None, help="run the tasks only for these settings (default: all)")
     parser.add_argument("--off-target", default=None,
                         help=f"comma-separated sparsities at which each {OFF_TARGET_FROM} checkpoint is also run (no recalibration)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/wina-accuracy-table"))
     parser.add_argument("--append", action="store_true", help="add rows (and cells) to DIR/accuracy.json instead of starting anew")
     parser.add_argument("--render", action="store_true", help="only re-render DIR/accuracy.md and frontier.png from DIR/accuracy.json")
     args = parser.parse_args()
+    if args.mmlu_limit is None:
+        args.mmlu_limit = args.limit
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     if args.render:
         report = json.loads((args.out / "accuracy.json").read_text())
         (args.out / "accuracy.md").write_text(markdown(report))
         plot(report, args.out / "frontier.png")
         print(markdown(report))
         return
+    if args.model is None:
+        parser.error("MODEL is required (except with --merge or --render)")
     sparsities = [float(s) for s in args.sparsities.split(",")]
     names = args.settings.split(",")
     unknown = [n for n in names if n not in SETTINGS]
@@ -255,7 +326,7 @@ def main() -> None:
     import sys
 
     report: dict[str, Any] = {"model": str(args.model), "device": args.device, "sparsities": sparsities,
-                              "defaults": DEFAULTS, "rows": [], "speed_curve": curve, "tasks": args.tasks, "limit": args.limit,
+                              "defaults": DEFAULTS, "rows": [], "speed_curve": curve, "tasks": args.tasks, "limit": args.limit, "mmlu_limit": args.mmlu_limit,
                               "calibration": f"bundled set, {args.samples or 'default'} x {args.seq_len or 'default'} tokens",
                               "command": "python benchmarks/accuracy_table.py " + " ".join(sys.argv[1:])}
     previous = json.loads((args.out / "accuracy.json").read_text()) if args.append and (args.out / "accuracy.json").is_file() else None
@@ -279,8 +350,12 @@ def main() -> None:
             result = convert(args.model, target, sparsity=sparsity, device=args.device, samples=args.samples,
                              seq_len=args.seq_len, calibration=setting.get("calibration"), quiet=True, **options(setting))
             convert_s = time.perf_counter() - t0
+            all_tasks = args.tasks
+            if args.task_settings is not None and name not in args.task_settings.split(","):
+                args.tasks = None
             r = measure(target, sparsity, setting, args, curve)
-            r.update(convert_s=convert_s, calibrate_s=result.stage_seconds.get("calibrate"))
+            args.tasks = all_tasks
+            r.update(convert_s=convert_s, calibrate_s=result.stage_seconds.get("calibrate", 0.0) + result.stage_seconds.get("search", 0.0))
             row["results"][str(sparsity)] = r
             report["dense_perplexity"] = r["dense_perplexity"]
             report["heldout"] = f"{r['tokens']} tokens of {r['text']}"
@@ -288,13 +363,16 @@ def main() -> None:
                               "sparsity": round(r["sparsity"], 4), "kept_bytes": round(r["kept_bytes_fraction"], 4),
                               "dense": round(r["dense_perplexity"], 3), "convert_s": round(convert_s, 1)}), flush=True)
             if args.off_target and sparsity == OFF_TARGET_FROM:
+                all_tasks, args.tasks = args.tasks, None  # off-target: perplexity and bytes (issue 16 item 5)
                 row["off_target"] = {str(float(s)): measure(target, float(s), setting, args, curve)
                                      for s in args.off_target.split(",")}
+                args.tasks = all_tasks
             shutil.rmtree(target, ignore_errors=True)
+            report["seconds"] = time.perf_counter() - start
+            rows = [*report["rows"], row]  # written after every cell: a run stopped early keeps what it measured
+            (args.out / "accuracy.json").write_text(json.dumps({**report, "rows": rows}, indent=1) + "\n")
+            (args.out / "accuracy.md").write_text(markdown({**report, "rows": rows}))
         report["rows"].append(row)
-        report["seconds"] = time.perf_counter() - start
-        (args.out / "accuracy.json").write_text(json.dumps(report, indent=1) + "\n")
-        (args.out / "accuracy.md").write_text(markdown(report))
     plot(report, args.out / "frontier.png")
     print(markdown(report))
 

@@ -93,7 +93,7 @@ def convert(
     samples: Optional[int] = typer.Option(None, "--samples", help="Calibration windows (default 16)."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per calibration window (default 512)."),
     seed: int = typer.Option(0, "--seed", help="Seed for choosing calibration windows."),
-    allocation: str = typer.Option(DEFAULTS["allocation"], "--allocation", help="Per-gate sparsity allocation: greedy (per layer), global (greedy over the whole model: layers get different sparsities) or uniform."),
+    allocation: str = typer.Option(DEFAULTS["allocation"], "--allocation", help="Per-gate sparsity allocation: greedy (per layer), output (greedy per layer, then the layers' levels searched by the model's divergence from dense on calibration text), global (greedy over the whole model by layer-output errors) or uniform."),
     method: str = typer.Option(DEFAULTS["method"], "--method", help="Gate scores: wina (|x|·column norm) or teal (|x|)."),
     center: str = typer.Option(DEFAULTS["center"], "--center", help="Gate |x - c| with a calibrated per-channel center c (mean or median; W c becomes a bias, exact at sparsity 0), or none."),
     head_bases: str = typer.Option(DEFAULTS["head_bases"], "--head-bases", help="pca: rotate each KV head's values into their principal axes (absorbed exactly into v_proj and o_proj, free at decode), or none."),

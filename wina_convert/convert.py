@@ -156,8 +156,10 @@ def convert(
     _check_sparsity(sparsity)
     if method not in ("wina", "teal"):
         raise WinaError(f"unknown method {method!r}: use wina or teal")
-    if allocation not in ("uniform", "greedy", "global"):
-        raise WinaError(f"unknown allocation {allocation!r}: use uniform, greedy or global")
+    if allocation not in ("uniform", "greedy", "global", "output"):
+        raise WinaError(f"unknown allocation {allocation!r}: use uniform, greedy, global or output")
+    if allocation == "output" and (not calibrate or sparsity <= 0):
+        raise WinaError("--allocation output searches on calibration text at the target: it needs calibration and a sparsity above 0")
     if center not in ("none", "mean", "median"):
         raise WinaError(f"unknown center {center!r}: use none, mean or median")
     if head_bases not in ("none", "pca"):
@@ -192,7 +194,8 @@ def convert(
     if calibrate:
         tokens, cal_info = load_calibration_tokens(source, calibration, samples=samples, seq_len=seq_len, seed=seed,
                                                    device=torch_device)
-        calibrator = Calibrator(config, adapter, tokens, transform=transform, method=method, allocation=allocation,
+        calibrator = Calibrator(config, adapter, tokens, transform=transform, method=method,
+                                allocation="greedy" if allocation == "output" else allocation,
                                 target=sparsity, device=torch_device, dtype=out_dtype, info=cal_info,
                                 center=center, head_bases=head_bases)
     clock.seconds["setup"] = time.perf_counter() - t0
@@ -293,9 +296,38 @@ def convert(
         write_model_card(tmp)
         write_manifest(tmp, writer.sha256)
         clock.seconds["write"] = clock.seconds.get("write", 0.0) + time.perf_counter() - t3
+        if allocation == "output":
+            reporter.stage("search", 1)
+            with clock("search"):
+                meta = _search_allocation(tmp, tokens, sparsity, torch_device, sidecar, meta)
+            wina["calibration"] = meta["calibration"]
+            (tmp / "config.json").write_text(json.dumps(output_config(source, adapter, out_dtype, transform, wina), indent=2) + "\n")
+            write_model_card(tmp)
+            write_manifest(tmp, writer.sha256)
+            reporter.advance()
     total_bytes = sum(p.stat().st_size for p in target.iterdir() if p.is_file())
     return ConvertResult(target, time.perf_counter() - start, total_bytes, clock.seconds,
                          meta.get("calibration") if calibrator is not None else None)
+
+
+def _search_allocation(directory: Path, tokens: torch.Tensor, sparsity: float, device: torch.device,
+                       sidecar: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """``--allocation output``: load the checkpoint written so far, search its layers' levels by the model's
+    loss on calibration text (``calibration/search.py``), and rewrite its sidecar with the result."""
+    from .calibration.search import search_layer_levels
+    from .runtime.load import load
+
+    model = load(directory, sparsity, device=device, kernels=False)
+    prefix = model.wina.layers_prefix
+    allocation, report = search_layer_levels(model, tokens, sparsity, prefix)
+    del model
+    for layer, alloc in enumerate(allocation):
+        sidecar[f"{prefix}.{layer}.allocation"] = alloc
+    by_role = report.pop("by_role")
+    calibration = {**meta["calibration"], "allocation": "output", "search": report, "report": by_role}
+    meta = {**meta, "allocation_scope": "model", "calibration": calibration}
+    write_sidecar(directory / SIDECAR, sidecar, meta)
+    return meta
 
 
 def _check_sparsity(sparsity: Any) -> None:

@@ -99,19 +99,32 @@ def stock_config(task: str, root: Path, subject: str | None = None) -> dict[str,
 
 
 def task_specs(tasks: list[str], root: Path) -> list[dict[str, Any]]:
-    """lm-eval inline specs: one task config each, MMLU as a size-weighted group of its subjects."""
+    """lm-eval inline specs: one task config each; MMLU as its 57 subjects' configs (``mmlu_<subject>``),
+    aggregated by ``_mmlu_scores`` (lm-eval 0.4.13 leaks an inline group's keys into its members)."""
     specs = []
     for task in tasks:
         if task == "mmlu":
             subjects = mmlu_subjects(root)
             if not subjects:
                 raise missing_data_error(root)
-            specs.append({"group": "mmlu", "task": [stock_config("mmlu", root, s) for s in subjects],
-                          "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}],
-                          "metadata": {"version": 2}})
+            specs.extend(stock_config("mmlu", root, s) for s in subjects)
         else:
             specs.append(stock_config(task, root))
     return specs
+
+
+def _mmlu_scores(results: dict[str, Any], samples: dict[str, int]) -> dict[str, Any]:
+    """MMLU as lm-eval's ``mmlu`` group reports it: ``acc`` the size-weighted mean over subjects, its
+    stderr pooled over all items (``sqrt(p(1-p)/(n-1))`` of the pooled items); no acc_norm."""
+    subjects = [name for name in results if name.startswith("mmlu_")]
+    sizes = {name: samples.get(name, 0) for name in subjects}
+    total = sum(sizes.values())
+    if not total:
+        return {"acc": None, "acc_stderr": None, "acc_norm": None, "acc_norm_stderr": None, "samples": 0}
+    acc = sum(float(results[name]["acc,none"]) * n for name, n in sizes.items()) / total
+    stderr = (acc * (1 - acc) / (total - 1)) ** 0.5 if total > 1 else None
+    return {"acc": acc, "acc_stderr": stderr, "acc_norm": None, "acc_norm_stderr": None, "samples": total,
+            "subjects": len(subjects)}
 
 
 def _scores(results: dict[str, Any], task: str, samples: dict[str, int]) -> dict[str, Any]:
@@ -121,7 +134,7 @@ def _scores(results: dict[str, Any], task: str, samples: dict[str, int]) -> dict
     out = {key: get(key) for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")}
     if task == "lambada_openai":
         out["perplexity"] = get("perplexity")
-    out["samples"] = samples.get(task) if task != "mmlu" else sum(n for k, n in samples.items() if k.startswith("mmlu::"))
+    out["samples"] = samples.get(task)
     return out
 
 
@@ -148,7 +161,8 @@ def run_tasks(lm: Any, tasks: list[str], root: Path, limit: int | None,
     output = lm_evaluate(lm, loaded, limit=limit, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=loglikelihoods,
                          verbosity="ERROR")
     samples = {name: int(n["effective"]) for name, n in output.get("n-samples", {}).items()}
-    rows = {task: _scores(output["results"], task, samples) for task in tasks}
+    rows = {task: _mmlu_scores(output["results"], samples) if task == "mmlu" else _scores(output["results"], task, samples)
+            for task in tasks}
     if loglikelihoods:
         for task in tasks:
             items = sorted(output["samples"].get(task, []), key=lambda item: item["doc_id"])
@@ -167,6 +181,7 @@ def evaluate_tasks(
     batch_size: int = 1,
     data: str | os.PathLike | None = None,
     loglikelihoods: bool = False,
+    dense: bool = True,
 ) -> dict[str, Any]:
     """Zero-shot accuracy of a WINA checkpoint (path, Hub id, or loaded model), dense and sparse.
 
@@ -174,7 +189,7 @@ def evaluate_tasks(
     "sparse": {...}, "sparsity", "by_role", "seconds"}``; scores are ``acc``, ``acc_stderr``,
     ``acc_norm``, ``acc_norm_stderr`` (None where the task has no acc_norm) and ``samples``
     (plus per-item choice ``loglikelihoods`` with ``loglikelihoods=True``). ``data``: the task
-    tree (default ``$WINA_CACHE/eval-data``).
+    tree (default ``$WINA_CACHE/eval-data``). ``dense=False`` skips the dense pass (``"dense"`` is None).
     """
     names = parse_tasks(tasks)
     if limit is not None and limit < 1:
@@ -203,7 +218,7 @@ def evaluate_tasks(
             lm = HFLM(pretrained=net, tokenizer=tokenizer, batch_size=batch_size, device=str(net.device))
         control.set_gate_prefill(True)
         control.set_sparsity(0.0)
-        dense = run_tasks(lm, names, root, limit, loglikelihoods)
+        dense_scores = run_tasks(lm, names, root, limit, loglikelihoods) if dense else None
         control.set_sparsity(target)
         control.reset_stats()
         sparse = run_tasks(lm, names, root, limit, loglikelihoods)
@@ -212,7 +227,7 @@ def evaluate_tasks(
         control.set_sparsity(previous)
         for logger, level in loggers:
             logger.setLevel(level)
-    return {"tasks": names, "limit": limit, "target_sparsity": target, "dense": dense, "sparse": sparse,
+    return {"tasks": names, "limit": limit, "target_sparsity": target, "dense": dense_scores, "sparse": sparse,
             "sparsity": stats["sparsity"], "by_role": stats["by_role"], "seconds": time.perf_counter() - start,
             "data": str(root)}
 

@@ -171,21 +171,38 @@ class WinaControl:
     def calibrated(self) -> bool:
         return all(t.quantiles is not None for t in self.tables.values())
 
+    def layer_sparsities(self, layer: int, level: float) -> dict[str, torch.Tensor]:
+        """Per gated linear of ``layer``, the sparsity of each stacked matrix when the layer's matrices are at
+        ``level`` (their size-weighted mean, or the model's for a whole-model allocation), read off the
+        layer's allocation."""
+        alloc = self.allocation[layer]
+        out, col = {}, 0
+        for name in self.layers[layer]:
+            parts = self.tables[name].column_norms.shape[0]
+            if alloc is None or level <= 0:
+                out[name] = torch.full((parts,), float(level), dtype=torch.float64)
+            else:
+                out[name] = interp(level, self.allocation_levels, alloc[:, col : col + parts].T.to(torch.float64))
+            col += parts
+        return out
+
     def gate_sparsities(self, sparsity: float) -> dict[str, torch.Tensor]:
         """Per gated linear, the sparsity of each stacked matrix when the model is at ``sparsity``."""
         out = {}
-        for layer, names in enumerate(self.layers):
-            alloc = self.allocation[layer]
-            level = self.matrix_level(layer, sparsity)
-            col = 0
-            for name in names:
-                parts = self.tables[name].column_norms.shape[0]
-                if alloc is None or level <= 0:
-                    out[name] = torch.full((parts,), float(level), dtype=torch.float64)
-                else:
-                    out[name] = interp(level, self.allocation_levels, alloc[:, col : col + parts].T.to(torch.float64))
-                col += parts
+        for layer in range(len(self.layers)):
+            out.update(self.layer_sparsities(layer, self.matrix_level(layer, sparsity)))
         return out
+
+    def set_gate_sparsities(self, sparsities: dict[str, torch.Tensor]) -> None:
+        """Threshold each gated linear at the given per-matrix sparsities (top-k gating follows them too)."""
+        for name, per_matrix in sparsities.items():
+            gate = self.gates[name]
+            if self.topk:
+                keep = [round((1.0 - s) * gate.in_features) for s in per_matrix.tolist()]
+                gate.set_topk(keep, self.tables[name].column_norms if self.method == "wina" else None)
+            else:
+                gate.set_topk(None)
+                gate.set_thresholds(self.tables[name].thresholds(per_matrix, self.quantile_levels, self.method))
 
     def set_sparsity(self, sparsity: float | None = None) -> float:
         """Gate every linear for ``sparsity`` (None: the calibrated target). Returns it."""
@@ -202,14 +219,7 @@ class WinaControl:
                             f"rotations are read densely, so its matrices would have to skip more than {MAX_SPARSITY}")
         if sparsity > 0 and not self.calibrated and not self.topk:
             raise WinaError("this checkpoint is not calibrated: only sparsity 0 is available (convert it with calibration)")
-        for name, per_matrix in self.gate_sparsities(sparsity).items():
-            gate = self.gates[name]
-            if self.topk:
-                keep = [round((1.0 - s) * gate.in_features) for s in per_matrix.tolist()]
-                gate.set_topk(keep, self.tables[name].column_norms if self.method == "wina" else None)
-            else:
-                gate.set_topk(None)
-                gate.set_thresholds(self.tables[name].thresholds(per_matrix, self.quantile_levels, self.method))
+        self.set_gate_sparsities(self.gate_sparsities(sparsity))
         self.sparsity = sparsity
         return sparsity
 

@@ -1,0 +1,91 @@
+"""``--allocation output`` (calibration/search.py): layers' levels searched by the model's divergence from dense.
+
+Checked on tiny random models: the searched checkpoint is exact at sparsity 0, records a whole-model
+allocation that keeps the model's level, hits its byte target on text, and the replay of unchanged
+layers (the search's shortcut) gives the divergence a full run gives.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from wina_convert import convert, load
+from wina_convert.calibration.search import _Divergence, balanced, search_layer_levels
+from wina_convert.errors import WinaError
+from wina_convert.evaluate.perplexity import evaluate
+
+CAL = dict(samples=4, seq_len=64, quiet=True)
+
+
+def test_balanced_keeps_the_weighted_mean_and_the_bounds():
+    ratios = torch.tensor([0.2, 1.0, 1.9, 3.0], dtype=torch.float64)
+    weights = torch.tensor([1.0, 2.0, 1.0, 4.0], dtype=torch.float64)
+    for level in (0.05, 0.3, 0.5, 0.85):
+        levels = balanced(ratios, weights, level)
+        assert float((levels * weights).sum() / weights.sum()) == pytest.approx(level, abs=1e-6)
+        assert float(levels.min()) >= 0.0 and float(levels.max()) <= 0.9 + 1e-12
+    assert torch.equal(balanced(ratios, weights, 0.0), torch.zeros(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_output_allocation_is_exact_at_zero_and_hits_the_target(tiny_models, tmp_path, family):
+    out = convert(tiny_models[family], tmp_path / "out", sparsity=0.5, allocation="output", **CAL)
+    config = json.loads((out.output / "config.json").read_text())
+    search = config["wina"]["calibration"]["search"]
+    assert config["wina"]["calibration"]["allocation"] == "output"
+    assert search["beta"] in (0.0, 0.0125, 0.025, 0.0375, 0.05, 0.075)
+    assert search["kl"] <= search["betas"]["0"] + 1e-9  # never worse than every layer at the target
+    assert len(search["layer_levels"]) == 3
+    model = load(out.output, sparsity=0.5)
+    assert model.wina.scope == "model"
+    ids = torch.randint(0, model.config.vocab_size, (1, 40))
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32).eval()
+    model.wina.set_sparsity(0.0)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, original(ids).logits)
+    ev = evaluate(out.output, max_tokens=1024, seq_len=128)
+    assert abs(ev["sparsity"] - 0.5) < 0.05, ev["sparsity"]
+    # the stored allocation spans every level: lower and higher sparsities stay ordered
+    model.wina.set_sparsity(0.3)
+    low = model.wina.gate_sparsities(0.3)
+    high = model.wina.gate_sparsities(0.7)
+    assert all((high[n] >= low[n] - 1e-9).all() for n in low)
+
+
+def test_replayed_layers_give_the_full_runs_divergence(tiny_models, tmp_path):
+    out = convert(tiny_models["llama"], tmp_path / "out", sparsity=0.5, **CAL)
+    model = load(out.output, sparsity=0.5)
+    ctl = model.wina
+    ctl.set_counting(False)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 48))
+    div = _Divergence(model, tokens, model.get_submodule(ctl.layers_prefix))
+    try:
+        ctl.set_sparsity(0.0)
+        div.record_dense()
+        ctl.set_sparsity(0.5)
+        base = div(record=True)
+        assert base > 0
+        # raise the last layer only: layers 0 and 1 are replayed from the recorded run
+        sparsities = {**ctl.gate_sparsities(0.5), **ctl.layer_sparsities(2, 0.8)}
+        ctl.set_gate_sparsities(sparsities)
+        replayed, full = div(start=2), div(start=0)
+        assert replayed == pytest.approx(full, rel=1e-6)
+        assert full != pytest.approx(base, rel=1e-3)  # the probe changed something
+    finally:
+        div.close()
+
+
+def test_search_report_and_errors(tiny_models, tmp_path):
+    out = convert(tiny_models["llama"], tmp_path / "out", sparsity=0.5, **CAL)
+    model = load(out.output, sparsity=0.5)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 64))
+    allocation, report = search_layer_levels(model, tokens, 0.5, model.wina.layers_prefix)
+    assert len(allocation) == 3 and all(a.shape[0] == 37 for a in allocation)
+    assert set(report["by_role"]) >= {"q_proj", "down_proj"}
+    with pytest.raises(WinaError, match="needs calibration"):
+        convert(tiny_models["llama"], tmp_path / "nocal", sparsity=0.5, allocation="output", calibrate=False, quiet=True)

@@ -1,0 +1,210 @@
+"""``--allocation output``: how the model's sparsity is shared among its layers, judged by the model's output.
+
+Per-layer calibration (``calibrator.py``) shares each layer's sparsity among its matrices greedily
+but puts every layer at the same level. Layers are not equally sensitive (in small models the first
+ones least tolerate sparsity), so after calibration this search moves sparsity between layers,
+keeping the model's size-weighted level:
+
+1. With the converted model loaded, the calibration text's mean next-token loss (NLL) is measured
+   with every layer at the target (``base``) and, for each layer ``l`` alone, at the target plus
+   ``PROBE`` (the rest at the target): ``sens_l = max(NLL_l - base, tiny) / PROBE``.
+2. Candidate allocations put layer ``l`` at ``T - beta * (ln sens_l - mean ln sens)``: a layer ``e``
+   times as sensitive as the average gives up ``beta`` of sparsity (the optimum of ``sum_l
+   sens_l f(s_l)`` when ``f`` grows exponentially, ``f' ~ exp(s / beta)``); the levels are clipped to
+   ``[0, MAX_SPARSITY]`` and shifted back to the model's level. Each ``beta`` of ``BETAS`` is judged by
+   the loss of the whole model on the same text; ``beta = 0`` (every layer at the target) is among
+   them, so the search never chooses worse than the per-layer allocation on calibration text.
+3. The chosen levels are stored as a whole-model allocation (``allocation_scope: "model"``): at a
+   model level ``m`` layer ``l`` sits at ``m * r_l`` (``r_l`` its chosen level over the model's,
+   shifted back to mean ``m`` after clipping), and its matrices at its own greedy allocation there;
+   so any sparsity asked at load time keeps the layers' proportions.
+
+Cost: ``layers + len(BETAS) + 1`` forwards of ``SEARCH_TOKENS`` calibration tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..gate import ALLOCATION_LEVELS, MAX_SPARSITY
+
+PROBE = 0.1  # sparsity added to one layer to measure its sensitivity
+BETAS = (0.0, 0.0125, 0.025, 0.0375, 0.05, 0.075)  # sparsity given up per e-fold of relative sensitivity
+SEARCH_TOKENS = 1024  # calibration tokens on which the divergences are measured
+FLOOR = 0.1  # a layer's sensitivity is at least this fraction of the median layer's (a probe is noisy)
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder layer whose output on the current sequence is known: returns it."""
+
+    def __init__(self, outputs: list[Any]):
+        super().__init__()
+        self.outputs = outputs
+        self.row = 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.outputs[self.row]
+
+
+class _Divergence:
+    """KL(dense || gated) of the next-token distributions on the search tokens, per token, with the
+    decoder layers below a given one replayed from the last full run (they are unchanged)."""
+
+    def __init__(self, model: Any, tokens: torch.Tensor, layers: nn.ModuleList):
+        self.model, self.tokens, self.layers = model, tokens.to(model.device), layers
+        self.outputs: list[list[Any]] = [[None] * len(tokens) for _ in layers]
+        self.handles = []
+        self.dense = []
+        self.keep_outputs = False
+        for index, layer in enumerate(layers):
+            self.handles.append(layer.register_forward_hook(self._recorder(index)))
+
+    def _recorder(self, index: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self.keep_outputs:
+                self.outputs[index][self.row] = output
+        return hook
+
+    def logprobs(self, row: int) -> torch.Tensor:
+        self.row = row
+        logits = self.model(input_ids=self.tokens[row : row + 1], use_cache=False).logits[0].float()
+        return torch.log_softmax(logits, dim=-1)
+
+    def record_dense(self) -> None:
+        with torch.no_grad():
+            self.dense = [self.logprobs(row) for row in range(len(self.tokens))]
+
+    def __call__(self, start: int = 0, record: bool = False) -> float:
+        """Mean KL over the search tokens; layers below ``start`` replayed; ``record``: keep every layer's output."""
+        originals = [self.layers[i] for i in range(start)]
+        replays = [_Replay(self.outputs[i]) for i in range(start)]
+        for i, replay in enumerate(replays):
+            if hasattr(originals[i], "attention_type"):  # some transformers versions pick the mask by it
+                replay.attention_type = originals[i].attention_type
+            self.layers[i] = replay
+        self.keep_outputs = record
+        total = 0.0
+        try:
+            with torch.no_grad():
+                for row in range(len(self.tokens)):
+                    for replay in replays:
+                        replay.row = row
+                    logp = self.logprobs(row)
+                    dense = self.dense[row]
+                    total += float((dense.exp() * (dense - logp)).sum())
+        finally:
+            for i, original in enumerate(originals):
+                self.layers[i] = original
+            self.keep_outputs = False
+        return total / self.tokens.numel()
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def balanced(ratios: torch.Tensor, weights: torch.Tensor, level: float) -> torch.Tensor:
+    """Per-layer levels ``clip(level * ratios + shift, 0, MAX_SPARSITY)`` whose ``weights``-weighted mean is ``level``."""
+    if level <= 0:
+        return torch.zeros_like(ratios)
+    base = level * ratios
+    lo, hi = -1.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        mean = float(((base + mid).clamp(0.0, MAX_SPARSITY) * weights).sum() / weights.sum())
+        lo, hi = (mid, hi) if mean < level else (lo, mid)
+    return (base + (lo + hi) / 2).clamp(0.0, MAX_SPARSITY)
+
+
+def search_layer_levels(model: Any, tokens: torch.Tensor, target: float, layers_prefix: str
+                        ) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """Choose per-layer levels for ``model`` (loaded, per-layer calibrated at ``target``) on ``tokens``.
+
+    Returns the whole-model allocation (one ``[len(ALLOCATION_LEVELS), gates]`` tensor per layer) and a
+    report: the divergences measured, the sensitivities, the ``beta`` chosen and the layers' levels at the target.
+    """
+    ctl = model.wina
+    ctl.set_counting(False)
+    count = len(ctl.layers)
+    weights = torch.tensor(ctl.gated_params, dtype=torch.float64)
+    level = target + sum(ctl.extra_params) / sum(ctl.gated_params)  # the model's matrix level at the target
+    rows = max(1, min(tokens.shape[0], SEARCH_TOKENS // tokens.shape[1]))
+    divergence = _Divergence(model, tokens[:rows], model.get_submodule(layers_prefix))
+
+    def gate(levels: torch.Tensor) -> None:
+        sparsities: dict[str, torch.Tensor] = {}
+        for layer in range(count):
+            sparsities.update(ctl.layer_sparsities(layer, float(levels[layer])))
+        ctl.set_gate_sparsities(sparsities)
+
+    try:
+        ctl.set_gate_sparsities(ctl.gate_sparsities(0.0))
+        divergence.record_dense()
+        uniform = torch.full((count,), level, dtype=torch.float64)
+        gate(uniform)
+        base = divergence(record=True)
+        probes = []
+        for layer in range(count):
+            levels = uniform.clone()
+            levels[layer] = min(level + PROBE, MAX_SPARSITY)
+            gate(levels)
+            probes.append(divergence(start=layer))
+        sens = torch.tensor([(p - base) / PROBE for p in probes], dtype=torch.float64)
+        sens = sens.clamp_min(max(FLOOR * float(sens.median()), 1e-9))
+        z = sens.log() - float((sens.log() * weights).sum() / weights.sum())
+        tried = []
+        for beta in BETAS:
+            levels = balanced((level - beta * z) / level, weights, level)
+            gate(levels)
+            tried.append((divergence(), beta, levels))
+        best_kl, best_beta, best_levels = min(tried, key=lambda t: (t[0], t[1]))
+        ratios = best_levels / level
+        # The quantile tables were measured with every layer upstream at the target; at other levels the
+        # thresholds are a little off. Scale the model's level so that the search tokens skip the target's bytes.
+        scale = 1.0
+        for _ in range(2):
+            gate(balanced(ratios, weights, min(level * scale, MAX_SPARSITY)))
+            ctl.set_counting(True)
+            ctl.reset_stats()
+            mean_nll_free(divergence)
+            achieved = 1.0 - ctl.stats()["kept_bytes_fraction"]
+            ctl.set_counting(False)
+            scale *= 1.0 + (target - achieved) / max(level, 1e-6)
+    finally:
+        divergence.close()
+    allocation = []
+    for layer in range(count):
+        rows_ = []
+        for m in ALLOCATION_LEVELS.tolist():
+            at = float(balanced(ratios, weights, min(m * scale, MAX_SPARSITY))[layer]) if m > 0 else 0.0
+            rows_.append(torch.cat(list(ctl.layer_sparsities(layer, at).values())))
+        allocation.append(torch.stack(rows_).float())
+    at_target = balanced(ratios, weights, min(level * scale, MAX_SPARSITY))
+    by_role: dict[str, list[float]] = {}
+    for layer in range(count):
+        for name, per_matrix in ctl.layer_sparsities(layer, float(at_target[layer])).items():
+            splits = torch.tensor(ctl.gates[name].splits, dtype=torch.float64)
+            by_role.setdefault(name.rsplit(".", 1)[-1], []).append(float((per_matrix * splits).sum() / splits.sum()))
+    report = {
+        "by_role": {role: sum(v) / len(v) for role, v in by_role.items()},
+        "search_tokens": int(rows * tokens.shape[1]),
+        "base_kl": round(base, 6),
+        "probe": PROBE,
+        "sensitivity": [round(float(s), 5) for s in sens],
+        "betas": {f"{beta:g}": round(kl, 6) for kl, beta, _ in tried},
+        "beta": best_beta,
+        "kl": round(best_kl, 6),
+        "level_scale": round(scale, 5),
+        "layer_levels": [round(float(v), 4) for v in at_target],
+    }
+    return allocation, report
+
+
+def mean_nll_free(divergence: _Divergence) -> None:
+    """One pass over the search tokens (for the gates' counters)."""
+    with torch.no_grad():
+        for row in range(len(divergence.tokens)):
+            divergence.logprobs(row)
