@@ -12,17 +12,17 @@ set -uo pipefail
 SMOL=$1 QWEN=$2 OUT=$3 LIMIT_S=${4:-540}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
-COMMON=(--device cuda --sparsities 0.4,0.5,0.65 --speed-curve benchmarks/results/speed_curve_h200.json
+COMMON=(--device cuda --sparsities 0.5,0.65,0.4 --speed-curve benchmarks/results/speed_curve_h200.json
         --tasks piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq,lambada_openai,mmlu
         --limit 300 --mmlu-limit 5 --batch-size 16)
-if ! python -c "import lm_eval, datasets; from lm_eval.models.huggingface import HFLM" >"$OUT/preflight.log" 2>&1; then
+if ! "${PYTHON:-python3}" -c "import lm_eval, datasets; from lm_eval.models.huggingface import HFLM" >"$OUT/preflight.log" 2>&1; then
     echo "lm-eval does not import (see $OUT/preflight.log): perplexity only"
-    COMMON=("${COMMON[@]:0:4}")
+    COMMON=("${COMMON[@]:0:6}")
 fi
 run() {  # NAME MODEL SETTINGS [more options]
     local name=$1 model=$2 settings=$3
     shift 3
-    OMP_NUM_THREADS=2 timeout "$LIMIT_S" python benchmarks/accuracy_table.py "$model" --out "$OUT/$name" \
+    OMP_NUM_THREADS=2 timeout "$LIMIT_S" "${PYTHON:-python3}" benchmarks/accuracy_table.py "$model" --out "$OUT/$name" \
         --settings "$settings" --work "/tmp/wina-acc-$name" "${COMMON[@]}" "$@" >"$OUT/$name.log" 2>&1
     echo "$name: exit $?"
 }
