@@ -39,20 +39,20 @@ OFF_TARGET_FROM = 0.5
 
 # name -> convert options (+ "topk": evaluate with per-token top-k instead of thresholds)
 SETTINGS: dict[str, dict[str, Any]] = {
-    "teal": {"method": "teal"},
-    "wina": {"method": "wina"},
+    "teal": {"method": "teal", "allocation": "greedy"},
+    "wina": {"method": "wina", "allocation": "greedy"},
     "teal-uniform": {"method": "teal", "allocation": "uniform"},
-    "wina-topk": {"method": "wina", "topk": True},
-    "teal-topk": {"method": "teal", "topk": True},
+    "wina-topk": {"method": "wina", "allocation": "greedy", "topk": True},
+    "teal-topk": {"method": "teal", "allocation": "greedy", "topk": True},
     "wina-global": {"method": "wina", "allocation": "global"},
+    "teal-global": {"method": "teal", "allocation": "global"},
     "wina-output": {"method": "wina", "allocation": "output"},
     "teal-output": {"method": "teal", "allocation": "output"},
-    "teal-global": {"method": "teal", "allocation": "global"},
-    "wina-heads": {"method": "wina", "head_bases": "pca"},
-    "teal-heads": {"method": "teal", "head_bases": "pca"},
-    "wina-center": {"method": "wina", "center": "median"},
-    "wina-transform": {"method": "wina", "transform": True},
-    "teal-transform": {"method": "teal", "transform": True},
+    "wina-heads": {"method": "wina", "allocation": "greedy", "head_bases": "pca"},
+    "teal-heads": {"method": "teal", "allocation": "greedy", "head_bases": "pca"},
+    "wina-center": {"method": "wina", "allocation": "greedy", "center": "median"},
+    "wina-transform": {"method": "wina", "allocation": "greedy", "transform": True},
+    "teal-transform": {"method": "teal", "allocation": "greedy", "transform": True},
     "default": {},
     "default-self": {"calibration": "self"},
 }
@@ -185,7 +185,8 @@ def markdown(report: dict[str, Any]) -> str:
                 cell += f" / acc {100 * acc:.1f}"
             cells.append(cell)
         seconds = [r["calibrate_s"] for r in row["results"].values() if r.get("calibrate_s") is not None]
-        lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {sum(seconds) / max(len(seconds), 1):.0f} |")
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {sum(seconds) / len(seconds):.0f} |" if seconds
+                     else f"| {row['label']} | " + " | ".join(cells) + " | |")
     off = [row for row in report["rows"] if row.get("off_target")]
     if off:
         others = sorted({float(s) for row in off for s in row["off_target"]})
@@ -202,8 +203,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     if report.get("tasks"):
         tasks = report["tasks"].split(",") if isinstance(report["tasks"], str) else list(report["tasks"])
-        lines += ["", f"Zero-shot accuracy (lm-eval stock prompts, local data; `acc` in %, ± its standard error for the "
-                  f"mean; limit {report.get('limit')} items per task, {report.get('mmlu_limit')} per MMLU subject):", "",
+        lines += ["", f"Zero-shot accuracy (lm-eval stock prompts, local data; `acc` in %, the mean ± its standard error; "
+                  f"limit {report.get('limit')} items per task, {report.get('mmlu_limit')} per MMLU subject):", "",
                   "| model | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
         dense_row = None
         entries = []
@@ -221,7 +222,10 @@ def markdown(report: dict[str, Any]) -> str:
 
         for name, scores in entries:
             cells = [pct((scores.get(t) or {}).get("acc")) for t in tasks]
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | **{pct(mean_accuracy(scores))}** |")
+            errors = [(scores.get(t) or {}).get("acc_stderr") for t in tasks]
+            se = (sum(e * e for e in errors) ** 0.5 / len(errors)) if errors and None not in errors else None
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | **{pct(mean_accuracy(scores))}**"
+                         + (f" ± {100 * se:.1f}" if se is not None else "") + " |")
     lines.append("")
     minutes = (report.get("seconds", 0) + report.get("seconds_before", 0)) / 60
     lines.append(f"Command: `{report['command']}` ({minutes:.0f} min in all).")
@@ -265,7 +269,31 @@ def merge(directories: list[Path], out: Path) -> None:
     if not reports:
         raise SystemExit("--merge: none of the directories has an accuracy.json")
     merged = dict(reports[0])
-    merged["rows"] = [row for r in reports for row in r["rows"]]
+    merged["rows"] = []
+    for row in (row for r in reports for row in r["rows"]):  # one row per setting, its cells from every run
+        same = next((m for m in merged["rows"] if m["name"] == row["name"]), None)
+        if same is None:
+            merged["rows"].append({**row, "results": dict(row["results"]), "off_target": dict(row.get("off_target") or {})})
+        else:
+            same["results"].update(row["results"])
+            same["off_target"].update(row.get("off_target") or {})
+    for row in merged["rows"]:
+        row["results"] = dict(sorted(row["results"].items(), key=lambda kv: float(kv[0])))
+    for log in (d for d in directories if d.suffix == ".log"):  # a run whose accuracy.json was lost: its cells' lines
+        rows: dict[str, dict[str, Any]] = {}
+        for line in log.read_text().splitlines():
+            if not line.startswith('{"setting"'):
+                continue
+            cell = json.loads(line)
+            name = cell["setting"]
+            row = rows.setdefault(name, {"name": name, "label": label(name, SETTINGS[name]) + " (from its log: no tasks)",
+                                         "options": options(SETTINGS[name]), "topk": bool(SETTINGS[name].get("topk")),
+                                         "results": {}})
+            row["results"][str(cell["target"])] = {
+                "perplexity": cell["perplexity"], "dense_perplexity": cell["dense"], "sparsity": cell["sparsity"],
+                "kept_bytes_fraction": cell["kept_bytes"], "tokens_per_s": speed_at(merged.get("speed_curve"), cell["kept_bytes"]),
+                "calibrate_s": None, "convert_s": cell["convert_s"]}
+        merged["rows"] += [r for r in rows.values() if not any(r["name"] == m["name"] for m in merged["rows"])]
     merged["sparsities"] = sorted({s for r in reports for s in r["sparsities"]})
     merged["command"] = "; ".join(r["command"] for r in reports)
     merged["seconds"] = max(r.get("seconds", 0) for r in reports)  # they ran side by side
@@ -281,7 +309,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?")
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
-                        help="combine the accuracy.json of these directories (runs of one model) into --out, and render it")
+                        help="combine the accuracy.json of these directories (runs of one model) into --out, and render it; "
+                             "a .log of a run adds the cells it printed (perplexity, sparsity, bytes) for settings not in a json")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))

@@ -90,7 +90,7 @@ def test_sources_txt_jsonl_and_directory(tiny_models, tmp_path):
         out = _convert(model, tmp_path / f"out{i}", calibration=str(spec), seed=3).output
         meta = _calibration_meta(out)
         assert meta["dataset"] == str(spec)
-        assert (meta["samples"], meta["seq_len"], meta["seed"], meta["allocation"]) == (SAMPLES, SEQ, 3, "greedy")
+        assert (meta["samples"], meta["seq_len"], meta["seed"], meta["allocation"]) == (SAMPLES, SEQ, 3, "output")  # the default
         sidecars.append((out / "wina.safetensors").read_bytes())
     assert len(set(sidecars)) == 3  # the text calibrated on changes the thresholds
 
@@ -122,7 +122,7 @@ def test_self_calibration_is_offline_and_recorded(tiny_models, tmp_path, monkeyp
 @pytest.fixture(scope="module")
 def calibrated(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("cal")
-    cases = {"greedy": {}, "uniform": {"allocation": "uniform"}, "teal": {"method": "teal", "allocation": "uniform"}}
+    cases = {"greedy": {"allocation": "greedy"}, "uniform": {"allocation": "uniform"}, "teal": {"method": "teal", "allocation": "uniform"}}
     return {name: _convert(tiny_models["mistral"], root / name, **kw).output for name, kw in cases.items()}
 
 

