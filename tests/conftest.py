@@ -172,9 +172,12 @@ def eval_data() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_converted(tmp_path_factory, smollm2_hf) -> Path:
-    """SmolLM2 converted with the transform (the harder path for the runtime) and calibration at 0.5."""
+    """SmolLM2 converted with the transform (the harder path for the runtime) and calibration at 0.5.
+
+    Per-layer greedy allocation: these tests check the runtime, and the layer search (the default) would add
+    ~2.5 min of CPU to the suite; the search itself is tested in test_search.py and run by the quick start."""
     from wina_convert import convert
 
     out = tmp_path_factory.mktemp("smollm2-wina") / "out"
-    convert(smollm2_hf, out, sparsity=0.5, transform=True, quiet=True)
+    convert(smollm2_hf, out, sparsity=0.5, transform=True, allocation="greedy", quiet=True)
     return out

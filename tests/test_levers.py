@@ -46,7 +46,8 @@ def levers(tiny_models, tmp_path_factory) -> dict[str, Path]:
         "llama-center": ("llama", dict(center="median", head_bases="pca")),
         "qwen2-center": ("qwen2", dict(center="mean", head_bases="pca")),  # q/k/v biases, untied... (tied here)
         "phi3-heads": ("phi3", dict(center="median", head_bases="pca", transform=True)),  # fused qkv
-        "llama-transform": ("llama", dict(transform=True)),
+        # per-layer greedy: every layer then pays for its own shortcuts at the target (checked below)
+        "llama-transform": ("llama", dict(transform=True, allocation="greedy")),
     }
     return {case: convert(tiny_models[family], root / case, sparsity=0.5, **CAL, **kw).output
             for case, (family, kw) in cases.items()}

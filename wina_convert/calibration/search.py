@@ -173,7 +173,7 @@ def search_layer_levels(model: Any, tokens: torch.Tensor, target: float, layers_
             gate(balanced(ratios, weights, min(level * scale, MAX_SPARSITY)))
             ctl.set_counting(True)
             ctl.reset_stats()
-            mean_nll_free(divergence)
+            _counting_pass(divergence)
             achieved = 1.0 - ctl.stats()["kept_bytes_fraction"]
             ctl.set_counting(False)
             scale *= 1.0 + (target - achieved) / max(level, 1e-6)
@@ -207,7 +207,7 @@ def search_layer_levels(model: Any, tokens: torch.Tensor, target: float, layers_
     return allocation, report
 
 
-def mean_nll_free(divergence: _Divergence) -> None:
+def _counting_pass(divergence: _Divergence) -> None:
     """One pass over the search tokens (for the gates' counters)."""
     with torch.no_grad():
         for row in range(len(divergence.tokens)):
