@@ -104,8 +104,9 @@ def read_curve(path: Path | None) -> list[dict[str, float]] | None:
 
 
 def measure(directory: Path, sparsity: float, setting: dict[str, Any], args: argparse.Namespace,
-            curve: list[dict[str, float]] | None) -> dict[str, Any]:
-    """One evaluation of a checkpoint at ``sparsity``: perplexity, sparsity, bytes, speed, tasks."""
+            curve: list[dict[str, float]] | None, tasks: bool = True) -> dict[str, Any]:
+    """One evaluation of a checkpoint at ``sparsity``: perplexity, sparsity, bytes, speed, and (``tasks``
+    and ``--tasks``) the zero-shot tasks."""
     from wina_convert import load
 
     model = load(directory, sparsity=0, device=args.device)
@@ -115,7 +116,7 @@ def measure(directory: Path, sparsity: float, setting: dict[str, Any], args: arg
            "kept_bytes_fraction": ev["kept_bytes_fraction"], "bytes_per_token": ev["bytes_per_token"],
            "tokens_per_s": speed_at(curve, ev["kept_bytes_fraction"]), "by_role": ev["by_role"],
            "tokens": ev["tokens"], "text": ev["text"]}
-    if args.tasks:
+    if tasks and args.tasks:
         try:
             from wina_convert.evaluate.tasks import evaluate_tasks
         except ImportError:
@@ -132,7 +133,7 @@ DENSE_TASKS: dict[str, Any] = {}  # the dense scores, measured once per run (eve
 
 def run_task_groups(model: Any, sparsity: float, args: argparse.Namespace) -> dict[str, Any]:
     """Dense (first time only) and sparse task scores; MMLU with its own per-subject limit (``--mmlu-limit``)."""
-    from wina_convert.evaluate.tasks import _mean, evaluate_tasks
+    from wina_convert.evaluate.tasks import evaluate_tasks, mean_scores
 
     names = args.tasks.split(",")
     groups = [([n for n in names if n != "mmlu"], args.limit), (["mmlu"] if "mmlu" in names else [], args.mmlu_limit)]
@@ -147,7 +148,7 @@ def run_task_groups(model: Any, sparsity: float, args: argparse.Namespace) -> di
             DENSE_TASKS[key] = out["dense"]
         dense.update({k: v for k, v in DENSE_TASKS[key].items() if k != "mean"})
         sparse.update({k: v for k, v in out["sparse"].items() if k != "mean"})
-    return {"dense": {**dense, "mean": _mean(dense)}, "sparse": {**sparse, "mean": _mean(sparse)}}
+    return {"dense": {**dense, "mean": mean_scores(dense)}, "sparse": {**sparse, "mean": mean_scores(sparse)}}
 
 
 def mean_accuracy(scores: dict[str, Any] | None) -> float | None:
@@ -379,11 +380,8 @@ def main() -> None:
             result = convert(args.model, target, sparsity=sparsity, device=args.device, samples=args.samples,
                              seq_len=args.seq_len, calibration=setting.get("calibration"), quiet=True, **options(setting))
             convert_s = time.perf_counter() - t0
-            all_tasks = args.tasks
-            if args.task_settings is not None and name not in args.task_settings.split(","):
-                args.tasks = None
-            r = measure(target, sparsity, setting, args, curve)
-            args.tasks = all_tasks
+            with_tasks = args.task_settings is None or name in args.task_settings.split(",")
+            r = measure(target, sparsity, setting, args, curve, tasks=with_tasks)
             r.update(convert_s=convert_s, calibrate_s=result.stage_seconds.get("calibrate", 0.0) + result.stage_seconds.get("search", 0.0))
             row["results"][str(sparsity)] = r
             report["dense_perplexity"] = r["dense_perplexity"]
@@ -392,10 +390,9 @@ def main() -> None:
                               "sparsity": round(r["sparsity"], 4), "kept_bytes": round(r["kept_bytes_fraction"], 4),
                               "dense": round(r["dense_perplexity"], 3), "convert_s": round(convert_s, 1)}), flush=True)
             if args.off_target and sparsity == OFF_TARGET_FROM:
-                all_tasks, args.tasks = args.tasks, None  # off-target: perplexity and bytes (issue 16 item 5)
-                row["off_target"] = {str(float(s)): measure(target, float(s), setting, args, curve)
+                # off-target: perplexity and bytes (issue 16 item 5)
+                row["off_target"] = {str(float(s)): measure(target, float(s), setting, args, curve, tasks=False)
                                      for s in args.off_target.split(",")}
-                args.tasks = all_tasks
             shutil.rmtree(target, ignore_errors=True)
             report["seconds"] = time.perf_counter() - start
             rows = [*report["rows"], row]  # written after every cell: a run stopped early keeps what it measured

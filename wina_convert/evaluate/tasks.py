@@ -138,7 +138,7 @@ def _scores(results: dict[str, Any], task: str, samples: dict[str, int]) -> dict
     return out
 
 
-def _mean(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def mean_scores(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Unweighted mean over tasks: acc, and acc_norm taking acc where a task has no acc_norm."""
     accs = [r["acc"] for r in rows.values() if r["acc"] is not None]
     norms = [r["acc_norm"] if r["acc_norm"] is not None else r["acc"] for r in rows.values()]
@@ -167,7 +167,7 @@ def run_tasks(lm: Any, tasks: list[str], root: Path, limit: int | None,
         for task in tasks:
             items = sorted(output["samples"].get(task, []), key=lambda item: item["doc_id"])
             rows[task]["loglikelihoods"] = [[float(resp[0]) for resp in item["filtered_resps"]] for item in items]
-    return {**rows, "mean": _mean(rows)}
+    return {**rows, "mean": mean_scores(rows)}
 
 
 def evaluate_tasks(
