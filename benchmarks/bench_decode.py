@@ -203,6 +203,8 @@ def main() -> None:
     ap.add_argument("--modes", default="graphs,compile")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--allocation", default="greedy",
+                    help="convert's --allocation (speed depends only on the sparsity achieved; greedy converts fastest)")
     ap.add_argument("--hf-dense", action="store_true")
     ap.add_argument("--attention", default=None,
                     help="attention implementation to run instead of the runtime's (e.g. sdpa, for comparison)")
@@ -231,7 +233,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     meta = {"gpu": gpu, "torch": torch.__version__, "triton": triton_version, "shapes": shapes,
             "transformers": transformers.__version__, "layers": args.layers, "tokens": args.tokens, "prompt": args.prompt,
-            "modes": modes, "calibration": {"samples": args.samples, "seq_len": args.seq_len},
+            "modes": modes, "calibration": {"samples": args.samples, "seq_len": args.seq_len, "allocation": args.allocation},
             "attention": args.attention or "runtime default", "dtype": args.dtype}
     source = work / "llama3-8b-shape"
     ckpts = {"no transform": work / "wina-plain", "transform": work / "wina-transform"}
@@ -248,7 +250,7 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         convert(source, path, sparsity=0.5, transform=(name == "transform"), dtype=args.dtype, device=args.device,
-                samples=args.samples, seq_len=args.seq_len, quiet=True)
+                samples=args.samples, seq_len=args.seq_len, allocation=args.allocation, quiet=True)
         timings[f"convert_{name}_s"] = time.perf_counter() - t0
         print(f"converted ({name}) in {timings[f'convert_{name}_s']:.0f} s", flush=True)
         free()

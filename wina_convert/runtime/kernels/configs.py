@@ -1,4 +1,4 @@
-"""Launch shapes of the gated-linear kernels: the ``Config`` type, the per-shape table tuned on an H100,
+"""Launch shapes of the gated-linear kernels: the ``Config`` type, the per-shape table tuned on the H200,
 the defaults for other shapes, and the batch size up to which the sparse batched kernel is used."""
 
 from __future__ import annotations
@@ -25,15 +25,19 @@ class Config:
     block_m: int = 16  # batched kernel only
     prefetch: bool = True  # GEMV only
     pipe: bool = False  # GEMV: issue the next tile's loads before consuming this one
+    acc1d: bool = False  # GEMV: one-row accumulator (fewer registers, more programs per SM)
 
 
-# Per (K, N) decode configs tuned on an H100 by benchmarks/bench_kernels.py --sweep (CUDA-graph timings at
-# sparsity 0.4/0.5/0.65, see benchmarks/KERNELS.md); other shapes use default_gemv.
-DEFAULT_GEMV = Config(block_n=1024, block_k=16, num_warps=4, num_stages=1, waves=2, prefetch=False)
+# Per (K, N) decode configs tuned on the H200 by benchmarks/sweep_gemv.py (CUDA-graph timings at sparsity
+# 0 / 0.4 / 0.5 / 0.65, benchmarks/results/h200/sweep_gemv.txt): the one-row accumulator and 4 waves won
+# on every Llama-3-8B shape (at 0.5: qkv 12.6 -> 10.7 us, o 9.3 -> 8.7, gate_up 45.1 -> 36.8, down 22.7 ->
+# 20.2 against the H100-tuned configs, which had a [BLOCK_K, BLOCK_N] accumulator and 2 waves); other
+# shapes use default_gemv.
+DEFAULT_GEMV = Config(block_n=1024, block_k=16, num_warps=4, num_stages=1, waves=4, prefetch=False, acc1d=True)
 TUNED_GEMV: dict[tuple[int, int], Config] = {
     (4096, 6144): DEFAULT_GEMV,  # Llama-3-8B q/k/v fused
-    (4096, 4096): Config(block_n=1024, block_k=16, num_warps=4, num_stages=1, waves=2, prefetch=False, pipe=True),  # o
-    (4096, 28672): DEFAULT_GEMV,  # gate/up fused
+    (4096, 4096): DEFAULT_GEMV,  # o
+    (4096, 28672): Config(block_n=2048, block_k=16, num_warps=4, num_stages=1, waves=4, prefetch=False, acc1d=True),  # gate/up fused
     (14336, 4096): DEFAULT_GEMV,  # down
 }
 SMALL_GEMV = Config(block_n=256, block_k=32, num_warps=4, num_stages=1, waves=4, prefetch=True)

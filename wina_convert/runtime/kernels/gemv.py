@@ -7,7 +7,9 @@ block never straddles one), each with its own threshold row.
 
 * ``gemv_kernel`` (one token, decode): a split-K GEMV. Each program owns ``BLOCK_N`` output columns and a
   slice of the input rows; it loads ``x`` and the thresholds of its slice and reads the weight tile with
-  the row mask ``|x_i| > thr_i``, so predicated-off rows issue no memory request. With ``ATOMIC`` the
+  the row mask ``|x_i| > thr_i``, so predicated-off rows issue no memory request. ``ACC1D`` sums each
+  tile's rows as it arrives instead of keeping a ``[BLOCK_K, BLOCK_N]`` fp32 accumulator (which costs
+  twice the tile's registers and so limits the programs, and the weight bytes in flight, per SM). With ``ATOMIC`` the
   partial sums go into an fp32 workspace; the last program of each column block (a ticket counter)
   reads them back, scales (``HAS_RMS``: ``rms_factor``), adds the bias, writes the output in the
   weight's dtype and clears the workspace, so one launch does everything.
@@ -31,6 +33,7 @@ if HAS_TRITON:
         K, N, stride_w, B1, B2, B3, K_PER_SPLIT, SPLIT_K, RMS_MASK, RMS_INV_N, RMS_EPS,
         HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, HAS_RMS: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, PIPE: tl.constexpr,
+        ACC1D: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -63,7 +66,9 @@ if HAS_TRITON:
                 xv, w = xn, wn
             part = acc1
         else:
-            acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+            # ACC1D: the tile's rows are summed as it arrives (a [BLOCK_N] accumulator): fewer registers than
+            # the [BLOCK_K, BLOCK_N] one, so more programs (and weight bytes in flight) per multiprocessor
+            acc = tl.zeros([1 if ACC1D else BLOCK_K, BLOCK_N], dtype=tl.float32)
             if PREFETCH:  # x and thr of the next block load while this block's weight rows are in flight
                 offs_p = k_start + tl.arange(0, BLOCK_K)
                 x_next = tl.load(x_ptr + offs_p, mask=offs_p < K, other=0.0).to(tl.float32)
@@ -87,7 +92,10 @@ if HAS_TRITON:
                     other=0.0,
                     eviction_policy="evict_first",
                 )
-                acc += w.to(tl.float32) * xv[:, None]
+                if ACC1D:
+                    acc += tl.sum(w.to(tl.float32) * xv[:, None], axis=0, keep_dims=True)
+                else:
+                    acc += w.to(tl.float32) * xv[:, None]
             part = tl.sum(acc, axis=0)
         if ATOMIC:
             tl.atomic_add(ws_ptr + offs_n, part, mask=n_mask, sem="relaxed")

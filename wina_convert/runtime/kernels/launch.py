@@ -280,7 +280,7 @@ def _launch_gemv(x1, w, thr, out, bias, bounds, cfg: Config, rms=None):
         [x1, w, thr, out, bias if bias is not None else out, ws, cnt, r_ptr,
          K, N, w.stride(0), b[0], b[1], b[2], k_per, split, r_mask, float(r_inv_n), float(r_eps)],
         dict(HAS_BIAS=bias is not None, ATOMIC=atomic, HAS_RMS=has_rms, BLOCK_K=cfg.block_k, BLOCK_N=bn,
-             PREFETCH=bool(cfg.prefetch), PIPE=bool(cfg.pipe)),
+             PREFETCH=bool(cfg.prefetch), PIPE=bool(cfg.pipe), ACC1D=bool(cfg.acc1d)),
         cfg, w.device,
     )
 
