@@ -29,19 +29,19 @@ from bench_kernels import SHAPES, Case  # noqa: E402
 from wina_convert.runtime.kernels import launch as K  # noqa: E402
 
 
-def grid() -> list[K.Config]:
+def grid(acc1d_only: bool = False, waves_list=(2, 3, 4, 6), widths=(512, 1024, 2048), depths=(8, 16, 32)) -> list[K.Config]:
     configs = []
-    for acc1d in (False, True):
-        for pipe in (False, True):
+    for acc1d in (True,) if acc1d_only else (False, True):
+        for pipe in (False,) if acc1d_only else (False, True):
             if acc1d and pipe:
                 continue  # pipe already sums each tile into a row
-            for bn in (512, 1024, 2048):
-                for bk in (8, 16, 32):
+            for bn in widths:
+                for bk in depths:
                     for nw in (4, 8):
                         per_thread = bn * bk / (32 * nw)
                         if not 16 <= per_thread <= 256 or (not acc1d and not pipe and per_thread > 128):
                             continue
-                        for waves in (2, 3, 4, 6):
+                        for waves in waves_list:
                             configs.append(K.Config(block_n=bn, block_k=bk, num_warps=nw, num_stages=1, waves=waves,
                                                     prefetch=False, pipe=pipe, acc1d=acc1d))
     return configs
@@ -62,6 +62,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--acc1d-only", action="store_true", help="second round: only the one-row accumulator")
+    ap.add_argument("--waves", default="2,3,4,6")
+    ap.add_argument("--widths", default="512,1024,2048")
+    ap.add_argument("--depths", default="8,16,32")
+    ap.add_argument("--name", default="sweep_gemv")
     args = ap.parse_args()
     lines, result = [], {"device": torch.cuda.get_device_name(0), "shapes": {}}
 
@@ -69,7 +74,8 @@ def main() -> None:
         print(msg, flush=True)
         lines.append(msg)
 
-    configs = grid()
+    ints = lambda text: tuple(float(v) if "." in v else int(v) for v in text.split(","))  # noqa: E731
+    configs = grid(args.acc1d_only, ints(args.waves), ints(args.widths), ints(args.depths))
     log(f"{result['device']}: {len(configs)} configs per shape")
     for name in args.shapes.split(","):
         case = Case(name, *SHAPES[name])
@@ -104,8 +110,8 @@ def main() -> None:
         torch.cuda.empty_cache()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep_gemv.txt").write_text("\n".join(lines) + "\n")
-    (out / "sweep_gemv.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    (out / f"{args.name}.txt").write_text("\n".join(lines) + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":
