@@ -185,3 +185,32 @@ def test_quantile_tables_give_any_sparsity_on_the_calibration_text(calibrated, t
         with torch.no_grad():
             model(ids)
         assert model.wina.stats()["sparsity"] == pytest.approx(sparsity, abs=0.05), sparsity
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
+def test_error_curves_replaying_unchanged_linears_change_nothing(tiny_models, tiny_gemma3, tmp_path, monkeypatch, family):
+    """The greedy curves replay the dense outputs of a sub-block's ungated input linears (k/v for q's
+    curve, up for gate's): the allocation is the one recomputing them gives."""
+    import contextlib
+
+    from safetensors.torch import load_file
+
+    import wina_convert.calibration.calibrator as calibrator
+    from wina_convert.checkpoint.format import SIDECAR
+
+    model = tiny_gemma3 if family == "gemma3_text" else tiny_models[family]
+    replayed = _convert(model, tmp_path / "replayed", allocation="greedy")
+    calls = []
+
+    @contextlib.contextmanager
+    def recompute(layer, outputs):
+        calls.append(sorted(outputs))
+        yield
+
+    monkeypatch.setattr(calibrator, "_replayed", recompute)
+    recomputed = _convert(model, tmp_path / "recomputed", allocation="greedy")
+    assert any(calls) and all(len(c) >= 1 for c in calls)  # every input linear's curve had siblings to replay
+    a, b = load_file(replayed.output / SIDECAR), load_file(recomputed.output / SIDECAR)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)

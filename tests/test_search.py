@@ -89,3 +89,23 @@ def test_search_report_and_errors(tiny_models, tmp_path):
     # the default allocation: without calibration (or at sparsity 0) there is nothing to search, and no error
     plain = convert(tiny_models["llama"], tmp_path / "nocal", sparsity=0.5, allocation="output", calibrate=False, quiet=True)
     assert "calibration" not in json.loads((plain.output / "config.json").read_text())["wina"]
+
+
+def test_search_tokens_are_whole_windows_recorded_and_checked(tiny_models, tmp_path, capsys):
+    from test_cli import assert_one_line_error, run
+
+    from wina_convert import WinaError
+
+    out = convert(tiny_models["llama"], tmp_path / "out", sparsity=0.5, **CAL)
+    model = load(out.output, sparsity=0.5)
+    tokens = torch.randint(0, model.config.vocab_size, (4, 64))
+    for asked, used in ((1, 64), (64, 64), (130, 128), (10_000, 256)):
+        _, report = search_layer_levels(model, tokens, 0.5, model.wina.layers_prefix, asked)
+        assert report["search_tokens"] == used
+    searched = convert(tiny_models["llama"], tmp_path / "searched", sparsity=0.5, search_tokens=128, **CAL)
+    assert json.loads((searched.output / "config.json").read_text())["wina"]["calibration"]["search"]["search_tokens"] == 128
+    with pytest.raises(WinaError, match="--search-tokens"):
+        convert(tiny_models["llama"], tmp_path / "bad", sparsity=0.5, search_tokens=0, **CAL)
+    code, _, err = run(capsys, "convert", tiny_models["llama"], "-o", tmp_path / "cli", "--search-tokens", "0", "-q")
+    assert_one_line_error(code, err, "--search-tokens")
+    assert not (tmp_path / "cli").exists() or not any((tmp_path / "cli").iterdir())

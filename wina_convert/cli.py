@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .defaults import DEFAULTS, MAX_SPARSITY
+from .defaults import DEFAULTS, MAX_SPARSITY, SEARCH_TOKENS
 from .errors import WinaError, one_line
 from .units import human_size, percent
 from .version import __version__
@@ -94,6 +94,7 @@ def convert(
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per calibration window (default 512)."),
     seed: int = typer.Option(0, "--seed", help="Seed for choosing calibration windows."),
     allocation: str = typer.Option(DEFAULTS["allocation"], "--allocation", help="Per-gate sparsity allocation: greedy (per layer), output (greedy per layer, then the layers' levels searched by the model's divergence from dense on calibration text), global (greedy over the whole model by layer-output errors) or uniform."),
+    search_tokens: int = typer.Option(SEARCH_TOKENS, "--search-tokens", help="With --allocation output: calibration tokens the layer search measures divergences on (whole windows; more is slower and steadier)."),
     method: str = typer.Option(DEFAULTS["method"], "--method", help="Gate scores: wina (|x|·column norm) or teal (|x|)."),
     center: str = typer.Option(DEFAULTS["center"], "--center", help="Gate |x - c| with a calibrated per-channel center c (mean or median; W c becomes a bias, exact at sparsity 0), or none."),
     head_bases: str = typer.Option(DEFAULTS["head_bases"], "--head-bases", help="pca: rotate each KV head's values into their principal axes (absorbed exactly into v_proj and o_proj, free at decode), or none."),
@@ -117,7 +118,7 @@ def convert(
     result = run_convert(
         model, output, sparsity=_sparsity(sparsity), transform=transform, dtype=dtype, revision=revision, token=token,
         shard_size=shard_size, overwrite=overwrite, device=device, calibrate=calibrate, calibration=calibration,
-        samples=samples, seq_len=seq_len, seed=seed, allocation=allocation, method=method,
+        samples=samples, seq_len=seq_len, seed=seed, allocation=allocation, search_tokens=search_tokens, method=method,
         center=center, head_bases=head_bases, quiet=quiet,
     )
     if not quiet:

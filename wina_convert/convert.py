@@ -27,7 +27,7 @@ from .checkpoint.format import (FORMAT_VERSION, SIDECAR, TOKENIZER_FILES, WINA_M
                                 write_sidecar)
 from .checkpoint.source import Source, open_source, weights_sha256
 from .checkpoint.writer import OutputDir, ShardWriter
-from .defaults import DEFAULTS
+from .defaults import DEFAULTS, SEARCH_TOKENS
 from .errors import WinaError
 from .gate import MAX_SPARSITY, column_norms
 from .hub.card import write_model_card
@@ -142,6 +142,7 @@ def convert(
     seq_len: int | None = None,
     seed: int = 0,
     allocation: str = DEFAULTS["allocation"],
+    search_tokens: int = SEARCH_TOKENS,
     method: str = DEFAULTS["method"],
     center: str = DEFAULTS["center"],
     head_bases: str = DEFAULTS["head_bases"],
@@ -158,6 +159,8 @@ def convert(
         raise WinaError(f"unknown method {method!r}: use wina or teal")
     if allocation not in ("uniform", "greedy", "global", "output"):
         raise WinaError(f"unknown allocation {allocation!r}: use uniform, greedy, global or output")
+    if isinstance(search_tokens, bool) or not isinstance(search_tokens, int) or search_tokens < 1:
+        raise WinaError(f"--search-tokens must be a positive number of tokens, got {search_tokens!r}")
     if center not in ("none", "mean", "median"):
         raise WinaError(f"unknown center {center!r}: use none, mean or median")
     if head_bases not in ("none", "pca"):
@@ -297,7 +300,7 @@ def convert(
         if allocation == "output" and calibrator is not None and sparsity > 0:  # else there is nothing to search
             reporter.stage("search", 1)
             with clock("search"):
-                meta = _search_allocation(tmp, tokens, sparsity, torch_device, sidecar, meta)
+                meta = _search_allocation(tmp, tokens, sparsity, torch_device, sidecar, meta, search_tokens)
             wina["calibration"] = meta["calibration"]
             (tmp / "config.json").write_text(json.dumps(output_config(source, adapter, out_dtype, transform, wina), indent=2) + "\n")
             write_model_card(tmp)
@@ -309,7 +312,7 @@ def convert(
 
 
 def _search_allocation(directory: Path, tokens: torch.Tensor, sparsity: float, device: torch.device,
-                       sidecar: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+                       sidecar: dict[str, torch.Tensor], meta: dict[str, Any], search_tokens: int) -> dict[str, Any]:
     """``--allocation output``: load the checkpoint written so far, search its layers' levels by the model's
     loss on calibration text (``calibration/search.py``), and rewrite its sidecar with the result."""
     from .calibration.search import search_layer_levels
@@ -317,7 +320,7 @@ def _search_allocation(directory: Path, tokens: torch.Tensor, sparsity: float, d
 
     model = load(directory, sparsity, device=device, kernels=False)
     prefix = model.wina.layers_prefix
-    allocation, report = search_layer_levels(model, tokens, sparsity, prefix)
+    allocation, report = search_layer_levels(model, tokens, sparsity, prefix, search_tokens)
     del model
     for layer, alloc in enumerate(allocation):
         sidecar[f"{prefix}.{layer}.allocation"] = alloc

@@ -82,6 +82,36 @@ def _bypassed(layer: nn.Module, name: str) -> Iterator[nn.Module]:
         setattr(parent, child, original)
 
 
+class _Replay(nn.Module):
+    """Stands in for a linear whose outputs on this run's chunks are known: returns them in call order."""
+
+    def __init__(self, outputs: list[torch.Tensor]):
+        super().__init__()
+        self.outputs = outputs
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.outputs[self.calls % len(self.outputs)]
+        self.calls += 1
+        return out
+
+
+@contextlib.contextmanager
+def _replayed(layer: nn.Module, outputs: dict[str, list[torch.Tensor]]) -> Iterator[None]:
+    """Temporarily replace the linears named in ``outputs`` by replays of their recorded chunk outputs."""
+    originals = []
+    for name, recorded in outputs.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = layer.get_submodule(parent_name) if parent_name else layer
+        originals.append((parent, child, getattr(parent, child)))
+        setattr(parent, child, _Replay(recorded))
+    try:
+        yield
+    finally:
+        for parent, child, original in originals:
+            setattr(parent, child, original)
+
+
 # --------------------------------------------------------------------------- the calibrator
 
 class Calibrator:
@@ -262,7 +292,7 @@ class Calibrator:
         self.rotary = self._rotary(self.adapter.layer_type(self.config, index))
         self.mask = self._attention_mask(index)
         with torch.no_grad():
-            inputs, attn_ref, mlp_ref = self._dense_sample(layer, gates, self._curve_sample())
+            inputs, attn_ref, mlp_ref, outputs = self._dense_sample(layer, gates, self._curve_sample())
             for names in self._input_groups():
                 self._center([gates[n] for n in names], inputs[names[0]])
             quantiles = {name: self._quantiles(gate, inputs[name]) for name, gate in gates.items()}
@@ -277,7 +307,7 @@ class Calibrator:
             sizes = torch.tensor([gates[n].splits[p] * gates[n].in_features for n, p in parts], dtype=torch.float64)
             free = torch.tensor([zero_fraction(quantiles[n][p]) for n, p in parts], dtype=torch.float64)
             if self.allocation in ("greedy", "global"):
-                curves = self._error_curves(layer, gates, quantiles, parts, free, inputs, attn_ref, mlp_ref)
+                curves = self._error_curves(layer, gates, quantiles, parts, free, inputs, attn_ref, mlp_ref, outputs)
                 alloc = greedy_path(curves, sizes, free)
                 if self.allocation == "global":
                     # errors relative to the residual stream's energy at this layer: comparable across layers
@@ -285,7 +315,7 @@ class Calibrator:
                     self.curves.append(([[(x, e / energy) for x, e in c] for c in curves], sizes, free))
             else:
                 alloc = uniform_path(len(parts), free, sizes)
-            del inputs, attn_ref, mlp_ref
+            del inputs, attn_ref, mlp_ref, outputs
             at_target = interp(level, ALLOCATION_LEVELS, alloc.T).tolist()
             sparsities: dict[str, list[float]] = {name: [] for name in gates}
             for (name, _), s in zip(parts, at_target):
@@ -366,13 +396,17 @@ class Calibrator:
         return self.hidden[index, :window]
 
     def _dense_sample(self, layer: nn.Module, gates: dict[str, GatedLinear], sample: torch.Tensor
-                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Dense run of the layer on ``sample``: every gate's input, and what the attention and the MLP add
-        to the residual (their outputs, through the post-sub-block norms where the family has them)."""
+                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, dict[str, list[torch.Tensor]]]:
+        """Dense run of the layer on ``sample``: every gate's input, what the attention and the MLP add to
+        the residual (their outputs, through the post-sub-block norms where the family has them), and the
+        chunk outputs of the linears that read a sub-block's input (replayed by the error curves)."""
         a = self.adapter
         inputs: dict[str, list[torch.Tensor]] = {name: [] for name in gates}
+        outputs: dict[str, list[torch.Tensor]] = {name: [] for name in (*a.attn_inputs, *a.mlp_inputs) if name in gates}
         handles = [gate.register_forward_pre_hook(lambda m, args, name=name: inputs[name].append(args[0].detach()))
                    for name, gate in gates.items()]
+        handles += [gates[name].register_forward_hook(lambda m, args, out, name=name: outputs[name].append(out.detach()))
+                    for name in outputs]
         for gate in gates.values():
             gate.active = False
         try:
@@ -382,17 +416,20 @@ class Calibrator:
         finally:
             for h in handles:
                 h.remove()
-        return {name: torch.cat(xs) for name, xs in inputs.items()}, attn_out, mlp_out
+        return {name: torch.cat(xs) for name, xs in inputs.items()}, attn_out, mlp_out, outputs
 
     def _error_curves(self, layer: nn.Module, gates: dict[str, GatedLinear], quantiles: dict[str, torch.Tensor],
                       parts: list[tuple[str, int]], free: torch.Tensor, inputs: dict[str, torch.Tensor],
-                      attn_ref: torch.Tensor, mlp_ref: torch.Tensor) -> list[list[tuple[float, float]]]:
+                      attn_ref: torch.Tensor, mlp_ref: torch.Tensor, outputs: dict[str, list[torch.Tensor]] | None = None
+                      ) -> list[list[tuple[float, float]]]:
         """Squared error of what a sub-block adds to the residual with each matrix gated alone, at
         ``GREEDY_GRID`` sparsities.
 
         Both sub-blocks write into the residual stream, so their errors are in the same units and
-        comparable. q/k/v re-run the attention and gate/up the MLP, from their recorded inputs;
-        o_proj and down_proj are the sub-blocks' last linears, so their error is exactly
+        comparable. q/k/v re-run the attention and gate/up the MLP, from their recorded inputs; the
+        other (ungated, so unchanged) input linears of that sub-block replay their recorded dense
+        ``outputs`` instead of being recomputed (same values, fewer products: k and v are not re-run for
+        q's curve, nor up_proj for gate_proj's); o_proj and down_proj are the sub-blocks' last linears, so their error is exactly
         ``W (x - gated(x))``, computed without running anything; where a post-sub-block norm ``n``
         follows them (Gemma) it is ``n(W gated(x)) - n(W x)`` instead, the norm applied to the
         gated output.
@@ -406,20 +443,23 @@ class Calibrator:
             start = sum(gate.splits[:p])
             weight = gate.weight[start : start + gate.splits[p]]
             curve = [(f, 0.0)]
+            group = a.attn_inputs if name in a.attn_inputs else a.mlp_inputs if name in a.mlp_inputs else ()
+            siblings = {n: outputs[n] for n in group if n != name and outputs and outputs.get(n)}
             for s in GREEDY_GRID:
                 if s <= f:
                     continue
                 t = thresholds_at(quantiles[name][p], norms[p], s, self.method)
-                if name in a.attn_inputs or name in a.mlp_inputs:
+                if group:
                     rows = torch.zeros(len(gate.splits), gate.in_features, device=t.device)
                     rows[p] = t
                     gate.set_thresholds(rows)
-                    if name in a.attn_inputs:
-                        out = self._post_norm(layer, a.attn_post_norm, self._attention(layer, attn_in))
-                        error = (out - attn_ref).float().pow(2).sum()
-                    else:
-                        out = self._post_norm(layer, a.mlp_post_norm, self._mlp(layer, mlp_in))
-                        error = (out - mlp_ref).float().pow(2).sum()
+                    with _replayed(layer, siblings):
+                        if name in a.attn_inputs:
+                            out = self._post_norm(layer, a.attn_post_norm, self._attention(layer, attn_in))
+                            error = (out - attn_ref).float().pow(2).sum()
+                        else:
+                            out = self._post_norm(layer, a.mlp_post_norm, self._mlp(layer, mlp_in))
+                            error = (out - mlp_ref).float().pow(2).sum()
                     gate.active = False
                 else:
                     x = inputs[name] if gate.center is None else inputs[name] - gate.center

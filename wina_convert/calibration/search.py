@@ -23,7 +23,7 @@ next-token distributions from the dense model's, per token, on ``SEARCH_TOKENS``
    layer ``l`` sits at ``balanced(m * scale * r_l)`` (``r_l`` its chosen level over the model's) and its
    matrices at its own greedy allocation there, so any sparsity asked at load time keeps the proportions.
 
-Cost: about ``layers / 2 + len(BETAS) + 4`` forwards of ``SEARCH_TOKENS`` tokens (plus the dense one).
+Cost: about ``layers / 2 + len(BETAS) + 4`` forwards of ``search_tokens`` tokens (default ``SEARCH_TOKENS``, 512; plus the dense one).
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..defaults import SEARCH_TOKENS  # calibration tokens on which the divergences are measured
 from ..gate import ALLOCATION_LEVELS, MAX_SPARSITY
 
 PROBE = 0.1  # sparsity added to one layer to measure its sensitivity
 BETAS = (0.0, 0.0125, 0.025, 0.0375, 0.05, 0.075)  # sparsity given up per e-fold of relative sensitivity
-SEARCH_TOKENS = 1024  # calibration tokens on which the divergences are measured
 FLOOR = 0.1  # a layer's sensitivity is at least this fraction of the median layer's (a probe is noisy)
 
 
@@ -123,9 +123,10 @@ def balanced(ratios: torch.Tensor, weights: torch.Tensor, level: float) -> torch
     return (base + (lo + hi) / 2).clamp(0.0, MAX_SPARSITY)
 
 
-def search_layer_levels(model: Any, tokens: torch.Tensor, target: float, layers_prefix: str
-                        ) -> tuple[list[torch.Tensor], dict[str, Any]]:
-    """Choose per-layer levels for ``model`` (loaded, per-layer calibrated at ``target``) on ``tokens``.
+def search_layer_levels(model: Any, tokens: torch.Tensor, target: float, layers_prefix: str,
+                        search_tokens: int = SEARCH_TOKENS) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """Choose per-layer levels for ``model`` (loaded, per-layer calibrated at ``target``) on the first
+    ``search_tokens`` of ``tokens`` (whole windows, at least one).
 
     Returns the whole-model allocation (one ``[len(ALLOCATION_LEVELS), gates]`` tensor per layer) and a
     report: the divergences measured, the sensitivities, the ``beta`` chosen and the layers' levels at the target.
@@ -135,7 +136,7 @@ def search_layer_levels(model: Any, tokens: torch.Tensor, target: float, layers_
     count = len(ctl.layers)
     weights = torch.tensor(ctl.gated_params, dtype=torch.float64)
     level = target + sum(ctl.extra_params) / sum(ctl.gated_params)  # the model's matrix level at the target
-    rows = max(1, min(tokens.shape[0], SEARCH_TOKENS // tokens.shape[1]))
+    rows = max(1, min(tokens.shape[0], search_tokens // tokens.shape[1]))
     divergence = _Divergence(model, tokens[:rows], model.get_submodule(layers_prefix))
 
     def gate(levels: torch.Tensor) -> None:
