@@ -4,7 +4,9 @@ The recipe streams: one decoder layer is in memory at a time (plus the two tenso
 one that give its attention basis); it is read, transformed in float64 block by block on the
 device, cast to the output dtype, written to the current shard at once, handed to the calibrator
 (which propagates the calibration hidden states through it) and dropped. Peak memory is one layer
-and the calibration activations, not the model.
+and the calibration activations, not the model. ``--basis pca`` keeps one more matrix (the last
+layer's down_proj, written once the next basis is measured); ``--basis pooled`` reads the model twice
+(a dense pass for the basis, then the conversion).
 """
 
 from __future__ import annotations
@@ -288,13 +290,12 @@ def convert(
             norm = source.tensor(adapter.final_norm)
             head = source.tensor(adapter.lm_head if source.has(adapter.lm_head) else adapter.embed)
             writer.add(adapter.final_norm, torch.ones(norm.shape, dtype=out_dtype))
-            writer.add(adapter.lm_head, rotate_head(head, norm, q_attn.to(head.device), out_dtype))
-        elif source.has(adapter.lm_head):
-            writer.add(adapter.final_norm, source.tensor(adapter.final_norm).to(out_dtype))
-            writer.add(adapter.lm_head, source.tensor(adapter.lm_head).to(out_dtype))
+            writer.add(adapter.lm_head, rotate_head(head, norm, q_attn, out_dtype))
         else:
             writer.add(adapter.final_norm, source.tensor(adapter.final_norm).to(out_dtype))
-            if transform:  # tied: the head keeps the original embedding, untied from the rotated one
+            if source.has(adapter.lm_head):
+                writer.add(adapter.lm_head, source.tensor(adapter.lm_head).to(out_dtype))
+            elif transform:  # tied: the head keeps the original embedding, untied from the rotated one
                 writer.add(adapter.lm_head, source.tensor(adapter.embed).to(out_dtype))
         shards = writer.finish()
         meta: dict[str, Any] = {
