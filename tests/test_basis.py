@@ -112,6 +112,7 @@ def test_pooled_stores_and_charges_no_shortcut(bases):
     assert model.wina.extra_fraction == [0.0] * model.config.num_hidden_layers
     info = describe(directory)
     assert info["basis"] == "pooled" and info["kept_bytes_fraction"] == pytest.approx(0.5, abs=1e-3)
+    assert "pooled basis" in (directory / "README.md").read_text()  # the model card says so
     result = evaluate(model, sparsity=0.5, max_tokens=1024, seq_len=128)
     assert result["kept_bytes_fraction"] == pytest.approx(0.5, abs=0.06)
     # pca keeps the shortcuts and pays for them
