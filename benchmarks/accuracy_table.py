@@ -53,10 +53,14 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "wina-center": {"method": "wina", "allocation": "greedy", "center": "median"},
     "wina-transform": {"method": "wina", "allocation": "greedy", "transform": True},
     "teal-transform": {"method": "teal", "allocation": "greedy", "transform": True},
+    "wina-transform-pca": {"method": "wina", "allocation": "greedy", "transform": True, "basis": "pca"},
+    "teal-transform-pca": {"method": "teal", "allocation": "greedy", "transform": True, "basis": "pca"},
+    "wina-transform-pooled": {"method": "wina", "allocation": "greedy", "transform": True, "basis": "pooled"},
+    "teal-transform-pooled": {"method": "teal", "allocation": "greedy", "transform": True, "basis": "pooled"},
     "default": {},
     "default-self": {"calibration": "self"},
 }
-CONVERT_KEYS = ("method", "allocation", "transform", "center", "head_bases")
+CONVERT_KEYS = ("method", "allocation", "transform", "basis", "center", "head_bases")
 
 
 def options(setting: dict[str, Any]) -> dict[str, Any]:
@@ -68,7 +72,7 @@ def label(name: str, setting: dict[str, Any]) -> str:
     opts = options(setting)
     parts = [opts["method"].upper(), opts["allocation"]]
     if opts["transform"]:
-        parts.append("transform")
+        parts.append("transform" if opts["basis"] == "svd" else f"transform ({opts['basis']} basis)")
     if opts["head_bases"] != "none":
         parts.append(f"head bases {opts['head_bases']}")
     if opts["center"] != "none":

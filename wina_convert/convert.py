@@ -4,7 +4,9 @@ The recipe streams: one decoder layer is in memory at a time (plus the two tenso
 one that give its attention basis); it is read, transformed in float64 block by block on the
 device, cast to the output dtype, written to the current shard at once, handed to the calibrator
 (which propagates the calibration hidden states through it) and dropped. Peak memory is one layer
-and the calibration activations, not the model.
+and the calibration activations, not the model. ``--basis pca`` keeps one more matrix (the last
+layer's down_proj, written once the next basis is measured); ``--basis pooled`` reads the model twice
+(a dense pass for the basis, then the conversion).
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from .errors import WinaError
 from .gate import MAX_SPARSITY, column_norms
 from .hub.card import write_model_card
 from .progress import Reporter
-from .transform import (attention_basis, rotate_embedding, rotate_value_heads, shortcut_fraction, transform_layer,
-                        value_head_bases)
+from .transform import (BASES, MLP_SHORTCUT, attention_basis, moment_basis, rotate_embedding, rotate_head, rotate_outputs,
+                        rotate_value_heads, shortcut_fraction, shortcut_rotation, transform_layer, value_head_bases)
 from .units import parse_size
 from .version import __version__
 
@@ -146,6 +148,7 @@ def convert(
     method: str = DEFAULTS["method"],
     center: str = DEFAULTS["center"],
     head_bases: str = DEFAULTS["head_bases"],
+    basis: str = DEFAULTS["basis"],
     quiet: bool = False,
     reporter: Reporter | None = None,
 ) -> ConvertResult:
@@ -167,6 +170,8 @@ def convert(
         raise WinaError(f"unknown head bases {head_bases!r}: use none or pca")
     if not calibrate and (center != "none" or head_bases != "none"):
         raise WinaError("--center and --head-bases are measured on calibration text: drop --no-calibrate")
+    _check_basis(basis, transform, calibrate)
+    shortcuts = transform and basis != "pooled"
     torch_device = _device(device)
     shard_bytes = parse_size(shard_size)
     target = Path(output).expanduser()
@@ -195,7 +200,7 @@ def convert(
     if calibrate:
         tokens, cal_info = load_calibration_tokens(source, calibration, samples=samples, seq_len=seq_len, seed=seed,
                                                    device=torch_device)
-        calibrator = Calibrator(config, adapter, tokens, transform=transform, method=method,
+        calibrator = Calibrator(config, adapter, tokens, transform=shortcuts, method=method,
                                 allocation="greedy" if allocation == "output" else allocation,
                                 target=sparsity, device=torch_device, dtype=out_dtype, info=cal_info,
                                 center=center, head_bases=head_bases)
@@ -210,31 +215,58 @@ def convert(
         count = config.num_hidden_layers
         reporter.stage("transform" if transform else "copy", count)
         q_attn = None
-        if transform:
+        identity = torch.eye(config.hidden_size, dtype=torch.float64, device=torch_device)
+        if transform and basis == "svd":
             with clock("read"):
                 ahead = _layer_tensors(source, adapter, 0, _attention_basis_names(adapter, config))
             with clock("transform"):
                 q_attn = attention_basis(ahead, adapter, config, torch_device)
+        elif basis == "pooled":  # calibrator is set: checked above
+            with clock("calibrate"):
+                q_attn = _pooled_basis(source, adapter, config, calibrator, out_dtype, identity)
         with clock("read"):
             embed = source.tensor(adapter.embed)
         with clock("transform"):
             embed = embed.to(out_dtype) if q_attn is None else rotate_embedding(embed, q_attn, out_dtype)
-        with clock("write"):
-            writer.add(adapter.embed, embed)
+        if basis != "pca":  # pca: the embedding is written once layer 0's basis is measured
+            with clock("write"):
+                writer.add(adapter.embed, embed)
         if calibrator is not None:
             with clock("calibrate"):
                 calibrator.embed(embed)
         del embed
+        pending: dict[str, torch.Tensor] = {}  # pca: the last layer's MLP output, written in the next basis
+        stream = identity  # pca: the basis of the calibrator's hidden states
         for layer in range(count):
             prefix = f"{adapter.layers_prefix}.{layer}."
             with clock("read"):
                 tensors = _layer_tensors(source, adapter, layer)
-                if transform and layer + 1 < count:
+                if transform and basis == "svd" and layer + 1 < count:
                     ahead = _layer_tensors(source, adapter, layer + 1, _attention_basis_names(adapter, config))
+            if basis == "pca":
+                with clock("calibrate"):
+                    q_attn, q_mlp = _pca_bases(calibrator, layer, tensors, adapter, config, stream, out_dtype)
+                with clock("write"):
+                    if layer == 0:
+                        writer.add(adapter.embed, rotate_embedding(source.tensor(adapter.embed), q_attn, out_dtype))
+                    for name, tensor in _finish_output(pending, adapter, q_attn, out_dtype).items():
+                        writer.add(f"{adapter.layers_prefix}.{layer - 1}.{name}", tensor)
+                last = layer + 1 == count
+                # Until the next layer's basis is measured on this layer's output, the MLP writes in its
+                # own basis (an identity mlp_shortcut): gating does not depend on the output basis.
+                pending = {} if last else {**{k: t for k, t in tensors.items() if k.startswith(f"{adapter.mlp_output}.")},
+                                           "q_mlp": q_mlp}
+                stream = q_mlp
+            deferred = {*pending, MLP_SHORTCUT} if pending else set()
             with clock("transform"):
-                if transform:
-                    q_next = (attention_basis(ahead, adapter, config, torch_device) if layer + 1 < count
-                              else torch.eye(config.hidden_size, dtype=torch.float64, device=torch_device))
+                if basis == "pca":
+                    final = transform_layer(tensors, adapter, config, q_attn, identity if last else q_mlp, out_dtype,
+                                            q_mlp=q_mlp)
+                elif basis == "pooled":
+                    final = transform_layer(tensors, adapter, config, q_attn, q_attn, out_dtype, q_mlp=q_attn,
+                                            shortcuts=False)
+                elif transform:
+                    q_next = attention_basis(ahead, adapter, config, torch_device) if layer + 1 < count else identity
                     final = transform_layer(tensors, adapter, config, q_attn, q_next, out_dtype)
                     q_attn = q_next
                 else:
@@ -242,13 +274,14 @@ def convert(
                 del tensors
                 if head_bases == "pca":  # calibrator is set: checked above
                     final = rotate_value_heads(final, adapter, config, value_head_bases(calibrator.value_moments(layer, final)))
-                extra.append(shortcut_fraction(config, [final[f"{n}.weight"].numel() for n in adapter.gated_linears()], transform))
+                extra.append(shortcut_fraction(config, [final[f"{n}.weight"].numel() for n in adapter.gated_linears()], shortcuts))
                 for name in adapter.gated_linears():
                     splits = adapter.splits(name, config, final[f"{name}.weight"].shape[0])
                     sidecar[f"{prefix}{name}.column_norms"] = column_norms(final[f"{name}.weight"], splits).cpu()
             with clock("write"):
                 for name, tensor in final.items():
-                    writer.add(prefix + name, tensor)
+                    if name not in deferred:
+                        writer.add(prefix + name, tensor)
             if calibrator is not None:
                 with clock("calibrate"):
                     calibrator.layer(layer, final)  # empties final: the writer is done with it
@@ -256,15 +289,22 @@ def convert(
             _release_memory()
             reporter.advance()
         t3 = time.perf_counter()
-        writer.add(adapter.final_norm, source.tensor(adapter.final_norm).to(out_dtype))
-        if source.has(adapter.lm_head):
-            writer.add(adapter.lm_head, source.tensor(adapter.lm_head).to(out_dtype))
-        elif transform:  # tied: the head keeps the original embedding, untied from the rotated one
-            writer.add(adapter.lm_head, source.tensor(adapter.embed).to(out_dtype))
+        if basis == "pooled":  # lm_head reads the pooled basis: the final norm's gain and Q fold into it
+            norm = source.tensor(adapter.final_norm)
+            head = source.tensor(adapter.lm_head if source.has(adapter.lm_head) else adapter.embed)
+            writer.add(adapter.final_norm, torch.ones(norm.shape, dtype=out_dtype))
+            writer.add(adapter.lm_head, rotate_head(head, norm, q_attn, out_dtype))
+        else:
+            writer.add(adapter.final_norm, source.tensor(adapter.final_norm).to(out_dtype))
+            if source.has(adapter.lm_head):
+                writer.add(adapter.lm_head, source.tensor(adapter.lm_head).to(out_dtype))
+            elif transform:  # tied: the head keeps the original embedding, untied from the rotated one
+                writer.add(adapter.lm_head, source.tensor(adapter.embed).to(out_dtype))
         shards = writer.finish()
         meta: dict[str, Any] = {
             "method": method,
             "transform": transform,
+            "basis": basis,
             "num_layers": config.num_hidden_layers,
             "target_sparsity": sparsity if calibrator is not None else 0.0,
             "budget": "bytes",
@@ -286,6 +326,7 @@ def convert(
             "budget": "bytes",  # --sparsity is the fraction of the gated sub-blocks' decode bytes skipped
             "center": center,
             "head_bases": head_bases,
+            "basis": basis,
             "base_model": source.base,
             "license": getattr(config, "license", None),
             "sidecar": SIDECAR,
@@ -329,6 +370,62 @@ def _search_allocation(directory: Path, tokens: torch.Tensor, sparsity: float, d
     meta = {**meta, "allocation_scope": "model", "calibration": calibration}
     write_sidecar(directory / SIDECAR, sidecar, meta)
     return meta
+
+
+def _check_basis(basis: str, transform: bool, calibrate: bool) -> None:
+    if basis not in BASES:
+        raise WinaError(f"unknown basis {basis!r}: use {', '.join(BASES)}")
+    if basis != "svd" and not transform:
+        raise WinaError(f"--basis {basis} chooses the transform's bases: add --transform")
+    if basis != "svd" and not calibrate:
+        raise WinaError(f"--basis {basis} is measured on calibration text: drop --no-calibrate")
+
+
+def _pca_bases(calibrator: Calibrator, index: int, tensors: dict[str, torch.Tensor], adapter: Adapter, config: Any,
+               stream: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``--basis pca``: layer ``index``'s attention and MLP input bases (``d x d``, float64, in the original
+    coordinates), the principal axes of its sub-blocks' calibration inputs; the calibrator's hidden
+    states, in basis ``stream``, are moved into the attention basis.
+
+    The layer is folded and read in ``stream`` (identity shortcuts) to measure its inputs there: an
+    input ``x`` in ``stream`` with principal axes ``V`` (``stream`` coordinates) is ``x V`` in the basis
+    ``stream V``.
+    """
+    provisional = transform_layer(tensors, adapter, config, stream, stream, dtype, q_mlp=stream)
+    attn, mlp = calibrator.input_moments(index, provisional)
+    del provisional
+    v_attn, v_mlp = moment_basis(attn).to(stream.device), moment_basis(mlp).to(stream.device)
+    calibrator.rotate_hidden(v_attn)
+    return stream @ v_attn, stream @ v_mlp
+
+
+def _finish_output(pending: dict[str, torch.Tensor], adapter: Adapter, q_next: torch.Tensor,
+                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``--basis pca``: the previous layer's MLP output linear (from its original tensors) and mlp_shortcut,
+    now that ``q_next``, the basis its output must be in, is known. Empty before the first layer."""
+    q_mlp = pending.pop("q_mlp", None)
+    if q_mlp is None:
+        return {}
+    out = {name: rotate_outputs(tensor, q_next, dtype) for name, tensor in pending.items()}
+    out[MLP_SHORTCUT] = shortcut_rotation(q_mlp, q_next).to(dtype)
+    return out
+
+
+def _pooled_basis(source: Source, adapter: Adapter, config: Any, calibrator: Calibrator, dtype: torch.dtype,
+                  identity: torch.Tensor) -> torch.Tensor:
+    """``--basis pooled``: one residual basis for the whole model, the principal axes of every sub-block's
+    normalized input pooled over all layers, from a first, dense pass over the original model (its
+    norm gains folded) on the calibration tokens. The calibrator's hidden states are left unset."""
+    calibrator.embed(source.tensor(adapter.embed).to(dtype))
+    pooled = torch.zeros_like(identity)
+    for layer in range(config.num_hidden_layers):
+        folded = transform_layer(_layer_tensors(source, adapter, layer), adapter, config, identity, identity, dtype,
+                                 q_mlp=identity, shortcuts=calibrator.transform)
+        attn, mlp = calibrator.input_moments(layer, folded, advance=True)
+        pooled += attn + mlp
+        del folded
+    calibrator.hidden = None
+    return moment_basis(pooled).to(identity.device)
 
 
 def _check_sparsity(sparsity: Any) -> None:

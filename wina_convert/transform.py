@@ -16,6 +16,12 @@ MLP input by those of gate_proj; ``W V = U S`` then has orthogonal columns, the 
 WINA's error bound is tight. lm_head is never gated, so its input keeps the original basis: the
 last shortcut rotates back (``Q_last = I``), the final norm and lm_head stay as they are, and a
 tied embedding is untied because ``embed_tokens`` becomes ``E Q_attn(0)``.
+
+``--basis`` chooses the bases (``BASES``): ``svd`` is the above; ``pca`` takes each sub-block's basis
+from its calibration inputs instead (the eigenvectors of ``E[x^T x]``, ``x`` the RMSNorm output with
+the gain folded away, as LaRoSA does); ``pooled`` uses one such basis for the whole residual stream,
+so that every shortcut is the identity and none is stored, read or counted: the last layer writes in
+that basis too and the final norm's gain and ``Q`` fold into lm_head's columns instead.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ Tensors = dict[str, torch.Tensor]
 
 ATTN_SHORTCUT = "attn_shortcut.weight"
 MLP_SHORTCUT = "mlp_shortcut.weight"
+BASES = ("svd", "pca", "pooled")
 BLOCK_ELEMENTS = 1 << 21  # float64 elements of one block of a blocked product: 16 MiB
 
 
@@ -133,8 +140,21 @@ def mlp_basis(layer: Tensors, adapter: Adapter, config: Any, device: torch.devic
     return input_basis(_rows(layer[f"{name}.weight"], rows), gain)
 
 
+def moment_basis(moments: torch.Tensor) -> torch.Tensor:
+    """``Q`` (``d x d``, orthogonal, float64): the eigenvectors of a second moment ``E[x^T x]``, by decreasing
+    eigenvalue (PCA without centering): in that basis an input's energy is packed into its first channels."""
+    _, vectors = torch.linalg.eigh(moments.to(torch.float64))
+    return vectors.flip(-1)
+
+
+def has_shortcuts(wina: dict[str, Any]) -> bool:
+    """Whether a checkpoint (its config.json ``wina`` block) stores shortcut rotations: transformed, and
+    not into one pooled basis (whose shortcuts are all the identity)."""
+    return bool(wina.get("transform")) and wina.get("basis", "svd") != "pooled"
+
+
 def transform_layer(layer: Tensors, adapter: Adapter, config: Any, q_attn: torch.Tensor, q_next: torch.Tensor,
-                    dtype: torch.dtype) -> Tensors:
+                    dtype: torch.dtype, q_mlp: torch.Tensor | None = None, shortcuts: bool = True) -> Tensors:
     """One decoder layer folded, rotated into its bases, with its two shortcut rotations.
 
     ``layer`` holds the original tensors (names relative to the layer, any device and dtype);
@@ -142,10 +162,12 @@ def transform_layer(layer: Tensors, adapter: Adapter, config: Any, q_attn: torch
     layer (the next layer's attention basis, or the identity after the last). Every product is
     float64 on ``q_attn``'s device; the result is cast to ``dtype`` and stays on that device.
     Folding is ``W <- W diag(g)`` for each linear reading a norm with gain ``g``, the gain then
-    ones: exact because ``norm(h) * g`` feeds only those linears.
+    ones: exact because ``norm(h) * g`` feeds only those linears. ``q_mlp`` is the MLP input basis
+    (None: ``V`` of gate_proj); ``shortcuts=False`` (one pooled basis, ``q_attn = q_mlp = q_next``)
+    stores no shortcut.
     """
     device = q_attn.device
-    q_mlp = mlp_basis(layer, adapter, config, device)
+    q_mlp = mlp_basis(layer, adapter, config, device) if q_mlp is None else q_mlp
     norms = {adapter.attn_norm: (adapter.attn_inputs, q_attn), adapter.mlp_norm: (adapter.mlp_inputs, q_mlp)}
     reads = {name: (f"{norm}.weight", q) for norm, (names, q) in norms.items() for name in names}
     writes = {adapter.attn_output: q_mlp, adapter.mlp_output: q_next}
@@ -161,15 +183,16 @@ def transform_layer(layer: Tensors, adapter: Adapter, config: Any, q_attn: torch
             out[key] = torch.ones(tensor.shape, dtype=dtype, device=device)
         else:  # q/k/v biases, per-head q/k norms: untouched by input rotations
             out[key] = tensor.to(device=device, dtype=dtype)
-    out[ATTN_SHORTCUT] = shortcut_rotation(q_attn, q_mlp).to(dtype)
-    out[MLP_SHORTCUT] = shortcut_rotation(q_mlp, q_next).to(dtype)
+    if shortcuts:
+        out[ATTN_SHORTCUT] = shortcut_rotation(q_attn, q_mlp).to(dtype)
+        out[MLP_SHORTCUT] = shortcut_rotation(q_mlp, q_next).to(dtype)
     return out
 
 
-def shortcut_fraction(config: Any, gated_sizes: list[int], transform: bool) -> float:
+def shortcut_fraction(config: Any, gated_sizes: list[int], shortcuts: bool) -> float:
     """The bytes a layer reads densely beside its gated matrices, over theirs: its two ``d x d``
-    shortcut rotations when transformed (``2 d^2 / sum of the gated matrices' sizes``), else 0."""
-    return 2 * config.hidden_size**2 / sum(gated_sizes) if transform else 0.0
+    shortcut rotations when it has them (``2 d^2 / sum of the gated matrices' sizes``), else 0."""
+    return 2 * config.hidden_size**2 / sum(gated_sizes) if shortcuts else 0.0
 
 
 def shortcut_rotation(q_from: torch.Tensor, q_to: torch.Tensor) -> torch.Tensor:
@@ -186,6 +209,13 @@ def rotate_embedding(embedding: torch.Tensor, q_attn0: torch.Tensor, dtype: torc
     """
     out = embedding if embedding.dtype == dtype else torch.empty(embedding.shape, dtype=dtype, device=embedding.device)
     return rotate_inputs(embedding, q_attn0, None, dtype, out=out)
+
+
+def rotate_head(head: torch.Tensor, final_norm: torch.Tensor, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """lm_head reading a residual stored in basis ``q`` (``--basis pooled``): ``W diag(g) Q``, the final
+    norm's gain ``g`` folded in (the norm is then written with ones); left on ``W``'s device."""
+    out = torch.empty(head.shape, dtype=dtype, device=head.device)
+    return rotate_inputs(head, q, final_norm, dtype, out=out)
 
 
 # --------------------------------------------------------------------------- per-head bases of the o_proj input

@@ -356,6 +356,42 @@ class Calibrator:
                 moments += torch.einsum("tgi,tgj->gij", v, v)
         return moments
 
+    def input_moments(self, index: int, tensors: dict[str, torch.Tensor], advance: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``d x d`` float64 sums of ``x^T x`` over the calibration tokens of layer ``index``'s attention
+        input and MLP input (``--basis pca``/``pooled``), in the basis the layer's tensors read.
+
+        ``x`` is what the sub-block's linears read: the RMSNorm output, the gain folded into them
+        (``tensors`` are folded, not consumed). The attention input is the hidden state the sparse
+        model produces here (the upstream layers gated at the target); the layer itself runs dense,
+        since its gates are set only once its bases are known. ``advance`` then replaces the hidden
+        states by the layer's dense output (a first, dense pass over the model).
+        """
+        if self.hidden is None:
+            raise RuntimeError("Calibrator.embed() must come before the first layer")
+        a = self.adapter
+        layer, _ = self._build_layer(index, dict(tensors))
+        self.rotary = self._rotary(a.layer_type(self.config, index))
+        self.mask = self._attention_mask(index)
+        with torch.no_grad():
+            normed = self._apply(getattr(layer, a.attn_norm), self.hidden)
+            attn = _second_moment(normed)
+            mid = self._post_norm(layer, a.attn_post_norm, self._attention(layer, normed))
+            del normed
+            mid += self._residual(layer, "attn_shortcut", self.hidden)
+            normed = self._apply(getattr(layer, a.mlp_norm), mid)
+            mlp = _second_moment(normed)
+            if advance:
+                out = self._post_norm(layer, a.mlp_post_norm, self._mlp(layer, normed))
+                out += self._residual(layer, "mlp_shortcut", mid)
+                self.hidden = out
+        return attn, mlp
+
+    def rotate_hidden(self, rotation: torch.Tensor) -> None:
+        """Re-express the hidden states in another basis: ``h <- h R`` (``R = A^T B`` from basis ``A`` to ``B``)."""
+        r = rotation.to(self.hidden.device, self.hidden.dtype)
+        self.hidden = self._apply(lambda x: x @ r, self.hidden)
+
     def _global_allocation(self) -> None:
         """``--allocation global``: one greedy path over every matrix of every layer (TEAL-greedyopt's idea
         at model scope), replacing each layer's allocation by its columns of the model's.
@@ -540,6 +576,15 @@ class Calibrator:
             "calibration": {**self.info, "target_sparsity": self.target, "report": by_role},
         }
         return self.tensors, meta
+
+
+def _second_moment(x: torch.Tensor) -> torch.Tensor:
+    """``sum_t x_t^T x_t`` (``d x d``, float64) over every token of ``x`` ``[..., d]``, chunk by chunk."""
+    moments = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
+    for chunk in x.reshape(-1, x.shape[-1]).split(CHUNK_TOKENS):
+        chunk = chunk.double()
+        moments.addmm_(chunk.T, chunk)
+    return moments
 
 
 def _release(module: nn.Module | None) -> None:

@@ -16,7 +16,7 @@ from ..gate import interp
 def describe(directory: str | Path) -> dict[str, Any]:
     """A summary of the checkpoint and the per-layer, per-matrix sparsity at its target.
 
-    Keys: base_model, architecture, layers, method, transform, center, head_bases, target_sparsity,
+    Keys: base_model, architecture, layers, method, transform, basis (None without it), center, head_bases, target_sparsity,
     kept_bytes_fraction and bytes_per_token at the target (planned by the allocation, from the
     tensors' shapes: gated columns kept, shortcut rotations, the dense lm_head and one embedding
     row), dtype, size, tool_version, calibration, files, layers_detail (``[{layer, sparsity: {matrix: s}}]``).
@@ -38,6 +38,7 @@ def describe(directory: str | Path) -> dict[str, Any]:
         "layers": config.num_hidden_layers,
         "method": wina.get("method"),
         "transform": wina.get("transform"),
+        "basis": wina.get("basis", "svd") if wina.get("transform") else None,
         "center": wina.get("center", "none"),
         "head_bases": wina.get("head_bases", "none"),
         "target_sparsity": target,

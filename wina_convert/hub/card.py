@@ -72,6 +72,10 @@ def model_card(path: str | os.PathLike, repo_id: str | None = None) -> str:
     transform_text = ("yes: column-orthogonalized (the residual stream is rotated so that the gated matrices have "
                       "orthogonal columns, where the WINA error bound is tight; the shortcut rotations are part of "
                       "the checkpoint)" if transform else "no: weights as in the base model")
+    if transform and wina.get("basis", "svd") != "svd":
+        transform_text = (f"yes: rotated into the principal axes of the calibration inputs ({wina['basis']} basis: "
+                          + ("one basis for the whole residual stream, no shortcut rotation)" if wina["basis"] == "pooled"
+                             else "one per sub-block; the shortcut rotations are part of the checkpoint)"))
     title = f"{(base_id or target).split('/')[-1]} (WINA-ready, {percent(wina.get('target_sparsity'), space=True)} target sparsity)"
     lines = [
         "---", front, "---", "", MARKER,

@@ -16,7 +16,7 @@ from ..checkpoint.format import (INDEX, SIDECAR, base_config, parse_dtype, read_
 from ..errors import WinaError, one_line
 from ..gate import column_norms
 from ..progress import quiet_transformers
-from ..transform import ATTN_SHORTCUT, MLP_SHORTCUT
+from ..transform import ATTN_SHORTCUT, MLP_SHORTCUT, has_shortcuts
 from .control import GateTable, WinaControl, gate_modules, swap_gated_linears
 from .modules import GateContext, Shortcut, WinaDecoderLayer, wina_model_class
 
@@ -128,7 +128,7 @@ def load(
             hf_model = causal_lm.from_pretrained(directory, config=config, dtype=torch_dtype or "auto")
         except (OSError, ValueError, RuntimeError) as e:
             raise WinaError(f"cannot load the weights of {directory}: {one_line(e)[:300]}") from e
-    if config_dict["wina"].get("transform"):
+    if has_shortcuts(config_dict["wina"]):
         _install_shortcuts(hf_model, adapter, config, directory)
     control = attach_gates(hf_model, adapter, config, sidecar, meta)
     check_sidecar(control, meta, config.num_hidden_layers)
