@@ -87,7 +87,7 @@ def convert(
     model: str = typer.Argument(..., help="Hub id (org/name), local Hugging Face directory, or .gguf file."),
     output: Path = typer.Option(..., "--output", "-o", help="Output directory (must not exist or be empty, unless --overwrite)."),
     sparsity: str = typer.Option("0.5", "--sparsity", "-s", help="Target sparsity: the fraction of the gated sub-blocks' dense decode bytes skipped (a transform's shortcut rotations count as bytes read), so a sparsity costs the same bytes under every setting."),
-    transform: bool = typer.Option(DEFAULTS["transform"], "--transform/--no-transform", help="Rotate the weights into per-layer column-orthogonal bases (exact at sparsity 0; helps above ~0.6 sparsity, adds the shortcut rotations to every decode step)."),
+    transform: bool = typer.Option(DEFAULTS["transform"], "--transform/--no-transform", help="Rotate the weights into per-layer column-orthogonal bases (exact at sparsity 0; adds the shortcut rotations to every decode step, paid out of --sparsity's bytes; lost at equal bytes in every measurement, see README)."),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Calibrate thresholds (without it only sparsity 0 is available)."),
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration text: PATH (.txt/.jsonl/dir), hf:DATASET[:CONFIG[:SPLIT]], or 'self'. Default: the bundled set."),
     samples: Optional[int] = typer.Option(None, "--samples", help="Calibration windows (default 16)."),
