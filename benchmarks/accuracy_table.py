@@ -53,10 +53,14 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "wina-center": {"method": "wina", "allocation": "greedy", "center": "median"},
     "wina-transform": {"method": "wina", "allocation": "greedy", "transform": True},
     "teal-transform": {"method": "teal", "allocation": "greedy", "transform": True},
+    # low-rank compensation of the dropped channels (rank per gated matrix), paid for in bytes
+    "wina-lowrank16": {"method": "wina", "allocation": "greedy", "lowrank": "16"},
+    "wina-lowrank32": {"method": "wina", "allocation": "greedy", "lowrank": "32"},
+    "wina-lowrank-down32": {"method": "wina", "allocation": "greedy", "lowrank": "down=32"},
     "default": {},
     "default-self": {"calibration": "self"},
 }
-CONVERT_KEYS = ("method", "allocation", "transform", "center", "head_bases")
+CONVERT_KEYS = ("method", "allocation", "transform", "center", "head_bases", "lowrank")
 
 
 def options(setting: dict[str, Any]) -> dict[str, Any]:
@@ -73,6 +77,8 @@ def label(name: str, setting: dict[str, Any]) -> str:
         parts.append(f"head bases {opts['head_bases']}")
     if opts["center"] != "none":
         parts.append(f"center {opts['center']}")
+    if str(opts["lowrank"]) != "0":
+        parts.append(f"low-rank {opts['lowrank']}")
     if setting.get("topk"):
         parts.append("top-k eval")
     if setting.get("calibration") == "self":
