@@ -14,8 +14,8 @@ Choosing ``A, B`` (activation-aware). With ``z = (1 - m) * x`` the dropped part 
 token, the error over the calibration tokens is ``sum ||(W - A B) z||^2 = ||(W - A B) S||_F^2`` for any
 square root ``S`` of the dropped part's second moment ``C = sum z z^T = S S^T``. Its minimum over rank
 ``r`` maps is ``A B = [W S]_r S^{-1}`` (Eckart-Young on ``W S``): with ``W S = U s V^T``, ``A = U_r s_r``
-and ``B = V_r^T S^{-1}``. ``S = Q diag(sqrt(lambda))`` from the eigendecomposition ``C = Q diag(lambda) Q^T``,
-after a small ridge on ``C`` (channels never dropped have no variance there). Unlike the plain top-r SVD
+and ``B = V_r^T S^{-1}``. ``S`` is the Cholesky factor of ``C`` after a small ridge (channels never dropped have
+no variance there; the ridge also pulls the fit towards the plain SVD of ``W`` where the data say little). Unlike the plain top-r SVD
 of ``W`` (R-Sparse), this spends the rank on the directions the *dropped* inputs actually take, which
 matter more than the weight's own large directions (those channels are mostly kept).
 
@@ -120,18 +120,19 @@ def dropped_moment(x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
 def fit_factors(weight: torch.Tensor, moment: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A [out, r], B [r, in])`` float32 minimizing ``||(W - A B) S||_F`` with ``S S^T = moment`` (ridged).
 
-    All zero when nothing was dropped (``moment == 0``): the term then adds nothing, as it should.
+    ``S`` is the Cholesky factor ``L`` (any square root gives the same minimizer; ``L`` costs a fraction of
+    an eigendecomposition, and ``B = V_r^T L^{-1}`` is one triangular solve). All zero when nothing was
+    dropped (``moment == 0``): the term then adds nothing, as it should.
     """
     w = weight.detach().to(moment.device, torch.float64)
     out, inp = w.shape
     scale = float(moment.diagonal().mean())
     if rank == 0 or not scale > 0:
         return torch.zeros(out, rank), torch.zeros(rank, inp)
-    values, vectors = torch.linalg.eigh(moment + RIDGE * scale * torch.eye(inp, dtype=torch.float64, device=moment.device))
-    root = values.clamp_min(RIDGE * scale * 1e-3).sqrt()
-    u, s, vh = torch.linalg.svd((w @ vectors) * root, full_matrices=False)  # W S, S = Q diag(sqrt(lambda))
+    root = torch.linalg.cholesky(moment + RIDGE * scale * torch.eye(inp, dtype=torch.float64, device=moment.device))
+    u, s, vh = torch.linalg.svd(w @ root, full_matrices=False)  # W L = U s V^T
     a = u[:, :rank] * s[:rank]
-    b = (vh[:rank] / root) @ vectors.T  # V_r^T S^{-1}
+    b = torch.linalg.solve_triangular(root.T, vh[:rank].T, upper=True).T  # V_r^T L^{-1}
     return a.float().cpu(), b.float().cpu()
 
 
