@@ -58,6 +58,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "wina-lowrank32": {"method": "wina", "allocation": "greedy", "lowrank": "32"},
     "wina-lowrank-down32": {"method": "wina", "allocation": "greedy", "lowrank": "down=32"},
     "default": {},
+    "default-lowrank16": {"lowrank": "16"},
     "default-self": {"calibration": "self"},
 }
 CONVERT_KEYS = ("method", "allocation", "transform", "center", "head_bases", "lowrank")
