@@ -154,6 +154,11 @@ def test_factors_are_paid_for_in_bytes(lowrank):
     assert result["bytes_per_token"] == pytest.approx(info["bytes_per_token"], rel=0.1)
     dense = evaluate(lowrank["llama"], sparsity=0.0, max_tokens=256, seq_len=128)
     assert dense["kept_bytes_fraction"] == pytest.approx(1.0)
+    model = load(lowrank["llama"], sparsity=0.5)  # factors dropped at run time: no longer read, not counted
+    for gate in model.wina.gates.values():
+        gate.set_lowrank(None, None)
+    stripped = evaluate(model, sparsity=0.5, max_tokens=2048, seq_len=128)
+    assert stripped["kept_bytes_fraction"] < result["kept_bytes_fraction"] - 0.5 * control.extra_fraction[0]
 
 
 # --------------------------------------------------------------------------- recorded, saved, loaded

@@ -107,6 +107,8 @@ class WinaControl:
         if len(self.extra_fraction) != len(layers):
             raise WinaError(f"the sidecar's extra_fraction has {len(self.extra_fraction)} layers, the weights {len(layers)}")
         self.extra_params = [e * m for e, m in zip(self.extra_fraction, self.gated_params)]
+        # the part of extra_params that is low-rank factors (as loaded; the rest is shortcut rotations)
+        self.factor_params = [sum(gates[n].lowrank_params for n in names) for names in layers]
         self.scope = meta.get("allocation_scope", "layer")
 
     @property
@@ -261,7 +263,7 @@ class WinaControl:
             kept = sum(((1 - g.zeroed.cpu().double() / (g.tokens * g.in_features)) * torch.tensor(g.splits, dtype=torch.float64)).sum().item()
                        * g.in_features * g.weight.element_size() for g in counted)
             # the shortcuts are read at every step; a gate's factors only while it gates (off: dense, no term)
-            shortcuts = self.extra_params[layer] - sum(self.gates[n].lowrank_params for n in names)
+            shortcuts = self.extra_params[layer] - self.factor_params[layer]
             factors = sum(g.lowrank_params for g in counted if g.active)
             kept_bytes += kept + (shortcuts + factors) * counted[0].weight.element_size()
         dense_bytes = sum(g.weight.numel() * g.weight.element_size() for g in self.gates.values() if g.tokens > 0)
