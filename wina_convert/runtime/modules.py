@@ -63,6 +63,7 @@ class GatedLinear(nn.Module):
         self.splits = list(splits)
         self.register_buffer("thresholds", torch.zeros(len(splits), self.in_features, device=linear.weight.device), persistent=False)
         self.active = False
+        self.drops = False  # its thresholds drop something (the low-rank term is needed on the kernel path)
         self.gate_prefill = True
         self.counting = True  # count with the masking reference (off: the kernel, if bound, runs)
         self.tally = False  # count on the kernel path too (set by the decode graphs for counting gates)
@@ -85,6 +86,7 @@ class GatedLinear(nn.Module):
         """Per-channel thresholds ``[len(splits), in]``; all zeros (or ``active=False``) is dense."""
         self.thresholds = thresholds.to(device=self.weight.device, dtype=torch.float32).reshape(len(self.splits), -1)
         self.active = bool((self.thresholds > 0).any())
+        self.drops = self.active  # stays False when the decode graphs force a dense gate onto its kernel
         self.context.epoch += 1
 
     @property
@@ -139,6 +141,7 @@ class GatedLinear(nn.Module):
             self.active = any(k < self.in_features for k in self.topk)
         else:
             self.active = bool((self.thresholds > 0).any())
+        self.drops = self.active
         self.context.epoch += 1
 
     def _topk_keep(self, x: torch.Tensor) -> torch.Tensor:

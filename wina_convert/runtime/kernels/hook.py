@@ -209,9 +209,10 @@ def _compensated(gate: GatedLinear, x: torch.Tensor, y: torch.Tensor, batched: b
 
     The gated GEMV (one token) dropped the channels with ``|x| <= thresholds``: their part of ``x`` goes
     through the factors with torch ops of fixed shapes (recorded by the decode graphs, traced by
-    torch.compile). A batched step through the kernel hook ran dense: nothing dropped, nothing added.
+    torch.compile). A batched step through the kernel hook ran dense, and a gate whose thresholds are all
+    zero (forced onto its kernel by the decode graphs) dropped nothing: nothing to add, no factor read.
     """
-    if gate.lowrank_a is None or batched:
+    if gate.lowrank_a is None or batched or not gate.drops:
         return y
     return y + gate.lowrank_term(x, x.abs().unsqueeze(-2) > gate.thresholds)
 
