@@ -54,6 +54,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "wina-transform": {"method": "wina", "allocation": "greedy", "transform": True},
     "teal-transform": {"method": "teal", "allocation": "greedy", "transform": True},
     # low-rank compensation of the dropped channels (rank per gated matrix), paid for in bytes
+    "wina-lowrank4": {"method": "wina", "allocation": "greedy", "lowrank": "4"},
     "wina-lowrank8": {"method": "wina", "allocation": "greedy", "lowrank": "8"},
     "wina-lowrank16": {"method": "wina", "allocation": "greedy", "lowrank": "16"},
     "wina-lowrank32": {"method": "wina", "allocation": "greedy", "lowrank": "32"},
