@@ -60,6 +60,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "wina-lowrank32": {"method": "wina", "allocation": "greedy", "lowrank": "32"},
     "wina-lowrank-down32": {"method": "wina", "allocation": "greedy", "lowrank": "down=32"},
     "default": {},
+    "default-lowrank4": {"lowrank": "4"},
     "default-lowrank8": {"lowrank": "8"},
     "default-lowrank16": {"lowrank": "16"},
     "default-self": {"calibration": "self"},
