@@ -57,10 +57,19 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "teal-transform-pca": {"method": "teal", "allocation": "greedy", "transform": True, "basis": "pca"},
     "wina-transform-pooled": {"method": "wina", "allocation": "greedy", "transform": True, "basis": "pooled"},
     "teal-transform-pooled": {"method": "teal", "allocation": "greedy", "transform": True, "basis": "pooled"},
+    # low-rank compensation of the dropped channels (rank per gated matrix), paid for in bytes
+    "wina-lowrank4": {"method": "wina", "allocation": "greedy", "lowrank": "4"},
+    "wina-lowrank8": {"method": "wina", "allocation": "greedy", "lowrank": "8"},
+    "wina-lowrank16": {"method": "wina", "allocation": "greedy", "lowrank": "16"},
+    "wina-lowrank32": {"method": "wina", "allocation": "greedy", "lowrank": "32"},
+    "wina-lowrank-down32": {"method": "wina", "allocation": "greedy", "lowrank": "down=32"},
     "default": {},
+    "default-lowrank4": {"lowrank": "4"},
+    "default-lowrank8": {"lowrank": "8"},
+    "default-lowrank16": {"lowrank": "16"},
     "default-self": {"calibration": "self"},
 }
-CONVERT_KEYS = ("method", "allocation", "transform", "basis", "center", "head_bases")
+CONVERT_KEYS = ("method", "allocation", "transform", "basis", "center", "head_bases", "lowrank")
 
 
 def options(setting: dict[str, Any]) -> dict[str, Any]:
@@ -77,6 +86,8 @@ def label(name: str, setting: dict[str, Any]) -> str:
         parts.append(f"head bases {opts['head_bases']}")
     if opts["center"] != "none":
         parts.append(f"center {opts['center']}")
+    if str(opts["lowrank"]) != "0":
+        parts.append(f"low-rank {opts['lowrank']}")
     if setting.get("topk"):
         parts.append("top-k eval")
     if setting.get("calibration") == "self":

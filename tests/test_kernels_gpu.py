@@ -393,3 +393,41 @@ def test_levers_on_cuda_equal_reference(tiny_models, tmp_path, center):
         assert _rel(fast(ids).logits, ref(ids).logits) <= 1e-4
         kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
         assert torch.equal(fast.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+@needs_gpu
+@pytest.mark.parametrize("transform", [False, True])
+def test_lowrank_on_cuda_equal_reference(tiny_models, tmp_path, transform):
+    """--lowrank on CUDA: the gates keep the kernels and add the compensation of the dropped channels with
+    torch ops on top of them (hook._compensated). Teacher-forced decode steps replayed from the CUDA graphs
+    (eager and torch.compile'd) give the masking reference's logits, which the term changes; prompt and
+    greedy tokens too."""
+    from wina_convert import convert, load
+
+    target = tmp_path / f"lowrank-{transform}"
+    convert(tiny_models["qwen2"], target, sparsity=0.5, lowrank="8", transform=transform, allocation="greedy",
+            quiet=True, samples=4, seq_len=64)
+    fast, ref = _pair(target, 0.5)
+    assert all(g.lowrank_a is not None and g.kernel is not None for g in fast.wina.gates.values())
+    ids = _prompt(fast, n=20, seed=5)
+    steps = 8
+    a = _teacher_forced_logits(fast, ids, steps, fast.wina_decode)
+    b = _teacher_forced_logits(ref, ids, steps, ref)
+    runner = fast.wina_decode
+    assert not runner.failures, runner.failures
+    assert runner.captures >= 1 and runner.replays >= steps - 2, (runner.captures, runner.replays)
+    assert float((a - b).norm() / b.norm()) <= 1e-4
+    plain = load(target, sparsity=0.5, device=DEV, kernels=False)
+    for gate in plain.wina.gates.values():
+        gate.set_lowrank(None, None)
+    c = _teacher_forced_logits(plain, ids, steps, plain)
+    assert float((a - c).norm() / c.norm()) > 1e-3  # the graphs did add the term
+    runner.compile = True
+    runner.reset()
+    compiled = _teacher_forced_logits(fast, ids, steps, runner)
+    assert not runner.failures, runner.failures
+    assert float((compiled - b).norm() / b.norm()) <= 1e-4
+    with torch.no_grad():
+        assert _rel(fast(ids).logits, ref(ids).logits.double()) <= 1e-4
+        kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert torch.equal(fast.generate(ids, **kw), ref.generate(ids, **kw))

@@ -99,6 +99,7 @@ def convert(
     center: str = typer.Option(DEFAULTS["center"], "--center", help="Gate |x - c| with a calibrated per-channel center c (mean or median; W c becomes a bias, exact at sparsity 0), or none."),
     head_bases: str = typer.Option(DEFAULTS["head_bases"], "--head-bases", help="pca: rotate each KV head's values into their principal axes (absorbed exactly into v_proj and o_proj, free at decode), or none."),
     basis: str = typer.Option(DEFAULTS["basis"], "--basis", help="With --transform, the sub-blocks' input bases: svd (right-singular vectors of k_proj / gate_proj), pca (principal axes of each sub-block's calibration inputs) or pooled (one residual basis for the whole model: no shortcut rotations, nothing added at decode)."),
+    lowrank: str = typer.Option(DEFAULTS["lowrank"], "--lowrank", help="Compensate each gated matrix's dropped channels with a rank-R term A (B x_dropped) fitted on calibration text: R for every matrix, or ROLE=R pairs (down=32,qkv=16); 0: off. Exact at sparsity 0; the factors count as bytes read, so the matrices skip more."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype: float32, bfloat16 or float16 (default: the input's)."),
     device: str = typer.Option("cpu", "--device", help="Where to transform and calibrate: cpu or cuda."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) of MODEL."),
@@ -120,7 +121,7 @@ def convert(
         model, output, sparsity=_sparsity(sparsity), transform=transform, dtype=dtype, revision=revision, token=token,
         shard_size=shard_size, overwrite=overwrite, device=device, calibrate=calibrate, calibration=calibration,
         samples=samples, seq_len=seq_len, seed=seed, allocation=allocation, search_tokens=search_tokens, method=method,
-        center=center, head_bases=head_bases, basis=basis, quiet=quiet,
+        center=center, head_bases=head_bases, basis=basis, lowrank=lowrank, quiet=quiet,
     )
     if not quiet:
         err.print(_convert_summary(result))
@@ -269,7 +270,7 @@ def inspect(
     head = Table(title=str(checkpoint), show_header=False, title_justify="left")
     head.add_column(style="bold")
     head.add_column()
-    for key in ("base_model", "architecture", "layers", "method", "transform", "basis", "center", "head_bases", "target_sparsity",
+    for key in ("base_model", "architecture", "layers", "method", "transform", "basis", "center", "head_bases", "lowrank", "target_sparsity",
                 "kept_bytes_fraction", "bytes_per_token", "dtype", "size", "tool_version", "calibration"):
         value = info.get(key)
         if key == "size":

@@ -33,6 +33,7 @@ from .defaults import DEFAULTS, SEARCH_TOKENS
 from .errors import WinaError
 from .gate import MAX_SPARSITY, column_norms
 from .hub.card import write_model_card
+from .lowrank import check_ranks, lowrank_fraction, parse_ranks
 from .progress import Reporter
 from .transform import (BASES, MLP_SHORTCUT, attention_basis, moment_basis, rotate_embedding, rotate_head, rotate_outputs,
                         rotate_value_heads, shortcut_fraction, shortcut_rotation, transform_layer, value_head_bases)
@@ -149,6 +150,7 @@ def convert(
     center: str = DEFAULTS["center"],
     head_bases: str = DEFAULTS["head_bases"],
     basis: str = DEFAULTS["basis"],
+    lowrank: str | int | None = DEFAULTS["lowrank"],
     quiet: bool = False,
     reporter: Reporter | None = None,
 ) -> ConvertResult:
@@ -189,6 +191,11 @@ def convert(
     if transform and adapter.transform_refusal:
         raise WinaError(adapter.transform_refusal)
     check_shapes(adapter, config, source.names, lambda name: source.tensor(name).shape)
+    ranks = parse_ranks(lowrank, adapter.gated_linears())
+    if any(ranks.values()):
+        if not calibrate:
+            raise WinaError("--lowrank fits its factors on calibration text: drop --no-calibrate")
+        check_ranks(ranks, _gated_shapes(source, adapter, config))
     fingerprint = None
     if source.base.get("sha256") is None and source.base.get("revision") is None and source.files:
         # A local directory is identified by the hash of its weights, computed while we work.
@@ -203,7 +210,7 @@ def convert(
         calibrator = Calibrator(config, adapter, tokens, transform=shortcuts, method=method,
                                 allocation="greedy" if allocation == "output" else allocation,
                                 target=sparsity, device=torch_device, dtype=out_dtype, info=cal_info,
-                                center=center, head_bases=head_bases)
+                                center=center, head_bases=head_bases, lowrank=ranks)
     clock.seconds["setup"] = time.perf_counter() - t0
     if out_dir.stale:
         reporter.log(f"[yellow]removing an interrupted conversion: {', '.join(p.name for p in out_dir.stale)}[/]")
@@ -274,7 +281,10 @@ def convert(
                 del tensors
                 if head_bases == "pca":  # calibrator is set: checked above
                     final = rotate_value_heads(final, adapter, config, value_head_bases(calibrator.value_moments(layer, final)))
-                extra.append(shortcut_fraction(config, [final[f"{n}.weight"].numel() for n in adapter.gated_linears()], shortcuts))
+                shapes = {n: (*final[f"{n}.weight"].shape, len(adapter.splits(n, config, final[f"{n}.weight"].shape[0])))
+                          for n in adapter.gated_linears()}
+                extra.append(shortcut_fraction(config, [final[f"{n}.weight"].numel() for n in adapter.gated_linears()], shortcuts)
+                             + lowrank_fraction(ranks, shapes))
                 for name in adapter.gated_linears():
                     splits = adapter.splits(name, config, final[f"{name}.weight"].shape[0])
                     sidecar[f"{prefix}{name}.column_norms"] = column_norms(final[f"{name}.weight"], splits).cpu()
@@ -310,6 +320,8 @@ def convert(
             "budget": "bytes",
             "extra_fraction": extra,
         }
+        if any(ranks.values()):
+            meta["lowrank"] = {n: r for n, r in ranks.items() if r}
         if calibrator is not None:
             cal_tensors, cal_meta = calibrator.finish()
             sidecar.update(cal_tensors)
@@ -327,6 +339,7 @@ def convert(
             "center": center,
             "head_bases": head_bases,
             "basis": basis,
+            "lowrank": {n: r for n, r in ranks.items() if r},
             "base_model": source.base,
             "license": getattr(config, "license", None),
             "sidecar": SIDECAR,
@@ -426,6 +439,15 @@ def _pooled_basis(source: Source, adapter: Adapter, config: Any, calibrator: Cal
         del folded
     calibrator.hidden = None
     return moment_basis(pooled).to(identity.device)
+
+
+def _gated_shapes(source: Source, adapter: Adapter, config: Any) -> dict[str, tuple[int, int, int]]:
+    """``(out, in, stacked matrices)`` of each gated linear of the first layer (every layer has the same)."""
+    shapes = {}
+    for name in adapter.gated_linears():
+        out, inp = source.tensor(f"{adapter.layers_prefix}.0.{name}.weight").shape
+        shapes[name] = (out, inp, len(adapter.splits(name, config, out)))
+    return shapes
 
 
 def _check_sparsity(sparsity: Any) -> None:

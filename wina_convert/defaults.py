@@ -11,7 +11,9 @@ imports: the CLI reads them to build ``--help``.
 # sparsities on target; WINA and TEAL gates tie under it (within 1.4% geometric mean, WINA ahead on
 # Qwen), so the gate stays WINA's. The transform loses at equal bytes (257 vs 34 at 0.5 on SmolLM2),
 # centering lost in a prototype, per-head bases are within 1%: all off.
-DEFAULTS = {"method": "wina", "transform": False, "allocation": "output", "center": "none", "head_bases": "none", "basis": "svd"}
+# Low-rank compensation of the dropped channels (--lowrank) is off: see README for its measurement.
+DEFAULTS = {"method": "wina", "transform": False, "allocation": "output", "center": "none", "head_bases": "none", "basis": "svd",
+            "lowrank": "0"}
 
 # Calibration tokens the layer search (allocation "output") measures its divergences on. 512 (one
 # 512-token window) since 2026-12-02, for conversion time: on SmolLM2 at 0.5 it gave 32.94 at 0.488

@@ -13,6 +13,12 @@ the activations. For each layer it
 3. propagates the hidden states through the layer *gated at the target*, re-measuring each gate's
    quantiles on its actual (upstream-gated) input in execution order, so that the next layers see
    the activations the sparse model will produce and the stored thresholds hit the target.
+
+With ``--lowrank`` every gate also gets factors that compensate its dropped channels
+(``wina_convert/lowrank.py``): provisional ones, fitted on the curve tokens with every matrix at the
+layer's level, are in place while the error curves are measured (so the allocation sees the
+compensation); the final ones are fitted in step 3 on the gate's actual input at its thresholds, and
+the layer is propagated with them.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from torch import nn
 from ..arch import Adapter
 from ..errors import WinaError
 from ..gate import ALLOCATION_LEVELS, MAX_SPARSITY, QUANTILE_LEVELS, column_norms, interp, score_quantiles, thresholds_at
+from ..lowrank import fit_gate, lowrank_fraction
 from ..progress import quiet_transformers
 from ..runtime.modules import GatedLinear, Shortcut, WinaDecoderLayer
 from ..transform import shortcut_fraction
@@ -119,7 +126,7 @@ class Calibrator:
 
     def __init__(self, config: Any, adapter: Adapter, tokens: torch.Tensor, *, transform: bool, method: str,
                  allocation: str, target: float, device: torch.device, dtype: torch.dtype, info: dict[str, Any],
-                 center: str = "none", head_bases: str = "none"):
+                 center: str = "none", head_bases: str = "none", lowrank: dict[str, int] | None = None):
         self.config = config
         self.adapter = adapter
         self.tokens = tokens
@@ -131,7 +138,10 @@ class Calibrator:
         self.compute_dtype = torch.float32 if device.type == "cpu" else dtype
         self.center = center
         self.head_bases = head_bases
+        self.lowrank = {name: r for name, r in (lowrank or {}).items() if r > 0}  # rank per gated linear (relative name)
         self.info = {**info, "allocation": allocation, "method": method, "center": center, "head_bases": head_bases}
+        if self.lowrank:
+            self.info["lowrank"] = dict(self.lowrank)
         self.extra_fraction: list[float] = []
         self.curves: list[tuple[list[list[tuple[float, float]]], torch.Tensor, torch.Tensor]] = []  # global allocation
         self.generator = torch.Generator().manual_seed(info.get("seed", 0))
@@ -301,8 +311,9 @@ class Calibrator:
             level = self.target + extra if self.target > 0 else 0.0
             if level > MAX_SPARSITY + 1e-9:
                 raise WinaError(f"--sparsity {self.target} is too high for this setting: the transform's shortcut rotations "
-                                f"are {extra:.1%} of a layer's bytes, so its matrices would skip {level:.1%} "
+                                f"and the low-rank factors are {extra:.1%} of a layer's bytes, so its matrices would skip {level:.1%} "
                                 f"(at most {MAX_SPARSITY:.0%}); use at most {MAX_SPARSITY - extra:.2f}")
+            self._provisional_lowrank(gates, inputs, quantiles, level)
             parts = [(name, p) for name in gates for p in range(len(gates[name].splits))]
             sizes = torch.tensor([gates[n].splits[p] * gates[n].in_features for n, p in parts], dtype=torch.float64)
             free = torch.tensor([zero_fraction(quantiles[n][p]) for n, p in parts], dtype=torch.float64)
@@ -326,6 +337,9 @@ class Calibrator:
             self.tensors[f"{prefix}.{name}.quantiles"] = quantiles[name].float()
             if gate.center is not None:
                 self.tensors[f"{prefix}.{name}.center"] = gate.center.float().cpu().clone()
+            if gate.lowrank_a is not None:
+                self.tensors[f"{prefix}.{name}.lowrank_a"] = gate.lowrank_a.float().cpu().clone()
+                self.tensors[f"{prefix}.{name}.lowrank_b"] = gate.lowrank_b.float().cpu().clone()
             role = name.rsplit(".", 1)[-1]
             fraction = sum(s * rows for s, rows in zip(sparsities[name], gate.splits)) / sum(gate.splits)
             self.report.setdefault(role, []).append(fraction)
@@ -418,9 +432,36 @@ class Calibrator:
         return [a.attn_inputs, (a.attn_output,), a.mlp_inputs, (a.mlp_output,)]
 
     def _extra_fraction(self, gates: dict[str, GatedLinear]) -> float:
-        """Bytes a layer reads densely beside its gated matrices, over theirs: the two ``d x d`` shortcut
-        rotations of a transformed layer, nothing otherwise (a center's bias ``W c`` is one vector)."""
-        return shortcut_fraction(self.config, [g.weight.numel() for g in gates.values()], self.transform)
+        """Bytes a layer reads beside its gated matrices' kept columns, over the matrices': the two ``d x d``
+        shortcut rotations of a transformed layer and the low-rank factors (a center's bias ``W c`` is one
+        vector, not counted)."""
+        shapes = {name: (g.out_features, g.in_features, len(g.splits)) for name, g in gates.items()}
+        return (shortcut_fraction(self.config, [g.weight.numel() for g in gates.values()], self.transform)
+                + lowrank_fraction(self.lowrank, shapes))
+
+    def _fit_lowrank(self, name: str, gate: GatedLinear, x: torch.Tensor) -> None:
+        """Fit ``gate``'s factors on its input ``x`` at its current thresholds (nothing without ``--lowrank``)."""
+        rank = self.lowrank.get(name, 0)
+        if rank == 0:
+            return
+        if gate.center is not None:
+            x = x - gate.center
+        a, b = fit_gate(gate.weight, gate.splits, x, gate.thresholds, rank)
+        gate.set_lowrank(a, b)
+
+    def _provisional_lowrank(self, gates: dict[str, GatedLinear], inputs: dict[str, torch.Tensor],
+                             quantiles: dict[str, torch.Tensor], level: float) -> None:
+        """Factors for the error curves: fitted on the curve tokens with every matrix at the layer's level
+        (the allocation is not known yet); the final ones replace them in ``_propagate``."""
+        if not self.lowrank or level <= 0:
+            return
+        for name, gate in gates.items():
+            if name in self.lowrank:
+                norms = self._norms(gate)
+                gate.set_thresholds(torch.stack([thresholds_at(quantiles[name][p], norms[p], min(level, MAX_SPARSITY), self.method)
+                                                 for p in range(len(gate.splits))]))
+                self._fit_lowrank(name, gate, inputs[name])
+                gate.set_thresholds(torch.zeros_like(gate.thresholds))
 
     def _curve_sample(self) -> torch.Tensor:
         """``[n, w, d]``: the first ``w <= CURVE_WINDOW`` positions of ``n`` samples spread over the set,
@@ -501,13 +542,17 @@ class Calibrator:
                     x = inputs[name] if gate.center is None else inputs[name] - gate.center
                     keep = x.abs() > t.to(x.device, x.dtype)
                     post = a.attn_post_norm if name == a.attn_output else a.mlp_post_norm
+                    # (with --lowrank, what the factors give back of the dropped part is subtracted from it)
+                    term = None if gate.lowrank_a is None else gate.lowrank_term(x, keep.unsqueeze(-2))
                     if post is None:
                         dropped = torch.where(keep, torch.zeros_like(x), x)
-                        error = torch.nn.functional.linear(dropped, weight).float().pow(2).sum()
+                        missing = torch.nn.functional.linear(dropped, weight)
+                        error = (missing if term is None else missing - term).float().pow(2).sum()
                     else:
                         ref = attn_ref if name == a.attn_output else mlp_ref
                         gated = x * keep if gate.center is None else x * keep + gate.center
-                        out = self._post_norm(layer, post, torch.nn.functional.linear(gated, weight, gate.bias))
+                        y = torch.nn.functional.linear(gated, weight, gate.bias)
+                        out = self._post_norm(layer, post, y if term is None else y + term)
                         error = (out - ref).float().pow(2).sum()
                 curve.append((s, max(float(error), curve[-1][1])))
             curves.append(curve)
@@ -520,6 +565,8 @@ class Calibrator:
         for n in names:
             quantiles[n] = self._quantiles(gates[n], x)
         self._set({n: gates[n] for n in names}, quantiles, sparsities)
+        for n in names:
+            self._fit_lowrank(n, gates[n], x)
 
     def _propagate(self, layer: nn.Module, gates: dict[str, GatedLinear], sparsities: dict[str, list[float]]
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -16,10 +16,10 @@ from ..gate import interp
 def describe(directory: str | Path) -> dict[str, Any]:
     """A summary of the checkpoint and the per-layer, per-matrix sparsity at its target.
 
-    Keys: base_model, architecture, layers, method, transform, basis (None without it), center, head_bases, target_sparsity,
-    kept_bytes_fraction and bytes_per_token at the target (planned by the allocation, from the
-    tensors' shapes: gated columns kept, shortcut rotations, the dense lm_head and one embedding
-    row), dtype, size, tool_version, calibration, files, layers_detail (``[{layer, sparsity: {matrix: s}}]``).
+    Keys: base_model, architecture, layers, method, transform, basis (None without it), center, head_bases, lowrank (``name=rank``
+    pairs, or none), target_sparsity, kept_bytes_fraction and bytes_per_token at the target (planned by the
+    allocation, from the tensors' shapes: gated columns kept, shortcut rotations and low-rank factors, the
+    dense lm_head and one embedding row), dtype, size, tool_version, calibration, files, layers_detail (``[{layer, sparsity: {matrix: s}}]``).
     """
     directory = Path(directory)
     wina = verify_checkpoint(directory, hashes=False)
@@ -41,6 +41,7 @@ def describe(directory: str | Path) -> dict[str, Any]:
         "basis": wina.get("basis", "svd") if wina.get("transform") else None,
         "center": wina.get("center", "none"),
         "head_bases": wina.get("head_bases", "none"),
+        "lowrank": ", ".join(f"{name}={rank}" for name, rank in (wina.get("lowrank") or {}).items()) or "none",
         "target_sparsity": target,
         "dtype": config_dict.get("dtype") or config_dict.get("torch_dtype"),
         "size": sum(entry["size"] for entry in manifest.values()),

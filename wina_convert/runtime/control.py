@@ -10,12 +10,14 @@ matrices (1, or 3 for a fused qkv_proj):
   levels).
 
 * ``M.center``        ``[in]``     the calibrated center of the gate's input (``convert --center``), if any.
+* ``M.lowrank_a``     ``[out, r]`` and ``M.lowrank_b`` ``[P, r, in]``: the factors that compensate the dropped
+  channels (``convert --lowrank``, ``wina_convert/lowrank.py``), if any.
 
 Sparsity counts decode *bytes* (sidecar ``meta["budget"] == "bytes"``): at model sparsity ``s > 0``
 a layer's matrices skip ``s + e`` of their columns, where ``e = meta["extra_fraction"][layer]`` is
 the extra bytes that layer reads densely (a transform's two ``d x d`` shortcut rotations) over the
-bytes of its gated matrices, so every layer reads ``(1 - s)`` of its dense bytes whatever the
-setting. Sparsity 0 is dense (gates off, shortcuts still read). An allocation recorded over the
+bytes of its gated matrices (a transform's two ``d x d`` shortcut rotations, low-rank factors), so every
+layer reads ``(1 - s)`` of its dense bytes whatever the setting. Sparsity 0 is dense (gates off, shortcuts still read). An allocation recorded over the
 whole model (``meta["allocation_scope"] == "model"``) is indexed by the model's level and shifted
 by the model-wide extra fraction instead. Checkpoints without ``budget`` count parameters (``e = 0``).
 
@@ -105,6 +107,8 @@ class WinaControl:
         if len(self.extra_fraction) != len(layers):
             raise WinaError(f"the sidecar's extra_fraction has {len(self.extra_fraction)} layers, the weights {len(layers)}")
         self.extra_params = [e * m for e, m in zip(self.extra_fraction, self.gated_params)]
+        # the part of extra_params that is low-rank factors (as loaded; the rest is shortcut rotations)
+        self.factor_params = [sum(gates[n].lowrank_params for n in names) for names in layers]
         self.scope = meta.get("allocation_scope", "layer")
 
     @property
@@ -122,6 +126,10 @@ class WinaControl:
             center = self.gates[name].center
             if center is not None:
                 out[f"{name}.center"] = center.float()
+            gate = self.gates[name]
+            if gate.lowrank_a is not None:
+                out[f"{name}.lowrank_a"] = gate.lowrank_a.float().cpu()
+                out[f"{name}.lowrank_b"] = gate.lowrank_b.float().cpu()
         for layer, alloc in enumerate(self.allocation):
             if alloc is not None:
                 out[f"{self.layers_prefix}.{layer}.allocation"] = alloc
@@ -216,7 +224,7 @@ class WinaControl:
             raise WinaError(f"sparsity must be in [0, {MAX_SPARSITY}], got {sparsity}")
         if sparsity > self.max_sparsity + 1e-9:
             raise WinaError(f"sparsity {sparsity} is above this checkpoint's maximum {self.max_sparsity}: its shortcut "
-                            f"rotations are read densely, so its matrices would have to skip more than {MAX_SPARSITY}")
+                            f"rotations or low-rank factors are read too, so its matrices would have to skip more than {MAX_SPARSITY}")
         if sparsity > 0 and not self.calibrated and not self.topk:
             raise WinaError("this checkpoint is not calibrated: only sparsity 0 is available (convert it with calibration)")
         self.set_gate_sparsities(self.gate_sparsities(sparsity))
@@ -242,8 +250,8 @@ class WinaControl:
         """Achieved sparsity: per gate (by module name), per role, parameter-weighted overall, and bytes.
 
         ``kept_bytes_fraction`` is what the gated sub-blocks read per token (kept columns, plus the
-        shortcut rotations read densely) over their dense bytes; ``1 - kept_bytes_fraction`` is the
-        byte sparsity that ``--sparsity`` asks for.
+        shortcut rotations read densely, plus the low-rank factors of the gates that are on) over their
+        dense bytes; ``1 - kept_bytes_fraction`` is the byte sparsity that ``--sparsity`` asks for.
         """
         per_gate, by_role = {}, {}
         total_w = total_zero = 0.0
@@ -254,8 +262,10 @@ class WinaControl:
                 continue
             kept = sum(((1 - g.zeroed.cpu().double() / (g.tokens * g.in_features)) * torch.tensor(g.splits, dtype=torch.float64)).sum().item()
                        * g.in_features * g.weight.element_size() for g in counted)
-            extra = self.extra_params[layer] * counted[0].weight.element_size()
-            kept_bytes += kept + extra
+            # the shortcuts are read at every step; a gate's factors only while it gates (off: dense, no term)
+            shortcuts = self.extra_params[layer] - self.factor_params[layer]
+            factors = sum(g.lowrank_params for g in counted if g.active)
+            kept_bytes += kept + (shortcuts + factors) * counted[0].weight.element_size()
         dense_bytes = sum(g.weight.numel() * g.weight.element_size() for g in self.gates.values() if g.tokens > 0)
         counts = {name: (gate.zeroed.tolist(), gate.tokens) for name, gate in self.gates.items()}
         for name, gate in self.gates.items():

@@ -15,6 +15,7 @@ from ..checkpoint.format import (INDEX, SIDECAR, base_config, parse_dtype, read_
                                  verify_checkpoint)
 from ..errors import WinaError, one_line
 from ..gate import column_norms
+from ..lowrank import check_factors
 from ..progress import quiet_transformers
 from ..transform import ATTN_SHORTCUT, MLP_SHORTCUT, has_shortcuts
 from .control import GateTable, WinaControl, gate_modules, swap_gated_linears
@@ -61,6 +62,10 @@ def attach_gates(model: nn.Module, adapter: Adapter, config: Any, sidecar: dict[
             if center.numel() != gate.in_features or not torch.isfinite(center).all():
                 raise WinaError(f"the sidecar's center of {name} is invalid (wrong size or not finite)")
             gate.set_center(center.float())
+        a, b = sidecar.get(f"{name}.lowrank_a"), sidecar.get(f"{name}.lowrank_b")
+        if a is not None or b is not None:
+            check_factors(name, a, b, gate.out_features, gate.in_features, len(gate.splits))
+            gate.set_lowrank(a.float(), b.float())
     allocation = [sidecar.get(f"{adapter.layers_prefix}.{layer}.allocation") for layer in range(config.num_hidden_layers)]
     control = WinaControl(gates, tables, allocation, layers, meta)
     control.layers_prefix = adapter.layers_prefix

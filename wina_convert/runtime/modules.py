@@ -11,6 +11,10 @@ thresholds 0 this is ``x W^T + b`` exactly, and no weight bytes are added.
 With *top-k* gating (``set_topk``, the paper's evaluation protocol) each token keeps exactly its
 ``k`` highest-scoring channels per matrix, score ``|x_i - c_i| w_i`` (``w`` = column norms for
 WINA, ones for TEAL), instead of comparing with calibrated thresholds.
+
+With low-rank factors (``set_lowrank``, ``convert --lowrank``) the dropped channels are compensated:
+``y = (x * m) W^T + ((x * (1 - m)) B_p^T) A_p^T + b`` per stacked matrix ``p`` (``wina_convert/lowrank.py``);
+the term is 0 when nothing is dropped, and skipped while the gate is off.
 ``WinaDecoderLayer`` replaces a decoder layer of a transformed model: the same submodules plus the
 two shortcut rotations that move the residual stream between the attention and MLP bases.
 """
@@ -59,6 +63,7 @@ class GatedLinear(nn.Module):
         self.splits = list(splits)
         self.register_buffer("thresholds", torch.zeros(len(splits), self.in_features, device=linear.weight.device), persistent=False)
         self.active = False
+        self.drops = False  # its thresholds drop something (the low-rank term is needed on the kernel path)
         self.gate_prefill = True
         self.counting = True  # count with the masking reference (off: the kernel, if bound, runs)
         self.tally = False  # count on the kernel path too (set by the decode graphs for counting gates)
@@ -71,6 +76,8 @@ class GatedLinear(nn.Module):
         self.center_bias: torch.Tensor | None = None  # [out] = W c
         self.topk: list[int] | None = None  # channels kept per matrix and token (top-k gating), or None: thresholds
         self.score_weights: torch.Tensor | None = None  # [P, in] the top-k scores' channel weights
+        self.lowrank_a: torch.Tensor | None = None  # [out, r] (the stacked matrices' rows), weight dtype, or None
+        self.lowrank_b: torch.Tensor | None = None  # [P, r, in]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, splits={self.splits}, active={self.active}"
@@ -79,6 +86,7 @@ class GatedLinear(nn.Module):
         """Per-channel thresholds ``[len(splits), in]``; all zeros (or ``active=False``) is dense."""
         self.thresholds = thresholds.to(device=self.weight.device, dtype=torch.float32).reshape(len(self.splits), -1)
         self.active = bool((self.thresholds > 0).any())
+        self.drops = self.active  # stays False when the decode graphs force a dense gate onto its kernel
         self.context.epoch += 1
 
     @property
@@ -96,6 +104,35 @@ class GatedLinear(nn.Module):
                 self.center_bias = F.linear(self.center.float(), self.weight.float()).to(self.weight.dtype)
         self.context.epoch += 1
 
+    def set_lowrank(self, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        """Compensate the dropped channels by ``A_p (B_p z)`` (``a`` ``[out, r]``, ``b`` ``[P, r, in]``; None: off)."""
+        if a is None or b is None or a.shape[-1] == 0:
+            self.lowrank_a = self.lowrank_b = None
+        else:
+            self.lowrank_a = a.to(device=self.weight.device, dtype=self.weight.dtype).reshape(self.out_features, -1)
+            self.lowrank_b = b.to(device=self.weight.device, dtype=self.weight.dtype).reshape(len(self.splits), -1, self.in_features)
+        self.context.epoch += 1
+
+    @property
+    def lowrank_params(self) -> int:
+        """Numbers in the factors (read at every gated step): ``r (P in + out)``."""
+        return 0 if self.lowrank_a is None else self.lowrank_a.numel() + self.lowrank_b.numel()
+
+    def lowrank_term(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``[..., out]``: ``A_p (B_p (x * ~keep_p))`` for each stacked matrix ``p`` (``keep`` ``[..., P, in]``).
+
+        Shapes depend on ``x``'s only (no data-dependent sizes): safe inside CUDA graphs and torch.compile.
+        """
+        if len(self.splits) == 1:
+            dropped = torch.where(keep[..., 0, :], torch.zeros_like(x), x)
+            return F.linear(F.linear(dropped, self.lowrank_b[0]), self.lowrank_a)
+        outs, start = [], 0
+        for m, size in enumerate(self.splits):
+            dropped = torch.where(keep[..., m, :], torch.zeros_like(x), x)
+            outs.append(F.linear(F.linear(dropped, self.lowrank_b[m]), self.lowrank_a[start : start + size]))
+            start += size
+        return torch.cat(outs, dim=-1)
+
     def set_topk(self, keep: list[int] | None, score_weights: torch.Tensor | None = None) -> None:
         """Keep each token's ``keep[p]`` best channels per matrix (None: back to thresholds)."""
         self.topk = None if keep is None else [int(k) for k in keep]
@@ -104,6 +141,7 @@ class GatedLinear(nn.Module):
             self.active = any(k < self.in_features for k in self.topk)
         else:
             self.active = bool((self.thresholds > 0).any())
+        self.drops = self.active
         self.context.epoch += 1
 
     def _topk_keep(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,6 +174,9 @@ class GatedLinear(nn.Module):
             self.center_bias = self.center_bias.to(device=self.weight.device, dtype=self.weight.dtype)
         if self.score_weights is not None:
             self.score_weights = self.score_weights.to(device=self.weight.device)
+        if self.lowrank_a is not None:
+            self.lowrank_a = self.lowrank_a.to(device=self.weight.device, dtype=self.weight.dtype)
+            self.lowrank_b = self.lowrank_b.to(device=self.weight.device, dtype=self.weight.dtype)
         return self
 
     def count(self, keep: torch.Tensor) -> None:
@@ -177,13 +218,15 @@ class GatedLinear(nn.Module):
         if self.counting:
             self.count(keep)
         if len(self.splits) == 1:
-            return F.linear(x * keep[..., 0, :], self.weight, bias)
-        outs, start = [], 0
-        for m, size in enumerate(self.splits):
-            part = None if bias is None else bias[start : start + size]
-            outs.append(F.linear(x * keep[..., m, :], self.weight[start : start + size], part))
-            start += size
-        return torch.cat(outs, dim=-1)
+            y = F.linear(x * keep[..., 0, :], self.weight, bias)
+        else:
+            outs, start = [], 0
+            for m, size in enumerate(self.splits):
+                part = None if bias is None else bias[start : start + size]
+                outs.append(F.linear(x * keep[..., m, :], self.weight[start : start + size], part))
+                start += size
+            y = torch.cat(outs, dim=-1)
+        return y if self.lowrank_a is None else y + self.lowrank_term(x, keep)
 
 
 class Shortcut(nn.Linear):

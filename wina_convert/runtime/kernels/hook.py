@@ -13,6 +13,9 @@ A transformed model's shortcut rotations join the launch of the linears that fol
 normalized input ``x = h / rms(h)`` and scales the shortcut's sums by ``rms(h)`` (``gated_linear``'s
 ``rms_*`` arguments): ``h S^T`` without a separate dense GEMV.
 
+A gate with low-rank factors (``convert --lowrank``) adds its compensation of the dropped channels on top
+of the kernel's output, with torch ops (``_compensated``): the kernel itself is unchanged.
+
 Only one-token inputs (decode) take the kernel; prompts return ``None`` here, so ``GatedLinear`` runs
 its masking reference (masked ``F.linear``, cuBLAS). A decode step of more than ``sparse_batch`` sequences
 (``set_sparse_batch``; default 1) runs dense through the packed weight: the union of the rows' masks keeps
@@ -173,7 +176,7 @@ class SharedInput:
             if not batched:
                 self.refresh()
         if len(self.gates) == 1 and self.shortcut is None:
-            return self._run(x, batched, self.weight_t, self.thr, gate.splits, gate.bias)
+            return _compensated(gate, x, self._run(x, batched, self.weight_t, self.thr, gate.splits, gate.bias), batched)
         c0, c1 = self.columns[i]
         # (while torch.compile traces, the version counter is not readable: identity within one trace)
         if self._x is x and i in self._left and (torch.compiler.is_compiling() or self._x_version == x._version):
@@ -189,7 +192,7 @@ class SharedInput:
             self._left = {j for j, g in enumerate(self.gates) if g.active and j != i}
         if not self._left:  # every member served: drop the references
             self._x = self._y = None
-        return y[..., c0:c1]
+        return _compensated(gate, x, y[..., c0:c1], batched)
 
     @staticmethod
     def _run(x, batched: bool, weight_t, thr, splits, bias) -> torch.Tensor:
@@ -199,6 +202,19 @@ class SharedInput:
             y = torch.matmul(x, weight_t)
             return y if bias is None else y + bias
         return launch.gated_linear_op(x, weight_t, thr, splits, bias)
+
+
+def _compensated(gate: GatedLinear, x: torch.Tensor, y: torch.Tensor, batched: bool) -> torch.Tensor:
+    """``y`` plus the gate's low-rank compensation of the channels the kernel dropped (``convert --lowrank``).
+
+    The gated GEMV (one token) dropped the channels with ``|x| <= thresholds``: their part of ``x`` goes
+    through the factors with torch ops of fixed shapes (recorded by the decode graphs, traced by
+    torch.compile). A batched step through the kernel hook ran dense, and a gate whose thresholds are all
+    zero (forced onto its kernel by the decode graphs) dropped nothing: nothing to add, no factor read.
+    """
+    if gate.lowrank_a is None or batched or not gate.drops:
+        return y
+    return y + gate.lowrank_term(x, x.abs().unsqueeze(-2) > gate.thresholds)
 
 
 def _decode_rows(x: torch.Tensor) -> int:
