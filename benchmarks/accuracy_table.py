@@ -63,6 +63,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "wina-lowrank16": {"method": "wina", "allocation": "greedy", "lowrank": "16"},
     "wina-lowrank32": {"method": "wina", "allocation": "greedy", "lowrank": "32"},
     "wina-lowrank-down32": {"method": "wina", "allocation": "greedy", "lowrank": "down=32"},
+    "teal-lowrank8": {"method": "teal", "allocation": "greedy", "lowrank": "8"},
     "default": {},
     "default-lowrank4": {"lowrank": "4"},
     "default-lowrank8": {"lowrank": "8"},
