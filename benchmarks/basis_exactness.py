@@ -13,28 +13,23 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from exactness import logit_error  # noqa: E402
 
 
 def relative_error(model_dir: Path, out: Path, basis: str, tokens: int = 256) -> float:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from wina_convert import convert, load
+    from wina_convert import convert
 
     converted = convert(model_dir, out, sparsity=0.5, transform=True, basis=basis, allocation="uniform",
                         samples=2, seq_len=64, quiet=True).output
-    original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    model = load(converted, sparsity=0)
-    text = (ROOT / "wina_convert" / "calibration" / "data" / "heldout" / "heldout.txt").read_text(encoding="utf-8")
-    ids = torch.tensor([AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"][:tokens]])
-    with torch.no_grad():
-        a, b = original(ids).logits.double(), model(ids).logits.double()
-    return float((a - b).norm() / a.norm())
+    return logit_error(model_dir, converted, tokens)
 
 
 def main() -> None:

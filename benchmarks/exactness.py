@@ -52,18 +52,26 @@ def _ids(directory: Path, tokens: int) -> torch.Tensor:
     return torch.tensor([tok(text)["input_ids"][:tokens]])
 
 
-def relative_error(model_dir: Path, work: Path, tokens: int, transform: bool) -> float:
+def logit_error(model_dir: Path, converted: Path, tokens: int) -> float:
+    """``||l' - l|| / ||l||`` of ``converted`` loaded at sparsity 0 against the original ``model_dir``, on
+    ``tokens`` held-out tokens (float64 logits)."""
     from transformers import AutoModelForCausalLM
 
-    from wina_convert import convert, load
+    from wina_convert import load
 
-    out = convert(model_dir, work / f"{model_dir.name}-{transform}", calibrate=False, transform=transform, quiet=True).output
     original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    model = load(out, sparsity=0)
+    model = load(converted, sparsity=0)
     ids = _ids(model_dir, tokens)
     with torch.no_grad():
         a, b = original(ids).logits.double(), model(ids).logits.double()
     return float((a - b).norm() / a.norm())
+
+
+def relative_error(model_dir: Path, work: Path, tokens: int, transform: bool) -> float:
+    from wina_convert import convert
+
+    out = convert(model_dir, work / f"{model_dir.name}-{transform}", calibrate=False, transform=transform, quiet=True).output
+    return logit_error(model_dir, out, tokens)
 
 
 def main() -> None:

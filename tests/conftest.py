@@ -32,6 +32,28 @@ GEMMA3_TINY = dict(num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=24,
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+
+def original_model(directory: Path):
+    """The untouched transformers model of ``directory``, float32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+def heldout_ids(directory: Path, n: int = 96) -> torch.Tensor:
+    """``[1, n]`` ids of the bundled held-out text (from token 500), by ``directory``'s tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(directory)
+    text = (ROOT / "wina_convert" / "calibration" / "data" / "heldout" / "heldout.txt").read_text(encoding="utf-8")
+    return torch.tensor([tok(text)["input_ids"][500 : 500 + n]])
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||a||`` in float64."""
+    return float((a.double() - b.double()).norm() / a.double().norm())
+
+
 def _fetch_module():
     spec = importlib.util.spec_from_file_location("fetch_models", ROOT / "scripts" / "fetch_models.py")
     if "fetch_models" in sys.modules:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import heldout_ids as _ids, original_model as _original, relative_error as _rel
 from wina_convert import convert, load
 from wina_convert.errors import WinaError
 from wina_convert.evaluate.inspect import describe
@@ -25,22 +25,6 @@ TOLERANCE = 1e-5  # relative logit error at sparsity 0, float32 (the svd transfo
 CAL = dict(samples=4, seq_len=64, seed=0, quiet=True)
 
 
-def _original(directory: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-
-
-def _ids(directory: Path, n: int = 96) -> torch.Tensor:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(directory)
-    text = (ROOT / "wina_convert" / "calibration" / "data" / "heldout" / "heldout.txt").read_text(encoding="utf-8")
-    return torch.tensor([tok(text)["input_ids"][500 : 500 + n]])
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / a.double().norm())
 
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
