@@ -33,10 +33,10 @@ from .defaults import DEFAULTS, SEARCH_TOKENS
 from .errors import WinaError
 from .gate import MAX_SPARSITY, column_norms
 from .hub.card import write_model_card
-from .lowrank import check_ranks, lowrank_fraction, parse_ranks
+from .lowrank import check_ranks, extra_fraction, parse_ranks
 from .progress import Reporter
 from .transform import (BASES, MLP_SHORTCUT, attention_basis, moment_basis, rotate_embedding, rotate_head, rotate_outputs,
-                        rotate_value_heads, shortcut_fraction, shortcut_rotation, transform_layer, value_head_bases)
+                        rotate_value_heads, shortcut_rotation, transform_layer, value_head_bases)
 from .units import parse_size
 from .version import __version__
 
@@ -281,13 +281,11 @@ def convert(
                 del tensors
                 if head_bases == "pca":  # calibrator is set: checked above
                     final = rotate_value_heads(final, adapter, config, value_head_bases(calibrator.value_moments(layer, final)))
-                shapes = {n: (*final[f"{n}.weight"].shape, len(adapter.splits(n, config, final[f"{n}.weight"].shape[0])))
-                          for n in adapter.gated_linears()}
-                extra.append(shortcut_fraction(config, [final[f"{n}.weight"].numel() for n in adapter.gated_linears()], shortcuts)
-                             + lowrank_fraction(ranks, shapes))
-                for name in adapter.gated_linears():
-                    splits = adapter.splits(name, config, final[f"{name}.weight"].shape[0])
-                    sidecar[f"{prefix}{name}.column_norms"] = column_norms(final[f"{name}.weight"], splits).cpu()
+                splits = {n: adapter.splits(n, config, final[f"{n}.weight"].shape[0]) for n in adapter.gated_linears()}
+                shapes = {n: (*final[f"{n}.weight"].shape, len(splits[n])) for n in splits}
+                extra.append(extra_fraction(config, shapes, shortcuts, ranks))
+                for name in splits:
+                    sidecar[f"{prefix}{name}.column_norms"] = column_norms(final[f"{name}.weight"], splits[name]).cpu()
             with clock("write"):
                 for name, tensor in final.items():
                     if name not in deferred:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .errors import WinaError
+from .transform import shortcut_fraction
 
 RIDGE = 1e-4  # ridge on the dropped part's second moment, relative to its mean diagonal
 
@@ -93,6 +94,13 @@ def lowrank_fraction(ranks: dict[str, int], shapes: dict[str, tuple[int, int, in
     """
     gated = sum(out * inp for out, inp, _ in shapes.values())
     return sum(factor_params(ranks.get(name, 0), *shapes[name]) for name in shapes) / gated
+
+
+def extra_fraction(config: Any, shapes: dict[str, tuple[int, int, int]], shortcuts: bool, ranks: dict[str, int]) -> float:
+    """The bytes a layer reads beside its gated matrices' kept columns, over the matrices': its two ``d x d``
+    shortcut rotations (``shortcuts``) and its low-rank factors (``shapes`` as in ``lowrank_fraction``)."""
+    return (shortcut_fraction(config, [out * inp for out, inp, _ in shapes.values()], shortcuts)
+            + lowrank_fraction(ranks, shapes))
 
 
 def check_ranks(ranks: dict[str, int], shapes: dict[str, tuple[int, int, int]]) -> None:

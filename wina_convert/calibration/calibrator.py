@@ -32,10 +32,9 @@ from torch import nn
 from ..arch import Adapter
 from ..errors import WinaError
 from ..gate import ALLOCATION_LEVELS, MAX_SPARSITY, QUANTILE_LEVELS, column_norms, interp, score_quantiles, thresholds_at
-from ..lowrank import fit_gate, lowrank_fraction
+from ..lowrank import extra_fraction, fit_gate
 from ..progress import quiet_transformers
 from ..runtime.modules import GatedLinear, Shortcut, WinaDecoderLayer
-from ..transform import shortcut_fraction
 from .allocation import GREEDY_GRID, greedy_path, uniform_path, zero_fraction
 from .text import read_texts, token_windows, tokenizer_of
 
@@ -436,8 +435,7 @@ class Calibrator:
         shortcut rotations of a transformed layer and the low-rank factors (a center's bias ``W c`` is one
         vector, not counted)."""
         shapes = {name: (g.out_features, g.in_features, len(g.splits)) for name, g in gates.items()}
-        return (shortcut_fraction(self.config, [g.weight.numel() for g in gates.values()], self.transform)
-                + lowrank_fraction(self.lowrank, shapes))
+        return extra_fraction(self.config, shapes, self.transform, self.lowrank)
 
     def _fit_lowrank(self, name: str, gate: GatedLinear, x: torch.Tensor) -> None:
         """Fit ``gate``'s factors on its input ``x`` at its current thresholds (nothing without ``--lowrank``)."""
