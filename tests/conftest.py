@@ -40,18 +40,29 @@ def original_model(directory: Path):
     return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
 
 
-def heldout_ids(directory: Path, n: int = 96) -> torch.Tensor:
-    """``[1, n]`` ids of the bundled held-out text (from token 500), by ``directory``'s tokenizer."""
+def heldout_ids(directory: Path, n: int = 96, start: int = 500) -> torch.Tensor:
+    """``[1, n]`` ids of the bundled held-out text (from token ``start``), by ``directory``'s tokenizer."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(directory)
     text = (ROOT / "wina_convert" / "calibration" / "data" / "heldout" / "heldout.txt").read_text(encoding="utf-8")
-    return torch.tensor([tok(text)["input_ids"][500 : 500 + n]])
+    return torch.tensor([tok(text)["input_ids"][start : start + n]])
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """``||a - b|| / ||a||`` in float64."""
     return float((a.double() - b.double()).norm() / a.double().norm())
+
+
+def sparsity0_error(source: Path, checkpoint: Path) -> float:
+    """Relative logit error of ``checkpoint`` loaded at sparsity 0 against the original model ``source``."""
+    from wina_convert import load
+
+    original = original_model(source)
+    model = load(checkpoint, sparsity=0)
+    ids = heldout_ids(source)
+    with torch.no_grad():
+        return relative_error(original(ids).logits, model(ids).logits)
 
 
 def _fetch_module():

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import heldout_ids as _ids, original_model as _original, relative_error as _rel
+from conftest import heldout_ids as _ids, sparsity0_error
 from wina_convert import convert, load
 from wina_convert.errors import WinaError
 from wina_convert.evaluate.inspect import describe
@@ -45,11 +45,7 @@ def bases(tiny_models, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("case", ["llama-pca", "qwen2-pca", "llama-pooled", "qwen2-pooled"])
 def test_basis_is_exact_at_sparsity_0(case, bases, tiny_models):
     family = case.split("-")[0]
-    original = _original(tiny_models[family])
-    model = load(bases[case], sparsity=0)
-    ids = _ids(tiny_models[family])
-    with torch.no_grad():
-        error = _rel(original(ids).logits, model(ids).logits)
+    error = sparsity0_error(tiny_models[family], bases[case])
     assert error <= TOLERANCE, f"{case}: relative logit error {error:.2e}"
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, heldout_ids as _ids, original_model as _original, relative_error as _rel
+from conftest import ROOT, heldout_ids as _ids, sparsity0_error
 from wina_convert import convert, load
 from wina_convert.evaluate.inspect import describe
 from wina_convert.evaluate.perplexity import evaluate
@@ -42,11 +42,7 @@ def levers(tiny_models, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("case", ["llama-center", "qwen2-center", "phi3-heads"])
 def test_centering_and_head_bases_are_exact_at_sparsity_0(case, levers, tiny_models):
     family = case.split("-")[0]
-    original = _original(tiny_models[family])
-    model = load(levers[case], sparsity=0)
-    ids = _ids(tiny_models[family])
-    with torch.no_grad():
-        error = _rel(original(ids).logits, model(ids).logits)
+    error = sparsity0_error(tiny_models[family], levers[case])
     assert error <= TOLERANCE, f"{case}: relative logit error {error:.2e}"
 
 

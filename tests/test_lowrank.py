@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import heldout_ids as _ids
 from wina_convert import convert, load
 from wina_convert.arch import adapter_for
 from wina_convert.errors import WinaError
@@ -22,14 +22,6 @@ from wina_convert.runtime.kernels.hook import bind_kernels, input_groups
 
 CAL = dict(samples=4, seq_len=64, quiet=True, allocation="greedy")
 RANK = 8
-
-
-def _ids(directory, n: int = 96) -> torch.Tensor:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(directory)
-    text = (ROOT / "wina_convert" / "calibration" / "data" / "heldout" / "heldout.txt").read_text(encoding="utf-8")
-    return torch.tensor([tok(text)["input_ids"][500 : 500 + n]])
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

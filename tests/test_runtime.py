@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, build_tiny
+from conftest import build_tiny, heldout_ids as _ids, relative_error as _rel
 from wina_convert import convert, evaluate, load
 from wina_convert.checkpoint.format import write_manifest
 from wina_convert.errors import WinaError
@@ -121,18 +121,6 @@ def _rotating_forward(layer, attn_rotation: torch.Tensor, mlp_rotation: torch.Te
     return forward
 
 
-def _ids(directory: Path, n: int) -> torch.Tensor:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(directory)
-    text = (ROOT / "wina_convert" / "calibration" / "data" / "heldout" / "heldout.txt").read_text(encoding="utf-8")
-    return torch.tensor([tok(text)["input_ids"][1000 : 1000 + n]])
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / a.double().norm())
-
-
 # --------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
@@ -158,7 +146,7 @@ def test_sparse_logits_equal_masked_reference(case, sparsity, calibrated):
     directory = calibrated[case]
     model = load(directory, sparsity=sparsity)
     reference = reference_model(directory, sparsity)
-    ids = _ids(directory, 64)
+    ids = _ids(directory, 64, start=1000)
     with torch.no_grad():
         got, want = model(ids).logits, reference(ids).logits
         dense = load(directory, sparsity=0)(ids).logits
@@ -171,7 +159,7 @@ def test_sparse_logits_equal_masked_reference(case, sparsity, calibrated):
 def test_sparse_greedy_text_equals_reference(calibrated):
     directory = calibrated["llama"]
     model, reference = load(directory, sparsity=0.5), reference_model(directory, 0.5)
-    ids = _ids(directory, 8)
+    ids = _ids(directory, 8, start=1000)
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(model.generate(ids, **kw), reference.generate(ids, **kw))
@@ -181,7 +169,7 @@ def test_sparse_greedy_text_equals_reference(calibrated):
 
 def test_gate_prefill_flag(calibrated):
     directory = calibrated["llama"]
-    ids = _ids(directory, 32)
+    ids = _ids(directory, 32, start=1000)
     with torch.no_grad():
         dense = load(directory, sparsity=0)(ids).logits
         ungated = load(directory, sparsity=0.5, gate_prefill=False)
@@ -220,7 +208,7 @@ def test_set_sparsity_and_stats(calibrated):
     model.wina.set_sparsity(0)
     model.wina.reset_stats()
     with torch.no_grad():
-        model(_ids(calibrated["llama"], 16))
+        model(_ids(calibrated["llama"], 16, start=1000))
     assert model.wina.stats()["sparsity"] == 0.0
 
 
@@ -312,7 +300,7 @@ def test_load_refuses_a_missing_shard(calibrated, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_sparse_equals_reference_and_hits_target(smollm2_converted):
-    ids = _ids(smollm2_converted, 128)
+    ids = _ids(smollm2_converted, 128, start=1000)
     model = load(smollm2_converted)
     reference = reference_model(smollm2_converted, 0.5)
     with torch.no_grad():
