@@ -33,6 +33,8 @@ from .errors import WinaError
 from .transform import shortcut_fraction
 
 RIDGE = 1e-4  # ridge on the dropped part's second moment, relative to its mean diagonal
+EXACT_SIDE = 2048  # matrices up to this smaller side get the exact top-r fit; larger ones a randomized one
+POWER_ITERATIONS = 6  # of the randomized fit (each one two products with the matrix)
 
 
 def parse_ranks(spec: str | int | None, linears: tuple[str, ...]) -> dict[str, int]:
@@ -131,6 +133,12 @@ def fit_factors(weight: torch.Tensor, moment: torch.Tensor, rank: int) -> tuple[
     ``S`` is the Cholesky factor ``L`` (any square root gives the same minimizer; ``L`` costs a fraction of
     an eigendecomposition, and ``B = V_r^T L^{-1}`` is one triangular solve). All zero when nothing was
     dropped (``moment == 0``): the term then adds nothing, as it should.
+
+    The top ``r`` singular triplets of ``M = W L``: for a matrix whose smaller side is at most ``EXACT_SIDE``,
+    from the eigendecomposition of its Gram matrix on that side (``M M^T`` or ``M^T M``, float64; the same
+    subspace as a full SVD); above it, by a seeded randomized subspace iteration (``_top_triplets``), which
+    costs a few products with ``M`` instead of a cubic decomposition (float64 eigendecompositions of
+    4096-wide Gram matrices made an 8B-shape conversion take over five minutes on an H200).
     """
     w = weight.detach().to(moment.device, torch.float64)
     out, inp = w.shape
@@ -138,10 +146,39 @@ def fit_factors(weight: torch.Tensor, moment: torch.Tensor, rank: int) -> tuple[
     if rank == 0 or not scale > 0:
         return torch.zeros(out, rank), torch.zeros(rank, inp)
     root = torch.linalg.cholesky(moment + RIDGE * scale * torch.eye(inp, dtype=torch.float64, device=moment.device))
-    u, s, vh = torch.linalg.svd(w @ root, full_matrices=False)  # W L = U s V^T
-    a = u[:, :rank] * s[:rank]
-    b = torch.linalg.solve_triangular(root.T, vh[:rank].T, upper=True).T  # V_r^T L^{-1}
+    m = w @ root
+    if min(out, inp) > EXACT_SIDE:
+        u, s, vt = _top_triplets(m, rank)
+        a = u * s
+    elif out <= inp:  # M M^T = U s^2 U^T: A = U_r s_r, V_r^T = U_r^T M / s_r
+        evals, evecs = torch.linalg.eigh(m @ m.T)
+        u = evecs[:, -rank:].flip(-1)
+        s = evals[-rank:].flip(-1).clamp_min(0).sqrt()
+        a = u * s
+        tiny = s[0] * 1e-12  # a direction M does not have (rank above M's): no term there
+        vt = (u.T @ m) / torch.where(s > tiny, s, torch.full_like(s, float("inf")))[:, None]
+    else:  # M^T M = V s^2 V^T: A = M V_r (= U_r s_r)
+        evals, evecs = torch.linalg.eigh(m.T @ m)
+        v = evecs[:, -rank:].flip(-1)
+        a = m @ v
+        vt = v.T
+    b = torch.linalg.solve_triangular(root.T, vt.T, upper=True).T  # V_r^T L^{-1}
     return a.float().cpu(), b.float().cpu()
+
+
+def _top_triplets(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U_r, s_r, V_r^T)`` of ``m`` by randomized subspace iteration (Halko, Martinsson and Tropp): a seeded
+    Gaussian sketch of ``2 r + 8`` columns, ``POWER_ITERATIONS`` orthonormalized passes of ``M M^T``, then the
+    exact SVD of the small projection ``Q^T M``."""
+    k = min(min(m.shape), 2 * rank + 8)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    y = m @ torch.randn(m.shape[1], k, generator=g, dtype=m.dtype).to(m.device)
+    for _ in range(POWER_ITERATIONS):
+        q = torch.linalg.qr(y).Q
+        y = m @ torch.linalg.qr(m.T @ q).Q
+    q = torch.linalg.qr(y).Q
+    ub, s, vh = torch.linalg.svd(q.T @ m, full_matrices=False)
+    return (q @ ub)[:, :rank], s[:rank], vh[:rank]
 
 
 def fit_gate(weight: torch.Tensor, splits: list[int], x: torch.Tensor, thresholds: torch.Tensor,
