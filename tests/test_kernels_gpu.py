@@ -137,6 +137,78 @@ def test_gemv_rms_scale(n_in, splits, mask, pipe, acc1d):
         assert _rel(y[0, : splits[0]], ref[: splits[0]]) <= TOL and _rel(plain[0, : splits[0]], ref[: splits[0]]) > 0.3
 
 
+def _lowrank_factors(n_in, splits, rank, lr_cols, seed):
+    """``lr_b`` ``[in, P R]`` and ``lr_a`` ``[R, lr_cols]`` (bf16), scaled so that the term is not negligible."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    lrb = (torch.randn(n_in, len(splits) * rank, device=DEV, generator=g) / n_in**0.5).to(torch.bfloat16)
+    lra = (torch.randn(rank, lr_cols, device=DEV, generator=g) * 4 / rank**0.5).to(torch.bfloat16)
+    return lrb, lra
+
+
+def _lowrank_direct(x, thr, splits, lrb, lra, rank, mask):
+    """The term written out matrix by matrix in float64: ``A_p (B_p (x * [|x| <= thr_p]))``."""
+    x = x.double().reshape(-1, x.shape[-1])
+    y = torch.zeros(x.shape[0], sum(splits), dtype=torch.float64, device=x.device)
+    start = 0
+    for p, size in enumerate(splits):
+        end = min(start + size, lra.shape[1])
+        if (mask >> p) & 1 and start < end:
+            dropped = torch.where(x.abs() <= thr[p].double(), x, torch.zeros_like(x))
+            y[:, start:end] = dropped @ lrb[:, p * rank : (p + 1) * rank].double() @ lra[:, start:end].double()
+        start += size
+    return y
+
+
+@needs_gpu
+@pytest.mark.parametrize("rank", [4, 8, 24, 64])
+@pytest.mark.parametrize("n_in,splits,mask", [(4096, [4096, 1024, 1024], 0b111), (14336, [4096], 0b1),
+                                              (4096, [14336, 14336], 0b10), (576, [576, 192, 192], 0b101),
+                                              (1000, [333, 100, 7], 0b111)])
+def test_gemv_lowrank(n_in, splits, mask, rank):
+    """The low-rank term inside the launch (``lr_*``): the flagged matrices add ``A_p (B_p (x * dropped))``,
+    the others nothing, for every tile shape the tuner may pick, at sparsity 0.5, 0.9 and 0 (nothing
+    dropped: nothing added); repeated launches leave the workspace clean."""
+    for sparsity in (0.5, 0.9, 0.0):
+        x, w, thr, splits, b = _case(n_in, splits, sparsity, 1, torch.bfloat16, bias=True, seed=n_in + rank)
+        lrb, lra = _lowrank_factors(n_in, splits, rank, sum(splits), seed=rank)
+        plain = _ref(x, w, thr, splits, b)[0]
+        ref = plain + _lowrank_direct(x, thr, splits, lrb, lra, rank, mask)[0]
+        if sparsity > 0:
+            assert _rel(plain, ref) > 0.05  # the term matters at this scale
+        lr = (lrb, lra, rank, mask)
+        assert _rel(kernels.reference_gated_linear(x.double(), w.double(), thr, splits, b.double(), lr=lr)[0], ref) <= 1e-6
+        for bn, bk, waves, pipe in ((1024, 16, 4, False), (2048, 16, 4, True), (256, 32, 1, False), (512, 8, 8, False)):
+            cfg = kernels.Config(block_n=bn, block_k=bk, num_warps=4, num_stages=1, waves=waves, prefetch=bk == 32,
+                                 pipe=pipe, acc1d=not pipe)
+            for _ in range(2):
+                y = kernels._gemv(x, w, thr, splits, b, cfg=cfg, lr=lr)
+                assert _rel(y, ref) <= TOL, (sparsity, bn, bk, waves)
+        y = kernels.gated_linear(x, w, thr, splits, b, lr_b=lrb, lr_a=lra, lr_rank=rank, lr_mask=mask)
+        assert _rel(y[0], ref) <= TOL
+        y = kernels.gated_linear(x.expand(3, -1), w, thr, splits, b, lr_b=lrb, lr_a=lra, lr_rank=rank, lr_mask=mask)
+        assert _rel(y[2], ref) <= TOL  # a batch (cuBLAS) adds it too
+
+
+@needs_gpu
+def test_gemv_lowrank_beside_a_shortcut():
+    """Factors for the members only (``lr_a`` narrower than the output) beside an RMS-scaled shortcut read
+    densely: the shortcut's columns get no term and keep ``h S^T``."""
+    n_in, splits, rank = 576, [576, 192, 192, 576], 8
+    x, w, thr, splits, b = _case(n_in, splits, 0.5, 1, torch.bfloat16, bias=True, seed=3)
+    thr[-1] = float("-inf")
+    h = torch.randn(n_in, device=DEV, generator=torch.Generator(device=DEV).manual_seed(1)) * 3
+    eps = 1e-5
+    x = (h * torch.rsqrt(h.pow(2).mean() + eps)).to(torch.bfloat16)[None]
+    norm = torch.linalg.vector_norm(h, dtype=torch.float32)
+    c0 = sum(splits[:-1])
+    lrb, lra = _lowrank_factors(n_in, splits[:-1], rank, c0, seed=2)
+    ref = kernels.reference_gated_linear(x.double(), w.double(), thr, splits, b.double(), rms=(norm.double(), 0b1000, n_in, eps))[0]
+    ref = ref + _lowrank_direct(x, thr, splits, lrb, lra, rank, 0b111)[0]
+    y = kernels.gated_linear(x, w, thr, splits, b, norm.reshape(1, 1), 0b1000, n_in, eps, lrb, lra, rank, 0b111)[0]
+    assert _rel(y, ref) <= TOL
+    assert _rel(y[c0:], h.double() @ w[:, c0:].double() + b[c0:].double()) <= TOL
+
+
 @needs_gpu
 def test_single_threshold_row_and_inf():
     x, w, thr, splits, b = _case(4096, [4096, 1024, 1024], 0.5, 1, torch.bfloat16, bias=True)

@@ -251,22 +251,52 @@ def _decode_logits(model, ids: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("family", ["qwen2", "phi3"])
 def test_kernel_hooks_add_the_term(family, lowrank, monkeypatch):
     """A decode step through the kernel hooks (one fused call per group; on CPU they compute with torch)
-    adds the term too: its logits and greedy tokens equal the masking reference's, and differ without it."""
-    from wina_convert.runtime.kernels import launch
+    adds the term inside the group's launch (the packed factors go to ``gated_linear``; no torch ops on
+    top): its logits and greedy tokens equal the masking reference's, and differ without it."""
+    from wina_convert.runtime.kernels import hook, launch
 
     model = load(lowrank[family], sparsity=0.5)
     ref = load(lowrank[family], sparsity=0.5)
-    bind_kernels(model.wina, input_groups(adapter_for(family), model.config.num_hidden_layers))
+    groups = bind_kernels(model.wina, input_groups(adapter_for(family), model.config.num_hidden_layers))
+    assert all(g.lr_b is not None for g in groups)
+    for group in groups:  # the members' factors are views of the packed ones: held once
+        for gate in group.gates:
+            assert gate.lowrank_a.untyped_storage().data_ptr() == group.lr_a.untyped_storage().data_ptr()
+            assert gate.lowrank_b.untyped_storage().data_ptr() == group.lr_b.untyped_storage().data_ptr()
     for gate in model.wina.gates.values():
         gate.counting = False
-    launches = []
+    masks, added = [], []
     original = launch.gated_linear_op
-    monkeypatch.setattr(launch, "gated_linear_op", lambda *a, **k: launches.append(1) or original(*a, **k))
+    monkeypatch.setattr(launch, "gated_linear_op", lambda *a, **k: masks.append(a[12] if len(a) > 12 else 0) or original(*a, **k))
+    separate = hook._compensated
+    monkeypatch.setattr(hook, "_compensated", lambda *a: added.append(1) or separate(*a))
     ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
     fast = _decode_logits(model, ids)
-    assert launches  # the decode step went through the hooks
+    assert masks and all(masks) and not added  # every launch carried the term
     assert _rel(fast, _decode_logits(ref, ids)) <= 1e-5
     assert torch.equal(greedy(model, ids, 10), greedy(ref, ids, 10))
     for gate in ref.wina.gates.values():
         gate.set_lowrank(None, None)
     assert _rel(fast, _decode_logits(ref, ids)) > 1e-3
+
+
+def test_kernel_hooks_with_mixed_ranks_add_the_term_apart(lowrank, monkeypatch):
+    """A group whose members do not share one rank (here k_proj's factors removed, in both models) keeps
+    the kernel for the weights and adds each term with torch ops; the others stay packed."""
+    from wina_convert.runtime.kernels import hook
+
+    model = load(lowrank["qwen2"], sparsity=0.5)
+    ref = load(lowrank["qwen2"], sparsity=0.5)
+    groups = bind_kernels(model.wina, input_groups(adapter_for("qwen2"), model.config.num_hidden_layers))
+    for m in (model, ref):
+        m.wina.gates["model.layers.0.self_attn.k_proj"].set_lowrank(None, None)
+    for gate in model.wina.gates.values():
+        gate.counting = False
+    added = []
+    separate = hook._compensated
+    monkeypatch.setattr(hook, "_compensated", lambda *a: added.append(1) or separate(*a))
+    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
+    fast = _decode_logits(model, ids)
+    assert _rel(fast, _decode_logits(ref, ids)) <= 1e-5
+    assert len(added) == 3  # q, k, v of layer 0, one call each
+    assert sum(g.lr_b is None for g in groups) == 1

@@ -13,6 +13,12 @@ block never straddles one), each with its own threshold row.
   partial sums go into an fp32 workspace; the last program of each column block (a ticket counter)
   reads them back, scales (``HAS_RMS``: ``rms_factor``), adds the bias, writes the output in the
   weight's dtype and clears the workspace, so one launch does everything.
+  ``HAS_LR`` adds a low-rank compensation of the dropped channels, ``A_p (B_p (x * [|x| <= thr_p]))``
+  (``convert --lowrank``), in the same launch: the loop that skips a dropped row of ``W^T`` reads that
+  row of ``B_p^T`` instead (``lrb`` ``[in, P R]``, R numbers a row), every program adds its slice's
+  ``[R]`` partial into a per-column-block workspace beside the output sums, and the last program of the
+  block, which knows every slice is in, adds ``A_p^T z`` (``lra`` ``[R, N]``) before the bias.
+  ``LR_MASK`` flags the matrices that take the term (bit ``p``); the others read no factor byte.
 * ``gemm_kernel`` (a few rows): the same with ``tl.dot``; a weight row is read when any row keeps that
   channel (the union), each row multiplies with its own masked ``x``.
 
@@ -29,11 +35,12 @@ if HAS_TRITON:
 
     @triton.jit
     def gemv_kernel(
-        x_ptr, w_ptr, thr_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, rms_ptr,
+        x_ptr, w_ptr, thr_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, rms_ptr, lrb_ptr, lra_ptr,
         K, N, stride_w, B1, B2, B3, K_PER_SPLIT, SPLIT_K, RMS_MASK, RMS_INV_N, RMS_EPS,
+        LR_R, LR_N, LR_MASK, stride_lrb, stride_lra,
         HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, HAS_RMS: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, PIPE: tl.constexpr,
-        ACC1D: tl.constexpr,
+        ACC1D: tl.constexpr, HAS_LR: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -44,7 +51,11 @@ if HAS_TRITON:
         mat = (n0 >= B1).to(tl.int32) + (n0 >= B2).to(tl.int32) + (n0 >= B3).to(tl.int32)
         thr_row = thr_ptr + mat * K
         k_start = pid_k * K_PER_SPLIT
-        if PIPE:
+        offs_r = tl.arange(0, BLOCK_R)
+        lr_on = ((LR_MASK >> mat) & 1) != 0  # this block's matrix takes the low-rank term
+        r_mask = (offs_r < LR_R) & lr_on
+        zacc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        if PIPE:  # (the launcher never combines PIPE with HAS_LR)
             # two weight tiles in flight: the next tile's loads are issued before this one is consumed
             offs_k = k_start + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
@@ -96,15 +107,34 @@ if HAS_TRITON:
                     acc += tl.sum(w.to(tl.float32) * xv[:, None], axis=0, keep_dims=True)
                 else:
                     acc += w.to(tl.float32) * xv[:, None]
+                if HAS_LR:  # the dropped rows go through B_p^T: [BLOCK_K, R] read where W^T was not
+                    drop = (tl.abs(xv) <= th) & k_mask
+                    lb = tl.load(lrb_ptr + offs_k[:, None] * stride_lrb + (mat * LR_R + offs_r)[None, :],
+                                 mask=drop[:, None] & r_mask[None, :], other=0.0)
+                    zacc += tl.sum(lb.to(tl.float32) * xv[:, None], axis=0)
             part = tl.sum(acc, axis=0)
         if ATOMIC:
             tl.atomic_add(ws_ptr + offs_n, part, mask=n_mask, sem="relaxed")
+            z_ws = ws_ptr + N + pid_n * BLOCK_R + offs_r  # this column block's [R] low-rank partials
+            if HAS_LR:
+                tl.atomic_add(z_ws, zacc, mask=r_mask, sem="relaxed")
             tl.debug_barrier()
             ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
             if ticket == SPLIT_K - 1:
                 # read the finished sums at L2 (an atomic), then clear them for the next launch
                 tot = tl.atomic_add(ws_ptr + offs_n, tl.zeros([BLOCK_N], dtype=tl.float32), mask=n_mask, sem="relaxed")
                 tl.store(ws_ptr + offs_n, tl.zeros([BLOCK_N], dtype=tl.float32), mask=n_mask)
+                if HAS_LR:  # + A_p^T z: z = B_p (x * dropped), summed over every slice of K
+                    lr_n = n_mask & (offs_n < LR_N)
+                    for j0 in tl.static_range(0, BLOCK_R, R_CHUNK):  # [R_CHUNK, BLOCK_N] of A^T at a time
+                        offs_j = j0 + tl.arange(0, R_CHUNK)
+                        j_mask = (offs_j < LR_R) & lr_on
+                        z_j = ws_ptr + N + pid_n * BLOCK_R + offs_j
+                        z = tl.atomic_add(z_j, tl.zeros([R_CHUNK], dtype=tl.float32), mask=j_mask, sem="relaxed")
+                        tl.store(z_j, tl.zeros([R_CHUNK], dtype=tl.float32), mask=j_mask)
+                        la = tl.load(lra_ptr + offs_j[:, None] * stride_lra + offs_n[None, :],
+                                     mask=j_mask[:, None] & lr_n[None, :], other=0.0)
+                        tot += tl.sum(la.to(tl.float32) * z[:, None], axis=0)
                 if HAS_RMS:
                     tot = tot * rms_factor(rms_ptr, mat, RMS_MASK, RMS_INV_N, RMS_EPS)
                 if HAS_BIAS:

@@ -13,8 +13,11 @@ A transformed model's shortcut rotations join the launch of the linears that fol
 normalized input ``x = h / rms(h)`` and scales the shortcut's sums by ``rms(h)`` (``gated_linear``'s
 ``rms_*`` arguments): ``h S^T`` without a separate dense GEMV.
 
-A gate with low-rank factors (``convert --lowrank``) adds its compensation of the dropped channels on top
-of the kernel's output, with torch ops (``_compensated``): the kernel itself is unchanged.
+Low-rank factors (``convert --lowrank``) join the launch too when every member of a group has them, of one
+rank: ``B_p^T`` and ``A^T`` are packed beside ``W^T`` (``[in, P R]``, ``[R, sum out]``; the members'
+``lowrank_a``/``lowrank_b`` become views of them) and the GEMV adds the compensation of the channels it
+dropped (``gated_linear``'s ``lr_*`` arguments). A group with mixed ranks adds it on top of the
+kernel's output with torch ops (``_compensated``).
 
 Only one-token inputs (decode) take the kernel; prompts return ``None`` here, so ``GatedLinear`` runs
 its masking reference (masked ``F.linear``, cuBLAS). A decode step of more than ``sparse_batch`` sequences
@@ -62,6 +65,7 @@ class SharedInput:
             self.columns.append((start, start + g.out_features))
             start += g.out_features
         self._alias()
+        self._pack_lowrank()
         rows = sum(len(g.splits) for g in gates)
         self.thr = torch.full((rows, gates[0].in_features), float("inf"), dtype=torch.float32, device=self.weight_t.device)
         self._thr_src: tuple = ()
@@ -82,6 +86,43 @@ class SharedInput:
                 g.bias = nn.Parameter(self.bias[c0:c1], requires_grad=False)
             g.weight_t = self.weight_t[:, c0:c1]
         self._packed = (self.gates[0].weight.data_ptr(), self.weight_t.dtype, self.weight_t.device)
+
+    def _pack_lowrank(self) -> None:
+        """Pack the members' low-rank factors for the launch (``lr_b`` ``[in, sum P R]``, ``lr_a`` ``[R, sum
+        out]``) if every member has factors of one rank, and make the members' factors views of them;
+        otherwise ``lr_b`` is None and each gate adds its term with torch ops (``_compensated``)."""
+        gates = self.gates
+        self.lr_b = self.lr_a = None
+        self.lr_rank = self.lr_mask = 0
+        ranks = {None if g.lowrank_a is None else int(g.lowrank_a.shape[1]) for g in gates}
+        if len(ranks) == 1 and None not in ranks and all(g.lowrank_a.dtype == self.weight_t.dtype for g in gates):
+            r = ranks.pop()
+            with torch.no_grad():
+                self.lr_b = torch.cat([g.lowrank_b.reshape(-1, g.in_features) for g in gates]).t().contiguous()
+                self.lr_a = torch.cat([g.lowrank_a.t() for g in gates], dim=1).contiguous()
+            self.lr_rank, row = r, 0
+            for g, (c0, c1) in zip(gates, self.columns):
+                n = len(g.splits)
+                g.lowrank_b = self.lr_b[:, row * r : (row + n) * r].t().reshape(n, r, g.in_features)
+                g.lowrank_a = self.lr_a[:, c0:c1].t()
+                row += n
+        self._lr_src = tuple((g.lowrank_a, g.lowrank_b) for g in gates)
+        self._lr_flags = None
+
+    def _lowrank_mask(self) -> int:
+        """Bit ``p`` for each stacked matrix whose gate is active, drops channels and has factors."""
+        mask, row = 0, 0
+        for g in self.gates:
+            if g.active and g.drops and self.lr_b is not None:
+                mask |= ((1 << len(g.splits)) - 1) << row
+            row += len(g.splits)
+        return mask
+
+    def lowrank_args(self) -> tuple:
+        """``gated_linear``'s ``lr_b, lr_a, lr_rank, lr_mask`` for this group's launch (no term: Nones)."""
+        if self.lr_b is None or not self.lr_mask:
+            return None, None, 0, 0
+        return self.lr_b, self.lr_a, self.lr_rank, self.lr_mask
 
     def stale(self) -> bool:
         """True after ``model.to(dtype/device)``: the members' weights are no longer views of ``weight_t``."""
@@ -106,6 +147,11 @@ class SharedInput:
         An inactive member (dense: it runs ``F.linear`` and never asks for its slice) gets infinite
         thresholds, so the fused launch reads none of its rows.
         """
+        if any(a is not g.lowrank_a or b is not g.lowrank_b for g, (a, b) in zip(self.gates, self._lr_src)):
+            self._pack_lowrank()  # a member's factors were set or converted since the last pack
+        flags = tuple((g.active, g.drops) for g in self.gates)
+        if flags != self._lr_flags:
+            self.lr_mask, self._lr_flags = self._lowrank_mask(), flags
         src = tuple(g.thresholds if g.active else None for g in self.gates)
         if len(src) == len(self._thr_src) and all(a is b for a, b in zip(src, self._thr_src)):
             return
@@ -158,7 +204,7 @@ class SharedInput:
             self.refresh()
         norm = torch.linalg.vector_norm(h, dim=-1, dtype=torch.float32)
         y = launch.gated_linear_op(x, self.weight_t, self.thr, self.splits, self.bias,
-                                    norm, self.rms_mask, x.shape[-1], self.rms_eps)
+                                    norm, self.rms_mask, x.shape[-1], self.rms_eps, *self.lowrank_args())
         self._x, self._y = x, y
         self._x_version = -1 if torch.compiler.is_compiling() else x._version
         self._left = {j for j, g in enumerate(self.gates) if g.active}
@@ -176,7 +222,8 @@ class SharedInput:
             if not batched:
                 self.refresh()
         if len(self.gates) == 1 and self.shortcut is None:
-            return _compensated(gate, x, self._run(x, batched, self.weight_t, self.thr, gate.splits, gate.bias), batched)
+            return self._compensated(gate, x, self._run(x, batched, self.weight_t, self.thr, gate.splits, gate.bias),
+                                     batched)
         c0, c1 = self.columns[i]
         # (while torch.compile traces, the version counter is not readable: identity within one trace)
         if self._x is x and i in self._left and (torch.compiler.is_compiling() or self._x_version == x._version):
@@ -192,16 +239,20 @@ class SharedInput:
             self._left = {j for j, g in enumerate(self.gates) if g.active and j != i}
         if not self._left:  # every member served: drop the references
             self._x = self._y = None
-        return _compensated(gate, x, y[..., c0:c1], batched)
+        return self._compensated(gate, x, y[..., c0:c1], batched)
 
-    @staticmethod
-    def _run(x, batched: bool, weight_t, thr, splits, bias) -> torch.Tensor:
-        """The group's output columns: the gated GEMV for one token, one dense product over the packed
-        ``W^T`` for a batched decode step (the members' matrices in one cuBLAS call)."""
+    def _run(self, x, batched: bool, weight_t, thr, splits, bias) -> torch.Tensor:
+        """The group's output columns: the gated GEMV for one token (with the low-rank term of packed
+        factors), one dense product over the packed ``W^T`` for a batched decode step (the members'
+        matrices in one cuBLAS call; dense, so nothing to compensate)."""
         if batched:
             y = torch.matmul(x, weight_t)
             return y if bias is None else y + bias
-        return launch.gated_linear_op(x, weight_t, thr, splits, bias)
+        return launch.gated_linear_op(x, weight_t, thr, splits, bias, None, 0, 1, 0.0, *self.lowrank_args())
+
+    def _compensated(self, gate: GatedLinear, x: torch.Tensor, y: torch.Tensor, batched: bool) -> torch.Tensor:
+        """``y``, with the gate's low-rank term added by torch ops unless the launch added it (packed)."""
+        return y if self.lr_b is not None else _compensated(gate, x, y, batched)
 
 
 def _compensated(gate: GatedLinear, x: torch.Tensor, y: torch.Tensor, batched: bool) -> torch.Tensor:

@@ -70,11 +70,11 @@ def _norm_splits(splits, n_out: int, n_mats: int) -> list[int]:
     return splits
 
 
-def reference_gated_linear(x, weight_t, thresholds, splits=None, bias=None, rms=None) -> torch.Tensor:
+def reference_gated_linear(x, weight_t, thresholds, splits=None, bias=None, rms=None, lr=None) -> torch.Tensor:
     """Plain torch masking: ``y[..., o] = sum_i W[o, i] x_i [|x_i| > thr_{m(o)}[i]] (+ b[o])``.
 
     Computed in the dtype of ``x`` promoted with the weight's (pass float64 tensors for a reference).
-    ``rms``: ``(norm, mask, n, eps)`` as in ``gated_linear``.
+    ``rms``: ``(norm, mask, n, eps)``, ``lr``: ``(lrb, lra, rank, mask)``, as in ``gated_linear``.
     """
     n_in, n_out = weight_t.shape
     thr = _norm_thresholds(thresholds, n_in)
@@ -89,6 +89,9 @@ def reference_gated_linear(x, weight_t, thresholds, splits=None, bias=None, rms=
         outs.append((xs * keep.to(dtype)) @ w[:, start : start + size])
         start += size
     y = torch.cat(outs, dim=-1)
+    if lr is not None and lr[3]:
+        lead = y.shape[:-1]
+        y = y + _lowrank_term(xs.reshape(-1, n_in), thr.to(x.device), splits, *lr).reshape(*lead, n_out).to(dtype)
     if rms is not None:
         y = _scale_rms(y, splits, *rms)
     if bias is not None:
@@ -111,8 +114,9 @@ def _scale_rms(y: torch.Tensor, splits: list[int], norm: torch.Tensor, mask: int
 
 
 def _dense_masked(x2: torch.Tensor, weight_t: torch.Tensor, thr: torch.Tensor, splits: list[int], bias,
-                  rms=None) -> torch.Tensor:
-    """The batch path through cuBLAS: mask ``x`` per matrix, multiply by the column slice of ``W^T``."""
+                  rms=None, lr=None) -> torch.Tensor:
+    """The batch path through cuBLAS: mask ``x`` per matrix, multiply by the column slice of ``W^T``
+    (plus the low-rank term of ``lr``, ``_lowrank_term``)."""
     ax = x2.abs()
     P, M = thr.shape[0], x2.shape[0]
     if P == 1:
@@ -133,10 +137,30 @@ def _dense_masked(x2: torch.Tensor, weight_t: torch.Tensor, thr: torch.Tensor, s
             outs.append(torch.matmul(x2 * (ax > thr[m]).to(x2.dtype), weight_t[:, start : start + size]))
             start += size
         y = torch.cat(outs, dim=-1)
+    if lr is not None and lr[3]:
+        y = y + _lowrank_term(x2, thr, splits, *lr).to(y.dtype)
     if rms is not None:
         y = _scale_rms(y, splits, *rms)
     if bias is not None:
         y = y + bias.to(y.dtype)
+    return y
+
+
+def _lowrank_term(x2: torch.Tensor, thr: torch.Tensor, splits: list[int], lrb: torch.Tensor, lra: torch.Tensor,
+                  rank: int, mask: int) -> torch.Tensor:
+    """``[M, N]``: ``A_p (B_p (x * [|x| <= thr_p]))`` in the columns of each matrix ``p`` flagged in ``mask``,
+    zero elsewhere (``lrb = [B_0^T | B_1^T | ...]`` ``[K, n R]``, ``lra = A^T`` ``[R, N_lr]``), in the
+    dtype of ``x`` promoted with the factors'."""
+    dtype = torch.promote_types(x2.dtype, lrb.dtype)
+    y = x2.new_zeros((x2.shape[0], sum(splits)), dtype=dtype)
+    start = 0
+    for m, size in enumerate(splits):
+        if (mask >> m) & 1 and start < lra.shape[1]:
+            row = thr[m if thr.shape[0] > 1 else 0]
+            dropped = x2.to(dtype) * (x2.abs().to(torch.float64) <= row.to(torch.float64)).to(dtype)
+            z = dropped @ lrb[:, m * rank : (m + 1) * rank].to(dtype)
+            y[:, start : start + size] = z @ lra[:, start : start + size].to(dtype)
+        start += size
     return y
 
 
@@ -258,31 +282,52 @@ def launch_kernel(kernel, grid, args, consts: dict, cfg: Config, device: torch.d
     kernel[grid](*args, **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _launch_gemv(x1, w, thr, out, bias, bounds, cfg: Config, rms=None):
+def _launch_gemv(x1, w, thr, out, bias, bounds, cfg: Config, rms=None, lr=None):
     """One GEMV launch over ``w`` ([K, N] view, unit column stride) with <= 4 matrices.
 
     ``rms``: ``(norm, mask, inv_n, eps)``, the launch's matrices flagged in ``mask`` scaled (see ``gated_linear``).
+    ``lr``: ``(lrb, lra, rank, mask)``, the low-rank term of the matrices flagged in ``mask`` (``lrb``
+    ``[K, n R]`` with unit column stride, ``lra`` ``[R, N_lr]``, the first ``N_lr`` columns of ``w``).
     """
     K, N = w.shape
     bn = cfg.block_n
     n_blocks = cdiv(N, bn)
+    has_lr = lr is not None and lr[3] != 0
+    if has_lr and cfg.pipe:
+        cfg = Config(**{**cfg.__dict__, "pipe": False})
     k_per, split = _split_k(K, n_blocks, cfg.block_k, int(cfg.waves * _sm_count(w.device)))
     b = list(bounds) + [N] * (3 - len(bounds))
-    atomic = split > 1
+    block_r = _block_rank(lr[2]) if has_lr else 1
+    atomic = split > 1 or has_lr  # the low-rank term is added by the last program of a column block
     if atomic:
-        ws, cnt = _workspace(w.device, N, n_blocks)
+        ws, cnt = _workspace(w.device, N + (n_blocks * block_r if has_lr else 0), n_blocks)
     else:
         ws = cnt = out
     has_rms = rms is not None and rms[1] != 0
     r_ptr, r_mask, r_inv_n, r_eps = rms if has_rms else (out, 0, 0.0, 0.0)
+    if has_lr:
+        lrb, lra, rank, lr_mask = lr
+        lr_args = [lrb, lra]
+        lr_scalars = [int(rank), int(lra.shape[1]), int(lr_mask), lrb.stride(0), lra.stride(0)]
+    else:
+        lr_args, lr_scalars = [out, out], [0, 0, 0, 0, 0]
     launch_kernel(
         gemv.gemv_kernel, (n_blocks, split, 1),
-        [x1, w, thr, out, bias if bias is not None else out, ws, cnt, r_ptr,
-         K, N, w.stride(0), b[0], b[1], b[2], k_per, split, r_mask, float(r_inv_n), float(r_eps)],
+        [x1, w, thr, out, bias if bias is not None else out, ws, cnt, r_ptr, *lr_args,
+         K, N, w.stride(0), b[0], b[1], b[2], k_per, split, r_mask, float(r_inv_n), float(r_eps), *lr_scalars],
         dict(HAS_BIAS=bias is not None, ATOMIC=atomic, HAS_RMS=has_rms, BLOCK_K=cfg.block_k, BLOCK_N=bn,
-             PREFETCH=bool(cfg.prefetch), PIPE=bool(cfg.pipe), ACC1D=bool(cfg.acc1d)),
+             PREFETCH=bool(cfg.prefetch), PIPE=bool(cfg.pipe), ACC1D=bool(cfg.acc1d), HAS_LR=has_lr,
+             BLOCK_R=block_r, R_CHUNK=max(1, min(block_r, 8192 // bn))),
         cfg, w.device,
     )
+
+
+def _block_rank(rank: int) -> int:
+    """The power of two >= ``rank`` (at least 2: a triton block)."""
+    b = 2
+    while b < rank:
+        b *= 2
+    return b
 
 
 def _launch_gemm(x2, w, thr, out, bias, bounds, cfg: Config):
@@ -325,7 +370,7 @@ def _plan(splits: list[int], n_thr: int, block_n: int):
 _PLANS: dict = {}
 
 
-def _run(x2, weight_t, thr, splits, bias, out, cfg, batched, rms=None):
+def _run(x2, weight_t, thr, splits, bias, out, cfg, batched, rms=None, lr=None):
     pkey = (tuple(splits), thr.shape[0], cfg.block_n)
     plan = _PLANS.get(pkey)
     if plan is None:
@@ -340,10 +385,15 @@ def _run(x2, weight_t, thr, splits, bias, out, cfg, batched, rms=None):
         if batched:
             _launch_gemm(x2, w, th, o, bi, inner, c)
         else:
-            r = None
+            r = l = None
             if rms is not None:  # the flags of this launch's matrices, renumbered from 0
                 r = (rms[0], (rms[1] >> m0) & ((1 << n_m) - 1), rms[2], rms[3])
-            _launch_gemv(x2, w, th, o, bi, inner, c, r)
+            if lr is not None:  # the factors of this launch's matrices and columns
+                lrb, lra, rank, lr_mask = lr
+                l_mask = (lr_mask >> m0) & ((1 << n_m) - 1)
+                if l_mask and c0 < lra.shape[1]:
+                    l = (lrb[:, m0 * rank :], lra[:, c0 : min(c1, lra.shape[1])], rank, l_mask)
+            _launch_gemv(x2, w, th, o, bi, inner, c, r, l)
 
 
 def _prep_thresholds(thresholds: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
@@ -353,7 +403,7 @@ def _prep_thresholds(thresholds: torch.Tensor, weight_t: torch.Tensor) -> torch.
     return thr
 
 
-def _gemv(x, weight_t, thresholds, splits=None, bias=None, out=None, cfg: Config | None = None, rms=None):
+def _gemv(x, weight_t, thresholds, splits=None, bias=None, out=None, cfg: Config | None = None, rms=None, lr=None):
     """The batch-1 kernel: ``x`` with ``in`` elements -> ``[out_total]`` (written into ``out`` if given)."""
     K, N = weight_t.shape
     thr = _prep_thresholds(thresholds, weight_t)
@@ -372,7 +422,7 @@ def _gemv(x, weight_t, thresholds, splits=None, bias=None, out=None, cfg: Config
         if norm.dtype != torch.float32 or not norm.is_contiguous():
             norm = norm.to(torch.float32).contiguous()
         rms = (norm, int(rms[1]), 1.0 / float(rms[2]), float(rms[3]))
-    _run(x1, weight_t, thr, splits, bias, out, cfg, batched=False, rms=rms)
+    _run(x1, weight_t, thr, splits, bias, out, cfg, batched=False, rms=rms, lr=lr)
     return out
 
 
@@ -396,7 +446,8 @@ def _gemm_sparse(x, weight_t, thresholds, splits=None, bias=None, out=None, cfg:
 
 def gated_linear(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, splits: list[int] | None = None,
                  bias: torch.Tensor | None = None, rms_norm: torch.Tensor | None = None, rms_mask: int = 0,
-                 rms_n: int = 1, rms_eps: float = 0.0) -> torch.Tensor:
+                 rms_n: int = 1, rms_eps: float = 0.0, lr_b: torch.Tensor | None = None,
+                 lr_a: torch.Tensor | None = None, lr_rank: int = 0, lr_mask: int = 0) -> torch.Tensor:
     """``y[..., o] = sum_i W[o, i] x_i [|x_i| > thr_{m(o)}[i]] (+ bias)`` in the weight's dtype.
 
     ``x [..., in]``; ``weight_t [in, out_total]`` (from ``pack_weight``); ``thresholds [in]`` or
@@ -409,18 +460,24 @@ def gated_linear(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tens
     RMS of a vector of ``rms_n`` elements and L2 norm ``rms_norm``. With ``x = h / rms(h)`` (an RMSNorm
     without weight) and ``rms_norm = ||h||``, such a matrix computes ``h W^T``: a product with the
     un-normalized input in the same launch (the shortcut rotations of a transformed model).
+
+    ``lr_b`` ``[in, n R]`` (``[B_0^T | B_1^T | ...]``, unit column stride) and ``lr_a`` ``[R, N_lr]``
+    (``A^T`` of the first ``N_lr`` output columns) with ``lr_mask``: matrix ``p`` (bit ``p`` set) adds
+    ``A_p (B_p (x * [|x| <= thr_p]))``, the low-rank compensation of the channels it dropped
+    (``convert --lowrank``), before the RMS scale and the bias. One token does it inside the GEMV launch.
     """
     K, N = weight_t.shape
     lead = x.shape[:-1]
     M = x.numel() // K if K else 0
     rms = None if rms_norm is None or not rms_mask else (rms_norm, int(rms_mask), int(rms_n), float(rms_eps))
+    lr = None if lr_b is None or lr_a is None or not lr_mask else (lr_b, lr_a, int(lr_rank), int(lr_mask))
     if not (backend.HAS_TRITON and weight_t.is_cuda and x.is_cuda) or M == 0 or weight_t.stride(1) != 1:
         thr = _norm_thresholds(thresholds, K)
         y = _dense_masked(x.reshape(-1, K).to(weight_t.dtype), weight_t, thr.to(weight_t.device),
-                          _norm_splits(splits, N, thr.shape[0]), bias, rms)
+                          _norm_splits(splits, N, thr.shape[0]), bias, rms, lr)
         return y.reshape(*lead, N)
     if M == 1:
-        return _gemv(x, weight_t, thresholds, splits, bias, rms=rms).reshape(*lead, N)
+        return _gemv(x, weight_t, thresholds, splits, bias, rms=rms, lr=lr).reshape(*lead, N)
     thr = _norm_thresholds(thresholds, K).to(device=weight_t.device, dtype=torch.float32)
     full = _norm_splits(splits, N, thr.shape[0])
     if M <= configs.BATCH_SPARSE_MAX:
@@ -429,8 +486,10 @@ def gated_linear(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tens
             y = _scale_rms(y, full, *rms)
             if bias is not None:
                 y = y + bias.to(y.dtype)
+        if lr is not None:  # (the flagged matrices are never RMS-scaled ones: the order does not matter)
+            y = y + _lowrank_term(x.reshape(-1, K).to(weight_t.dtype), thr, full, *lr).to(y.dtype)
         return y.reshape(*lead, N)
-    y = _dense_masked(x.reshape(-1, K).to(weight_t.dtype), weight_t, thr, full, bias, rms)
+    y = _dense_masked(x.reshape(-1, K).to(weight_t.dtype), weight_t, thr, full, bias, rms, lr)
     return y.reshape(*lead, N)
 
 
@@ -443,15 +502,18 @@ def _register_op():
     try:
         from torch.library import custom_op
 
-        def _run(x, weight_t, thresholds, splits, bias, rms_norm, rms_mask, rms_n, rms_eps):
-            return gated_linear(x, weight_t, thresholds, splits, bias, rms_norm, rms_mask, rms_n, rms_eps)
+        def _run(x, weight_t, thresholds, splits, bias, rms_norm, rms_mask, rms_n, rms_eps, lr_b, lr_a, lr_rank,
+                 lr_mask):
+            return gated_linear(x, weight_t, thresholds, splits, bias, rms_norm, rms_mask, rms_n, rms_eps,
+                                lr_b, lr_a, lr_rank, lr_mask)
 
         op = custom_op("wina::gated_linear", _run, mutates_args=(),
                        schema="(Tensor x, Tensor weight_t, Tensor thresholds, int[] splits, Tensor? bias, "
-                              "Tensor? rms_norm, int rms_mask, int rms_n, float rms_eps) -> Tensor")
+                              "Tensor? rms_norm, int rms_mask, int rms_n, float rms_eps, Tensor? lr_b, "
+                              "Tensor? lr_a, int lr_rank, int lr_mask) -> Tensor")
 
         @op.register_fake
-        def _(x, weight_t, thresholds, splits, bias, rms_norm, rms_mask, rms_n, rms_eps):
+        def _(x, weight_t, thresholds, splits, bias, rms_norm, rms_mask, rms_n, rms_eps, lr_b, lr_a, lr_rank, lr_mask):
             return x.new_empty((*x.shape[:-1], weight_t.shape[1]), dtype=weight_t.dtype)
 
         return op
@@ -464,8 +526,11 @@ _OP = _register_op()
 
 def gated_linear_op(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, splits: list[int],
                     bias: torch.Tensor | None = None, rms_norm: torch.Tensor | None = None, rms_mask: int = 0,
-                    rms_n: int = 1, rms_eps: float = 0.0) -> torch.Tensor:
+                    rms_n: int = 1, rms_eps: float = 0.0, lr_b: torch.Tensor | None = None,
+                    lr_a: torch.Tensor | None = None, lr_rank: int = 0, lr_mask: int = 0) -> torch.Tensor:
     """``gated_linear`` through the registered operator while ``torch.compile`` traces, directly otherwise."""
     if _OP is not None and torch.compiler.is_compiling():
-        return _OP(x, weight_t, thresholds, list(splits), bias, rms_norm, int(rms_mask), int(rms_n), float(rms_eps))
-    return gated_linear(x, weight_t, thresholds, splits, bias, rms_norm, rms_mask, rms_n, rms_eps)
+        return _OP(x, weight_t, thresholds, list(splits), bias, rms_norm, int(rms_mask), int(rms_n), float(rms_eps),
+                   lr_b, lr_a, int(lr_rank), int(lr_mask))
+    return gated_linear(x, weight_t, thresholds, splits, bias, rms_norm, rms_mask, rms_n, rms_eps,
+                        lr_b, lr_a, lr_rank, lr_mask)
