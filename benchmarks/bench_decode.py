@@ -2,7 +2,7 @@
 
     python benchmarks/bench_decode.py --out DIR [--layers 32] [--tokens 128] [--modes graphs,compile]
                                       [--work DIR] [--hf-dense] [--dtype float16] [--only 'no transform']
-                                      [--batches 1,2,4,8] [--name decode_h200]
+                                      [--batches 1,2,4,8] [--name decode_h200] [--lowrank 8,32 [--lowrank-apart]]
 
 No download: a random-weight Llama with Llama-3-8B's shapes (32 layers, hidden 4096, intermediate 14336,
 32 heads, 8 KV heads, vocab 128256, bf16 unless --dtype float16) is built on the GPU and saved with a small byte-level BPE
@@ -14,6 +14,10 @@ in each mode: ``graphs`` (the eager step recorded) and ``compile`` (the ``torch.
 Every speedup is given twice: over transformers' dense layout ("dense") and over our fused dense path
 (sparsity 0 through the kernels, "fused dense"); the headline uses the faster of the two. ``--batches``
 adds batched decoding (more than one sequence; the no-transform checkpoint, last mode only).
+``--lowrank R[,R2]`` adds a checkpoint per rank (``convert --lowrank R``, no transform): its factors' bytes
+count toward the sparsity, so each of its rows reads the bytes of the same row without factors;
+``--lowrank-apart`` measures those checkpoints a second time with the term added by torch ops on top of
+the kernels (the path of a group whose members' ranks differ) instead of inside the launch.
 ``--hf-dense`` also measures dense through an unpacked model (``kernels=False``: transformers' weight layout),
 to check that storing q/k/v and gate/up packed as ``W^T`` costs the dense path nothing.
 
@@ -91,10 +95,13 @@ def free() -> None:
 
 
 def measure(path: Path, modes: list[str], tokens: int, prompt: int, device: str, attention: str | None = None,
-            batches: tuple[int, ...] = ()) -> dict[str, dict]:
+            batches: tuple[int, ...] = (), apart: bool = False) -> dict[str, dict]:
     out = {}
     t0 = time.perf_counter()
     model = load(path, sparsity=0.0, device=device)
+    if apart:  # the low-rank term by torch ops on top of the kernels (hook._compensated), not in the launch
+        for group in {id(g.kernel): g.kernel for g in model.wina.gates.values() if g.kernel is not None}.values():
+            group.lr_b = None
     model.wina.set_counting(False)  # no counting ops in the recorded steps
     if attention:  # e.g. "sdpa": transformers' own attention instead of the runtime's decode kernel
         model.set_attn_implementation(attention)
@@ -213,6 +220,8 @@ def main() -> None:
     ap.add_argument("--batches", default="", help="comma-separated batch sizes > 1 to measure too (no-transform checkpoint)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="small shapes, for trying the script on a CPU")
+    ap.add_argument("--lowrank", default="", help="comma-separated ranks: a convert --lowrank checkpoint each")
+    ap.add_argument("--lowrank-apart", action="store_true", help="measure those also with the term added by torch ops")
     args = ap.parse_args()
     import transformers
 
@@ -237,10 +246,13 @@ def main() -> None:
             "attention": args.attention or "runtime default", "dtype": args.dtype}
     source = work / "llama3-8b-shape"
     ckpts = {"no transform": work / "wina-plain", "transform": work / "wina-transform"}
+    ranks = [int(r) for r in args.lowrank.split(",") if r.strip()]
+    for r in ranks:
+        ckpts[f"low rank {r}"] = work / f"wina-lowrank{r}"
     if args.only:
         if args.only not in ckpts:
             ap.error(f"--only must be one of {sorted(ckpts)}")
-        ckpts = {args.only: ckpts[args.only]}
+        ckpts = {k: v for k, v in ckpts.items() if k == args.only or k.startswith("low rank")}
     timings = {}
     if not source.exists() and not all(p.exists() for p in ckpts.values()):
         timings["build_s"] = build_model(source, args.layers, shapes, args.device, dtype=getattr(torch, args.dtype))
@@ -249,8 +261,9 @@ def main() -> None:
         if path.exists():
             continue
         t0 = time.perf_counter()
+        lowrank = name.split()[-1] if name.startswith("low rank") else None
         convert(source, path, sparsity=0.5, transform=(name == "transform"), dtype=args.dtype, device=args.device,
-                samples=args.samples, seq_len=args.seq_len, allocation=args.allocation, quiet=True)
+                samples=args.samples, seq_len=args.seq_len, allocation=args.allocation, lowrank=lowrank, quiet=True)
         timings[f"convert_{name}_s"] = time.perf_counter() - t0
         print(f"converted ({name}) in {timings[f'convert_{name}_s']:.0f} s", flush=True)
         free()
@@ -260,6 +273,9 @@ def main() -> None:
     for name, path in ckpts.items():
         batches = tuple(int(b) for b in args.batches.split(",") if b.strip() and int(b) > 1) if name == "no transform" else ()
         results[name] = measure(path, modes, args.tokens, args.prompt, args.device, args.attention, batches)
+        if name.startswith("low rank") and args.lowrank_apart:
+            results[f"{name}, torch ops"] = measure(path, modes, args.tokens, args.prompt, args.device, args.attention,
+                                                    apart=True)
         if name == "no transform" and args.hf_dense:
             hf = measure_hf_dense(path, modes, args.tokens, args.prompt, args.device)
         (out_dir / f"{args.name}.json").write_text(json.dumps({"meta": meta, "timings": timings, "results": results,
