@@ -29,13 +29,7 @@ from bench_kernels import SHAPES, Case  # noqa: E402
 from wina_convert.runtime.kernels import launch as K  # noqa: E402
 
 
-def grid(acc1d_only: bool = False, waves_list=(2, 3, 4, 6), widths=(512, 1024, 2048), depths=(8, 16, 32),
-         compact: bool = False) -> list[K.Config]:
-    if compact:  # the kept-rows-first loop (one-row accumulator)
-        return [K.Config(block_n=bn, block_k=bk, num_warps=nw, num_stages=1, waves=waves, prefetch=False,
-                         acc1d=True, compact=True)
-                for bn in widths for bk in depths for nw in (4, 8) for waves in waves_list
-                if 16 <= bn * bk / (32 * nw) <= 256]
+def grid(acc1d_only: bool = False, waves_list=(2, 3, 4, 6), widths=(512, 1024, 2048), depths=(8, 16, 32)) -> list[K.Config]:
     configs = []
     for acc1d in (True,) if acc1d_only else (False, True):
         for pipe in (False,) if acc1d_only else (False, True):
@@ -54,8 +48,7 @@ def grid(acc1d_only: bool = False, waves_list=(2, 3, 4, 6), widths=(512, 1024, 2
 
 
 def fmt(cfg: K.Config) -> str:
-    return (f"bn{cfg.block_n} bk{cfg.block_k} w{cfg.num_warps} wv{cfg.waves} pipe{int(cfg.pipe)} acc1d{int(cfg.acc1d)}"
-            + (" compact" if cfg.compact else ""))
+    return (f"bn{cfg.block_n} bk{cfg.block_k} w{cfg.num_warps} wv{cfg.waves} pipe{int(cfg.pipe)} acc1d{int(cfg.acc1d)}")
 
 
 def error(case: Case, cfg: K.Config, thr: torch.Tensor) -> float:
@@ -74,7 +67,6 @@ def main() -> None:
     ap.add_argument("--widths", default="512,1024,2048")
     ap.add_argument("--depths", default="8,16,32")
     ap.add_argument("--name", default="sweep_gemv")
-    ap.add_argument("--compact", action="store_true", help="the kept-rows-first loop (Config.compact)")
     args = ap.parse_args()
     lines, result = [], {"device": torch.cuda.get_device_name(0), "shapes": {}}
 
@@ -83,7 +75,7 @@ def main() -> None:
         lines.append(msg)
 
     ints = lambda text: tuple(float(v) if "." in v else int(v) for v in text.split(","))  # noqa: E731
-    configs = grid(args.acc1d_only, ints(args.waves), ints(args.widths), ints(args.depths), args.compact)
+    configs = grid(args.acc1d_only, ints(args.waves), ints(args.widths), ints(args.depths))
     log(f"{result['device']}: {len(configs)} configs per shape")
     for name in args.shapes.split(","):
         case = Case(name, *SHAPES[name])

@@ -93,48 +93,25 @@ def test_batched(n_in, splits, sparsity, rows, dtype):
 
 
 @needs_gpu
-@pytest.mark.parametrize("pipe,acc1d,compact", [(False, False, False), (True, False, False), (False, True, False),
-                                                (False, True, True)])
+@pytest.mark.parametrize("pipe,acc1d", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("n_in,splits", [SHAPES[0], SHAPES[1], SHAPES[5], SHAPES[7]])
-def test_gemv_configs(n_in, splits, pipe, acc1d, compact):
+def test_gemv_configs(n_in, splits, pipe, acc1d):
     """The tile shapes the tuner may pick (wide/narrow columns, short/long splits, the two-deep pipeline,
-    the one-row accumulator, the kept-rows-first loop)."""
+    the one-row accumulator)."""
     x, w, thr, splits, b = _case(n_in, splits, 0.5, 1, torch.bfloat16, bias=True)
     ref = _ref(x, w, thr, splits, b)[0]
     for bn, bk, waves in ((2048, 16, 2), (1024, 8, 4), (256, 32, 1), (512, 16, 8)):
         cfg = kernels.Config(block_n=bn, block_k=bk, num_warps=4, num_stages=1, waves=waves, prefetch=False, pipe=pipe,
-                             acc1d=acc1d, compact=compact)
+                             acc1d=acc1d)
         y = kernels._gemv(x, w, thr, splits, b, cfg=cfg)
         assert _rel(y, ref) <= TOL, (bn, bk, waves)
 
 
 @needs_gpu
-@pytest.mark.parametrize("n_in,splits", [SHAPES[0], SHAPES[3], SHAPES[5], SHAPES[7]])
-def test_gemv_compact(n_in, splits):
-    """The kept-rows-first loop at every sparsity, nothing kept included (the bias alone), with slices of
-    one tile, of many, and a last slice cut short by K; repeated launches leave the workspace clean."""
-    for sparsity in (0.0, 0.3, 0.5, 0.9, 1.0):
-        x, w, thr, splits, b = _case(n_in, splits, min(sparsity, 0.9), 1, torch.bfloat16, bias=True, seed=n_in)
-        if sparsity == 1.0:
-            thr = torch.full_like(thr, float("inf"))
-        ref = _ref(x, w, thr, splits, b)[0]
-        for bn, bk, waves in ((1024, 16, 4), (256, 8, 1), (512, 32, 0.5), (2048, 16, 8)):
-            cfg = kernels.Config(block_n=bn, block_k=bk, num_warps=4, num_stages=1, waves=waves, prefetch=False,
-                                 acc1d=True, compact=True)
-            for _ in range(2):
-                y = kernels._gemv(x, w, thr, splits, b, cfg=cfg)
-                if sparsity == 1.0:
-                    assert torch.equal(y, b)
-                else:
-                    assert _rel(y, ref) <= TOL, (sparsity, bn, bk, waves)
-
-
-@needs_gpu
-@pytest.mark.parametrize("pipe,acc1d,compact", [(False, False, False), (True, False, False), (False, True, False),
-                                                (False, True, True)])
+@pytest.mark.parametrize("pipe,acc1d", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("n_in,splits,mask", [(4096, [4096, 1024, 1024, 4096], 0b1000), (4096, [14336, 14336, 4096], 0b100),
                                               (576, [576, 192, 192, 576], 0b1001), (1000, [333, 100, 7, 1000], 0b1010)])
-def test_gemv_rms_scale(n_in, splits, mask, pipe, acc1d, compact):
+def test_gemv_rms_scale(n_in, splits, mask, pipe, acc1d):
     """Flagged matrices come out times sqrt(norm^2 / n + eps), before the bias; the last matrix read densely
     (-inf thresholds) on x = h / rms(h) with norm = ||h|| gives h W^T (a transformed model's shortcut)."""
     x, w, thr, splits, b = _case(n_in, splits, 0.5, 1, torch.bfloat16, bias=True, seed=n_in)
@@ -146,7 +123,7 @@ def test_gemv_rms_scale(n_in, splits, mask, pipe, acc1d, compact):
     rms = (norm.double(), mask, n_in, eps)
     ref = kernels.reference_gated_linear(x.double(), w.double(), thr, splits, b.double(), rms=rms)[0]
     cfg = kernels.Config(**{**(kernels.TUNED_GEMV.get((n_in, w.shape[1])) or configs.default_gemv(n_in, w.shape[1])).__dict__,
-                            "pipe": pipe, "acc1d": acc1d and not pipe, "compact": compact})
+                            "pipe": pipe, "acc1d": acc1d and not pipe})
     for _ in range(2):
         y = kernels._gemv(x, w, thr, splits, b, cfg=cfg, rms=(norm, mask, n_in, eps))
         assert _rel(y, ref) <= TOL
@@ -200,11 +177,9 @@ def test_gemv_lowrank(n_in, splits, mask, rank):
             assert _rel(plain, ref) > 0.05  # the term matters at this scale
         lr = (lrb, lra, rank, mask)
         assert _rel(kernels.reference_gated_linear(x.double(), w.double(), thr, splits, b.double(), lr=lr)[0], ref) <= 1e-6
-        for bn, bk, waves, pipe, compact in ((1024, 16, 4, False, False), (2048, 16, 4, True, False),
-                                             (256, 32, 1, False, False), (512, 8, 8, False, False),
-                                             (1024, 16, 4, False, True), (256, 8, 1, False, True)):
+        for bn, bk, waves, pipe in ((1024, 16, 4, False), (2048, 16, 4, True), (256, 32, 1, False), (512, 8, 8, False)):
             cfg = kernels.Config(block_n=bn, block_k=bk, num_warps=4, num_stages=1, waves=waves, prefetch=bk == 32,
-                                 pipe=pipe, acc1d=not pipe, compact=compact)
+                                 pipe=pipe, acc1d=not pipe)
             for _ in range(2):
                 y = kernels._gemv(x, w, thr, splits, b, cfg=cfg, lr=lr)
                 assert _rel(y, ref) <= TOL, (sparsity, bn, bk, waves)

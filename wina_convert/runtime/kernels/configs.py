@@ -26,7 +26,6 @@ class Config:
     prefetch: bool = True  # GEMV only
     pipe: bool = False  # GEMV: issue the next tile's loads before consuming this one
     acc1d: bool = False  # GEMV: one-row accumulator (fewer registers, more programs per SM)
-    compact: bool = False  # GEMV: sort each program's kept rows first, loop over tiles of kept rows only
 
 
 # Per (K, N) decode configs tuned on the H200 by benchmarks/sweep_gemv.py (CUDA-graph timings at sparsity
@@ -41,11 +40,6 @@ TUNED_GEMV: dict[tuple[int, int], Config] = {
     (4096, 28672): Config(block_n=2048, block_k=16, num_warps=4, num_stages=1, waves=4, prefetch=False, acc1d=True),  # gate/up fused
     (14336, 4096): DEFAULT_GEMV,  # down
 }
-# $WINA_GEMV_COMPACT=0/1 turns the kept-rows-first loop off/on in every decode config (for A/B runs).
-if os.environ.get("WINA_GEMV_COMPACT") in ("0", "1"):
-    _on = os.environ["WINA_GEMV_COMPACT"] == "1"
-    DEFAULT_GEMV = Config(**{**DEFAULT_GEMV.__dict__, "compact": _on})
-    TUNED_GEMV = {k: Config(**{**c.__dict__, "compact": _on}) for k, c in TUNED_GEMV.items()}
 SMALL_GEMV = Config(block_n=256, block_k=32, num_warps=4, num_stages=1, waves=4, prefetch=True)
 
 

@@ -13,10 +13,6 @@ block never straddles one), each with its own threshold row.
   partial sums go into an fp32 workspace; the last program of each column block (a ticket counter)
   reads them back, scales (``HAS_RMS``: ``rms_factor``), adds the bias, writes the output in the
   weight's dtype and clears the workspace, so one launch does everything.
-  ``COMPACT`` first sorts the positions of its slice's kept rows to the front (``SLICE`` >= the slice,
-  a power of two) and loops over tiles of kept rows only: a dropped row costs no load instruction, no
-  multiply and no loop trip (with the mask alone it still costs all three, and at 0.9 the kernel was
-  bound by them: ``benchmarks/KERNELS.md``).
   ``HAS_LR`` adds a low-rank compensation of the dropped channels, ``A_p (B_p (x * [|x| <= thr_p]))``
   (``convert --lowrank``), in the same launch: the loop that skips a dropped row of ``W^T`` reads that
   row of ``B_p^T`` instead (``lrb`` ``[in, P R]``, R numbers a row), every program adds its slice's
@@ -45,7 +41,6 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, HAS_RMS: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, PIPE: tl.constexpr,
         ACC1D: tl.constexpr, HAS_LR: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
-        COMPACT: tl.constexpr = False, SLICE: tl.constexpr = 16,
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -81,38 +76,6 @@ if HAS_TRITON:
                 acc1 += tl.sum(w.to(tl.float32) * xv[:, None], axis=0)
                 xv, w = xn, wn
             part = acc1
-        elif COMPACT:
-            # the slice's kept rows first, in order (a sort of their positions), then dense tiles of kept
-            # rows only: the loop runs ceil(kept / BLOCK_K) times, so neither its instructions nor its
-            # latency grow with the dropped rows (SLICE: a power of two >= K_PER_SPLIT, >= BLOCK_K)
-            loc = tl.arange(0, SLICE)
-            offs_s = k_start + loc
-            s_mask = (loc < K_PER_SPLIT) & (offs_s < K)
-            xs = tl.load(x_ptr + offs_s, mask=s_mask, other=0.0).to(tl.float32)
-            ts = tl.load(thr_row + offs_s, mask=s_mask, other=float("inf"))
-            keep_s = (tl.abs(xs) > ts) & s_mask
-            n_kept = tl.sum(keep_s.to(tl.int32), axis=0)
-            order = tl.reshape(tl.sort(tl.where(keep_s, loc, loc + SLICE)), [SLICE // BLOCK_K, BLOCK_K])
-            tile_ids = tl.arange(0, SLICE // BLOCK_K)
-            acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
-            for t in range(0, n_kept, BLOCK_K):
-                rows = tl.sum(tl.where((tile_ids == t // BLOCK_K)[:, None], order, 0), axis=0)  # [BLOCK_K] local
-                valid = (t + tl.arange(0, BLOCK_K)) < n_kept
-                rows = tl.where(valid, rows, 0)
-                xv = tl.load(x_ptr + k_start + rows, mask=valid, other=0.0).to(tl.float32)
-                w = tl.load(
-                    w_ptr + (k_start + rows)[:, None] * stride_w + offs_n[None, :],
-                    mask=valid[:, None] & n_mask[None, :],
-                    other=0.0,
-                    eviction_policy="evict_first",
-                )
-                acc += tl.sum(w.to(tl.float32) * xv[:, None], axis=0, keep_dims=True)
-            if HAS_LR:  # the slice's dropped rows of B_p^T, once: [SLICE, R]
-                drop_s = (tl.abs(xs) <= ts) & s_mask
-                lb = tl.load(lrb_ptr + offs_s[:, None] * stride_lrb + (mat * LR_R + offs_r)[None, :],
-                             mask=drop_s[:, None] & r_mask[None, :], other=0.0)
-                zacc += tl.sum(lb.to(tl.float32) * xs[:, None], axis=0)
-            part = tl.sum(acc, axis=0)
         else:
             # ACC1D: the tile's rows are summed as it arrives (a [BLOCK_N] accumulator): fewer registers than
             # the [BLOCK_K, BLOCK_N] one, so more programs (and weight bytes in flight) per multiprocessor

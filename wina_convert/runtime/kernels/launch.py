@@ -293,11 +293,11 @@ def _launch_gemv(x1, w, thr, out, bias, bounds, cfg: Config, rms=None, lr=None):
     bn = cfg.block_n
     n_blocks = cdiv(N, bn)
     has_lr = lr is not None and lr[3] != 0
-    if (has_lr or cfg.compact) and cfg.pipe:
+    if has_lr and cfg.pipe:
         cfg = Config(**{**cfg.__dict__, "pipe": False})
     k_per, split = _split_k(K, n_blocks, cfg.block_k, int(cfg.waves * _sm_count(w.device)))
     b = list(bounds) + [N] * (3 - len(bounds))
-    block_r = _pow2_at_least(lr[2]) if has_lr else 1
+    block_r = _block_rank(lr[2]) if has_lr else 1
     atomic = split > 1 or has_lr  # the low-rank term is added by the last program of a column block
     if atomic:
         ws, cnt = _workspace(w.device, N + (n_blocks * block_r if has_lr else 0), n_blocks)
@@ -317,16 +317,15 @@ def _launch_gemv(x1, w, thr, out, bias, bounds, cfg: Config, rms=None, lr=None):
          K, N, w.stride(0), b[0], b[1], b[2], k_per, split, r_mask, float(r_inv_n), float(r_eps), *lr_scalars],
         dict(HAS_BIAS=bias is not None, ATOMIC=atomic, HAS_RMS=has_rms, BLOCK_K=cfg.block_k, BLOCK_N=bn,
              PREFETCH=bool(cfg.prefetch), PIPE=bool(cfg.pipe), ACC1D=bool(cfg.acc1d), HAS_LR=has_lr,
-             BLOCK_R=block_r, R_CHUNK=max(1, min(block_r, 8192 // bn)), COMPACT=bool(cfg.compact),
-             SLICE=_pow2_at_least(max(k_per, cfg.block_k)) if cfg.compact else 16),
+             BLOCK_R=block_r, R_CHUNK=max(1, min(block_r, 8192 // bn))),
         cfg, w.device,
     )
 
 
-def _pow2_at_least(n: int) -> int:
-    """The power of two >= ``n`` (at least 2: a triton block)."""
+def _block_rank(rank: int) -> int:
+    """The power of two >= ``rank`` (at least 2: a triton block)."""
     b = 2
-    while b < n:
+    while b < rank:
         b *= 2
     return b
 
