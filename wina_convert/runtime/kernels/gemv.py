@@ -14,8 +14,8 @@ block never straddles one), each with its own threshold row.
   reads them back, scales (``HAS_RMS``: ``rms_factor``), adds the bias, writes the output in the
   weight's dtype and clears the workspace, so one launch does everything.
   ``HAS_LR`` adds a low-rank compensation of the dropped channels, ``A_p (B_p (x * [|x| <= thr_p]))``
-  (``convert --lowrank``), in the same launch: the loop that skips a dropped row of ``W^T`` reads that
-  row of ``B_p^T`` instead (``lrb`` ``[in, P R]``, R numbers a row), every program adds its slice's
+  (``convert --lowrank``), in the same launch: after the weight loop, a second loop over the slice reads
+  the dropped rows of ``B_p^T`` (``lrb`` ``[in, P R]``, R numbers a row), every program adds its slice's
   ``[R]`` partial into a per-column-block workspace beside the output sums, and the last program of the
   block, which knows every slice is in, adds ``A_p^T z`` (``lra`` ``[R, N]``) before the bias.
   ``LR_MASK`` flags the matrices that take the term (bit ``p``); the others read no factor byte.
@@ -41,6 +41,7 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, HAS_RMS: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, PIPE: tl.constexpr,
         ACC1D: tl.constexpr, HAS_LR: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
+        Z_ROWS: tl.constexpr = 64,
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -55,7 +56,7 @@ if HAS_TRITON:
         lr_on = ((LR_MASK >> mat) & 1) != 0  # this block's matrix takes the low-rank term
         r_mask = (offs_r < LR_R) & lr_on
         zacc = tl.zeros([BLOCK_R], dtype=tl.float32)
-        if PIPE:  # (the launcher never combines PIPE with HAS_LR)
+        if PIPE:
             # two weight tiles in flight: the next tile's loads are issued before this one is consumed
             offs_k = k_start + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
@@ -107,12 +108,20 @@ if HAS_TRITON:
                     acc += tl.sum(w.to(tl.float32) * xv[:, None], axis=0, keep_dims=True)
                 else:
                     acc += w.to(tl.float32) * xv[:, None]
-                if HAS_LR:  # the dropped rows go through B_p^T: [BLOCK_K, R] read where W^T was not
-                    drop = (tl.abs(xv) <= th) & k_mask
-                    lb = tl.load(lrb_ptr + offs_k[:, None] * stride_lrb + (mat * LR_R + offs_r)[None, :],
-                                 mask=drop[:, None] & r_mask[None, :], other=0.0)
-                    zacc += tl.sum(lb.to(tl.float32) * xv[:, None], axis=0)
             part = tl.sum(acc, axis=0)
+        if HAS_LR:
+            # the slice's dropped rows through B_p^T ([Z_ROWS, R] tiles), in a loop of its own: x and the
+            # thresholds are loaded again (cache hits) in the layout of the factor tile, so the weight loop
+            # above stays as it is (inside it, x would change layout through shared memory every tile)
+            for z0 in range(0, K_PER_SPLIT, Z_ROWS):
+                offs_z = k_start + z0 + tl.arange(0, Z_ROWS)
+                z_mask = (offs_z < K) & (z0 + tl.arange(0, Z_ROWS) < K_PER_SPLIT)
+                xz = tl.load(x_ptr + offs_z, mask=z_mask, other=0.0).to(tl.float32)
+                tz = tl.load(thr_row + offs_z, mask=z_mask, other=float("inf"))
+                drop = (tl.abs(xz) <= tz) & z_mask
+                lb = tl.load(lrb_ptr + offs_z[:, None] * stride_lrb + (mat * LR_R + offs_r)[None, :],
+                             mask=drop[:, None] & r_mask[None, :], other=0.0)
+                zacc += tl.sum(lb.to(tl.float32) * xz[:, None], axis=0)
         if ATOMIC:
             tl.atomic_add(ws_ptr + offs_n, part, mask=n_mask, sem="relaxed")
             z_ws = ws_ptr + N + pid_n * BLOCK_R + offs_r  # this column block's [R] low-rank partials

@@ -293,8 +293,6 @@ def _launch_gemv(x1, w, thr, out, bias, bounds, cfg: Config, rms=None, lr=None):
     bn = cfg.block_n
     n_blocks = cdiv(N, bn)
     has_lr = lr is not None and lr[3] != 0
-    if has_lr and cfg.pipe:
-        cfg = Config(**{**cfg.__dict__, "pipe": False})
     k_per, split = _split_k(K, n_blocks, cfg.block_k, int(cfg.waves * _sm_count(w.device)))
     b = list(bounds) + [N] * (3 - len(bounds))
     block_r = _block_rank(lr[2]) if has_lr else 1
@@ -317,7 +315,7 @@ def _launch_gemv(x1, w, thr, out, bias, bounds, cfg: Config, rms=None, lr=None):
          K, N, w.stride(0), b[0], b[1], b[2], k_per, split, r_mask, float(r_inv_n), float(r_eps), *lr_scalars],
         dict(HAS_BIAS=bias is not None, ATOMIC=atomic, HAS_RMS=has_rms, BLOCK_K=cfg.block_k, BLOCK_N=bn,
              PREFETCH=bool(cfg.prefetch), PIPE=bool(cfg.pipe), ACC1D=bool(cfg.acc1d), HAS_LR=has_lr,
-             BLOCK_R=block_r, R_CHUNK=max(1, min(block_r, 8192 // bn))),
+             BLOCK_R=block_r, R_CHUNK=max(1, min(block_r, 8192 // bn)), Z_ROWS=max(16, min(128, 4096 // block_r))),
         cfg, w.device,
     )
 
