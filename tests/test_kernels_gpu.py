@@ -210,40 +210,6 @@ def test_gemv_lowrank_beside_a_shortcut():
 
 
 @needs_gpu
-@pytest.mark.parametrize("glu", [1, 2])
-@pytest.mark.parametrize("n_in,splits", [(14336, [4096]), (1536, [576]), (1000, [333])])
-def test_gemv_glu(n_in, splits, glu):
-    """A GLU launch (``glu``) reads a ``[2 in]`` gate/up output and gates ``act(gate) * up`` rounded to its dtype
-    (``glu_input``), for the tuned config and every tile shape the tuner may pick, at sparsity 0.5, 0.9 and 0,
-    with and without the low-rank term; repeated launches leave the workspace clean."""
-    gen = torch.Generator(device=DEV).manual_seed(n_in + glu)
-    gu = (torch.randn(1, 2 * n_in, device=DEV, generator=gen) * 2).to(torch.bfloat16)
-    x = kernels.glu_input(gu, glu)
-    w = (torch.randn(n_in, sum(splits), device=DEV, generator=gen) / n_in**0.5).to(torch.bfloat16)
-    b = torch.randn(sum(splits), device=DEV, generator=gen).to(torch.bfloat16)
-    norms = torch.rand(1, n_in, device=DEV, generator=gen) + 0.25
-    lrb, lra = _lowrank_factors(n_in, splits, 8, sum(splits), seed=glu)
-    for sparsity in (0.5, 0.9, 0.0):
-        t = torch.quantile(x.float().abs() * norms, sparsity) if sparsity else torch.zeros((), device=DEV)
-        thr = (t / norms).float()
-        ref = _ref(x, w, thr, splits, b)[0]
-        lr_ref = ref + _lowrank_direct(x, thr, splits, lrb, lra, 8, 1)[0]
-        tuned = kernels.TUNED_GEMV.get((n_in, sum(splits))) or configs.default_gemv(n_in, sum(splits))
-        for cfg in (tuned, *(kernels.Config(block_n=bn, block_k=bk, num_warps=4, num_stages=1, waves=waves,
-                                            prefetch=bk == 32, pipe=pipe, acc1d=not pipe)
-                             for bn, bk, waves, pipe in ((2048, 16, 4, True), (256, 32, 1, False), (512, 8, 8, False)))):
-            for _ in range(2):
-                y = kernels._gemv(gu, w, thr, splits, b, cfg=cfg, glu=glu)
-                assert _rel(y, ref) <= TOL, (sparsity, cfg)
-            y = kernels._gemv(gu, w, thr, splits, b, cfg=cfg, lr=(lrb, lra, 8, 1), glu=glu)
-            assert _rel(y, lr_ref) <= TOL, (sparsity, cfg)
-        y = kernels.gated_linear(gu, w, thr, splits, b, glu=glu)  # public API
-        assert y.shape == (1, sum(splits)) and _rel(y[0], ref) <= TOL
-        y = kernels.gated_linear(gu.expand(3, -1), w, thr, splits, b, glu=glu)  # a batch: the activation with torch
-        assert _rel(y[2], ref) <= TOL
-
-
-@needs_gpu
 def test_single_threshold_row_and_inf():
     x, w, thr, splits, b = _case(4096, [4096, 1024, 1024], 0.5, 1, torch.bfloat16, bias=True)
     one = thr[0]  # [in]: shared by all three matrices

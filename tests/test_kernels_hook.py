@@ -8,7 +8,7 @@ import torch
 from wina_convert import convert, load
 from wina_convert.arch import adapter_for
 from wina_convert.runtime.graphs import DecodeGraphs, enable_decode_graphs, greedy
-from wina_convert.runtime.kernels.hook import GluDecode, bind_kernels, force_kernels, fuse_glu, fuse_shortcuts, input_groups
+from wina_convert.runtime.kernels.hook import bind_kernels, force_kernels, fuse_shortcuts, input_groups
 
 
 @pytest.fixture(scope="module")
@@ -186,106 +186,3 @@ def test_batched_decode_runs_dense_unless_allowed(checkpoint):
         torch.testing.assert_close(model(input_ids=one).logits, gated(input_ids=one).logits, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError):
         set_sparse_batch(model.wina, 0)
-
-
-@pytest.fixture(scope="module")
-def glu_checkpoints(tiny_models, tiny_gemma3, tmp_path_factory):
-    """Untransformed tiny checkpoints: SiLU with gate/up apart (llama), fused (phi3), GELU-tanh (gemma3)."""
-    root = tmp_path_factory.mktemp("glu")
-    sources = {"llama": tiny_models["llama"], "phi3": tiny_models["phi3"], "gemma3": tiny_gemma3}
-    out = {}
-    for family, source in sources.items():
-        out[family] = root / family
-        convert(source, out[family], sparsity=0.5, quiet=True, samples=4, seq_len=64)
-    return out
-
-
-def _glu_bound(path, family, sparsity=0.5):
-    model = load(path, sparsity=sparsity)
-    adapter = adapter_for(model.config.model_type)
-    bind_kernels(model.wina, input_groups(adapter, model.config.num_hidden_layers))
-    return model, adapter
-
-
-@pytest.mark.parametrize("family,glu", [("llama", 1), ("phi3", 1), ("gemma3", 2), ("qwen2-transformed", 1)])
-def test_mlp_decodes_in_two_launches(glu_checkpoints, checkpoint, family, glu, monkeypatch):
-    """``fuse_glu``: a one-token decode runs each MLP as the gate/up launch and a down launch that computes
-    ``act(gate) * up`` itself (``glu``); the activation module never runs, and the logits and greedy tokens
-    equal the masking reference's. A prompt still runs the MLP's own forward."""
-    from wina_convert.runtime.kernels import launch
-
-    path = checkpoint if family == "qwen2-transformed" else glu_checkpoints[family]
-    model, adapter = _glu_bound(path, family)
-    ref = load(path, sparsity=0.5)
-    layers = model.get_submodule(adapter.layers_prefix)
-    if family == "qwen2-transformed":
-        assert fuse_shortcuts(layers, adapter) == model.config.num_hidden_layers
-    assert fuse_glu(layers, adapter) == model.config.num_hidden_layers
-    assert fuse_glu(layers, adapter) == 0  # once
-    for gate in model.wina.gates.values():
-        gate.counting = False
-    acts, glus = [], []
-    for layer in layers:
-        mlp = layer.get_submodule(adapter.mlp_module)
-        getattr(mlp, "act_fn", getattr(mlp, "activation_fn", None)).register_forward_hook(lambda *a: acts.append(1))
-    original = launch.gated_linear_op
-    monkeypatch.setattr(launch, "gated_linear_op", lambda *a, **k: glus.append(k.get("glu", 0)) or original(*a, **k))
-    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        model(ids[:, :-1], past_key_values=cache, use_cache=True)
-        assert len(acts) == model.config.num_hidden_layers  # the prompt: the MLPs' own forward
-        acts.clear()
-        fast = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits
-    assert not acts and glus.count(glu) == model.config.num_hidden_layers
-    ref_cache = DynamicCache()
-    with torch.no_grad():
-        ref(ids[:, :-1], past_key_values=ref_cache, use_cache=True)
-        want = ref(ids[:, -1:], past_key_values=ref_cache, use_cache=True).logits
-    torch.testing.assert_close(fast, want, rtol=1e-4, atol=1e-4)
-    assert torch.equal(greedy(model, ids, 8), greedy(ref, ids, 8))
-
-
-def test_mlp_not_fused_when_it_is_not_a_glu(glu_checkpoints):
-    """An MLP whose activation is not SiLU/GELU-tanh keeps its own forward; so does one whose gates count
-    (the fused call is taken only with counting off, and its tokens are then unchanged)."""
-    model, adapter = _glu_bound(glu_checkpoints["llama"], "llama")
-    layers = model.get_submodule(adapter.layers_prefix)
-    layers[1].mlp.act_fn = torch.nn.ReLU()
-    assert fuse_glu(layers, adapter) == model.config.num_hidden_layers - 1
-    assert not isinstance(layers[1].mlp.forward, GluDecode) and isinstance(layers[0].mlp.forward, GluDecode)
-    acts = []
-    layers[0].mlp.act_fn.register_forward_hook(lambda *a: acts.append(1))
-    x = torch.randn(1, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        counted = layers[0].mlp(x)  # the gates count: the MLP's own forward (masking reference)
-        assert acts == [1]
-        for gate in model.wina.gates.values():
-            gate.counting = False
-        fused = layers[0].mlp(x)  # the two launches: the activation module does not run
-    assert acts == [1]
-    torch.testing.assert_close(fused, counted, rtol=1e-4, atol=1e-5)
-
-
-def test_glu_input_and_the_torch_path():
-    """``glu_input`` is act(gate) * up rounded once; ``gated_linear(..., glu=)`` off the kernel path equals the
-    masking reference on it, for SiLU and GELU-tanh, batches included."""
-    from wina_convert.runtime.kernels import launch
-
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(3, 2 * 48, generator=g) * 3
-    gate, up = x.chunk(2, dim=-1)
-    torch.testing.assert_close(launch.glu_input(x, 1), torch.nn.functional.silu(gate) * up)
-    torch.testing.assert_close(launch.glu_input(x, 2), torch.nn.functional.gelu(gate, approximate="tanh") * up)
-    half = x.bfloat16()
-    want = (torch.nn.functional.silu(half.float().chunk(2, -1)[0]) * half.float().chunk(2, -1)[1]).bfloat16()
-    assert torch.equal(launch.glu_input(half, 1), want)
-    wt, thr = torch.randn(48, 20, generator=g), torch.rand(2, 48, generator=g)
-    for glu in (1, 2):
-        got = launch.gated_linear(x, wt, thr, [12, 8], None, glu=glu)
-        ref = launch.reference_gated_linear(launch.glu_input(x, glu), wt, thr, [12, 8])
-        torch.testing.assert_close(got, ref)
-    with pytest.raises(ValueError):
-        launch.glu_input(x, 3)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import json
 from pathlib import Path
 from typing import Any
@@ -146,14 +144,12 @@ def load(
     control.set_sparsity(sparsity)
     if kernels:
         from .graphs import enable_decode_graphs
-        from .kernels.hook import enable_kernels, fuse_glu, fuse_shortcuts, input_groups
+        from .kernels.hook import enable_kernels, fuse_shortcuts, input_groups
 
         if enable_kernels(control, input_groups(adapter, config.num_hidden_layers)):
             from .kernels.attention import enable as enable_decode_attention
 
             fuse_shortcuts(hf_model.get_submodule(adapter.layers_prefix), adapter)
-            if os.environ.get("WINA_FUSE_GLU", "1") != "0":  # (0: the MLP activation in its own kernel, to compare)
-                fuse_glu(hf_model.get_submodule(adapter.layers_prefix), adapter)
             enable_decode_attention(hf_model)
             enable_decode_graphs(hf_model, control.gates.values(), compile=compile)
     return hf_model

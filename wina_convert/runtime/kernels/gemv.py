@@ -19,8 +19,6 @@ block never straddles one), each with its own threshold row.
   ``[R]`` partial into a per-column-block workspace beside the output sums, and the last program of the
   block, which knows every slice is in, adds ``A_p^T z`` (``lra`` ``[R, N]``) before the bias.
   ``LR_MASK`` flags the matrices that take the term (bit ``p``); the others read no factor byte.
-  ``GLU`` reads a fused gate/up output instead of ``x`` (``x`` ``[2 K]``, up at ``X_UP``) and gates the
-  activation ``act(gate) * up`` (``load_x``): the MLP's down_proj then needs no kernel of its own before it.
 * ``gemm_kernel`` (a few rows): the same with ``tl.dot``; a weight row is read when any row keeps that
   channel (the union), each row multiplies with its own masked ``x``.
 
@@ -31,7 +29,7 @@ from __future__ import annotations
 
 from .backend import HAS_TRITON, tl, triton
 
-__all__ = ["gemv_kernel", "gemm_kernel", "load_x", "rms_factor"]
+__all__ = ["gemv_kernel", "gemm_kernel", "rms_factor"]
 
 if HAS_TRITON:
 
@@ -39,11 +37,11 @@ if HAS_TRITON:
     def gemv_kernel(
         x_ptr, w_ptr, thr_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, rms_ptr, lrb_ptr, lra_ptr,
         K, N, stride_w, B1, B2, B3, K_PER_SPLIT, SPLIT_K, RMS_MASK, RMS_INV_N, RMS_EPS,
-        LR_R, LR_N, LR_MASK, stride_lrb, stride_lra, X_UP,
+        LR_R, LR_N, LR_MASK, stride_lrb, stride_lra,
         HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, HAS_RMS: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, PIPE: tl.constexpr,
         ACC1D: tl.constexpr, HAS_LR: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
-        Z_ROWS: tl.constexpr = 64, GLU: tl.constexpr = 0,
+        Z_ROWS: tl.constexpr = 64,
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -62,7 +60,7 @@ if HAS_TRITON:
             # two weight tiles in flight: the next tile's loads are issued before this one is consumed
             offs_k = k_start + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
-            xv = load_x(x_ptr, offs_k, k_mask, X_UP, GLU)
+            xv = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
             th = tl.load(thr_row + offs_k, mask=k_mask, other=float("inf"))
             keep = (tl.abs(xv) > th) & k_mask
             w = tl.load(w_ptr + offs_k[:, None] * stride_w + offs_n[None, :], mask=keep[:, None] & n_mask[None, :],
@@ -71,7 +69,7 @@ if HAS_TRITON:
             for k0 in range(BLOCK_K, K_PER_SPLIT + BLOCK_K, BLOCK_K):
                 offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
                 k_mask = (offs_k < K) & (k0 < K_PER_SPLIT)
-                xn = load_x(x_ptr, offs_k, k_mask, X_UP, GLU)
+                xn = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
                 tn = tl.load(thr_row + offs_k, mask=k_mask, other=float("inf"))
                 keepn = (tl.abs(xn) > tn) & k_mask
                 wn = tl.load(w_ptr + offs_k[:, None] * stride_w + offs_n[None, :], mask=keepn[:, None] & n_mask[None, :],
@@ -85,7 +83,7 @@ if HAS_TRITON:
             acc = tl.zeros([1 if ACC1D else BLOCK_K, BLOCK_N], dtype=tl.float32)
             if PREFETCH:  # x and thr of the next block load while this block's weight rows are in flight
                 offs_p = k_start + tl.arange(0, BLOCK_K)
-                x_next = load_x(x_ptr, offs_p, offs_p < K, X_UP, GLU)
+                x_next = tl.load(x_ptr + offs_p, mask=offs_p < K, other=0.0).to(tl.float32)
                 t_next = tl.load(thr_row + offs_p, mask=offs_p < K, other=float("inf"))
             for k0 in range(0, K_PER_SPLIT, BLOCK_K):
                 offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
@@ -94,10 +92,10 @@ if HAS_TRITON:
                     xv = x_next
                     th = t_next
                     offs_p = offs_k + BLOCK_K
-                    x_next = load_x(x_ptr, offs_p, offs_p < K, X_UP, GLU)
+                    x_next = tl.load(x_ptr + offs_p, mask=offs_p < K, other=0.0).to(tl.float32)
                     t_next = tl.load(thr_row + offs_p, mask=offs_p < K, other=float("inf"))
                 else:
-                    xv = load_x(x_ptr, offs_k, k_mask, X_UP, GLU)
+                    xv = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
                     th = tl.load(thr_row + offs_k, mask=k_mask, other=float("inf"))
                 keep = (tl.abs(xv) > th) & k_mask
                 w = tl.load(
@@ -118,7 +116,7 @@ if HAS_TRITON:
             for z0 in range(0, K_PER_SPLIT, Z_ROWS):
                 offs_z = k_start + z0 + tl.arange(0, Z_ROWS)
                 z_mask = (offs_z < K) & (z0 + tl.arange(0, Z_ROWS) < K_PER_SPLIT)
-                xz = load_x(x_ptr, offs_z, z_mask, X_UP, GLU)
+                xz = tl.load(x_ptr + offs_z, mask=z_mask, other=0.0).to(tl.float32)
                 tz = tl.load(thr_row + offs_z, mask=z_mask, other=float("inf"))
                 drop = (tl.abs(xz) <= tz) & z_mask
                 lb = tl.load(lrb_ptr + offs_z[:, None] * stride_lrb + (mat * LR_R + offs_r)[None, :],
@@ -126,8 +124,9 @@ if HAS_TRITON:
                 zacc += tl.sum(lb.to(tl.float32) * xz[:, None], axis=0)
         if ATOMIC:
             tl.atomic_add(ws_ptr + offs_n, part, mask=n_mask, sem="relaxed")
-            if HAS_LR:  # this column block's [R] low-rank partials
-                tl.atomic_add(ws_ptr + N + pid_n * BLOCK_R + offs_r, zacc, mask=r_mask, sem="relaxed")
+            z_ws = ws_ptr + N + pid_n * BLOCK_R + offs_r  # this column block's [R] low-rank partials
+            if HAS_LR:
+                tl.atomic_add(z_ws, zacc, mask=r_mask, sem="relaxed")
             tl.debug_barrier()
             ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
             if ticket == SPLIT_K - 1:
@@ -157,21 +156,6 @@ if HAS_TRITON:
             if HAS_BIAS:
                 part += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             tl.store(out_ptr + offs_n, part.to(out_ptr.dtype.element_ty), mask=n_mask)
-
-    @triton.jit
-    def load_x(x_ptr, offs, mask, X_UP, GLU: tl.constexpr):
-        """The GEMV's input at ``offs`` in float32: ``x`` itself, or with ``GLU`` the gated activation
-        ``act(x[i]) * x[X_UP + i]`` of a fused gate/up output (1: SiLU, 2: GELU, tanh form), rounded to
-        ``x``'s dtype as an unfused product would be before the next linear reads it."""
-        if GLU == 0:
-            return tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(x_ptr + X_UP + offs, mask=mask, other=0.0).to(tl.float32)
-        if GLU == 1:
-            a = g * tl.sigmoid(g)
-        else:  # tanh(z) = 2 sigmoid(2 z) - 1, so 0.5 g (1 + tanh(z)) = g sigmoid(2 z)
-            a = g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
-        return (a * u).to(x_ptr.dtype.element_ty).to(tl.float32)
 
     @triton.jit
     def rms_factor(rms_ptr, mat, RMS_MASK, RMS_INV_N, RMS_EPS):

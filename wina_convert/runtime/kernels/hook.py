@@ -19,9 +19,6 @@ rank: ``B_p^T`` and ``A^T`` are packed beside ``W^T`` (``[in, P R]``, ``[R, sum 
 dropped (``gated_linear``'s ``lr_*`` arguments). A group with mixed ranks adds it on top of the
 kernel's output with torch ops (``_compensated``).
 
-An MLP ``down(act(gate) * up)`` decodes in two launches (``fuse_glu``): the down GEMV computes the activation
-from the gate/up launch's output as it reads it (``GluDecode``).
-
 Only one-token inputs (decode) take the kernel; prompts return ``None`` here, so ``GatedLinear`` runs
 its masking reference (masked ``F.linear``, cuBLAS). A decode step of more than ``sparse_batch`` sequences
 (``set_sparse_batch``; default 1) runs dense through the packed weight: the union of the rows' masks keeps
@@ -33,7 +30,6 @@ gate's ``counting`` is off: the decode graphs (``runtime/graphs.py``) switch it 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..control import WinaControl
@@ -215,23 +211,6 @@ class SharedInput:
         c0, c1 = self.shortcut_columns
         return y[..., c0:c1]
 
-    def full_output(self, x: torch.Tensor) -> torch.Tensor:
-        """Every member's columns of the launch on a one-token ``x`` (the launch ``decode_shortcut`` primed on
-        ``x``, if it did), for a caller that consumes them at once (``GluDecode``); the members are served."""
-        if not torch.compiler.is_compiling():
-            if self.stale():
-                self.repack()
-            self.refresh()
-        if self._x is x and self._left and (torch.compiler.is_compiling() or self._x_version == x._version):
-            y = self._y
-        elif self.shortcut is None:
-            y = self._run(x, False, self.weight_t, self.thr, self.splits, self.bias)
-        else:
-            y = self._run(x, False, *self._members)
-        self._x = self._y = None
-        self._left = set()
-        return y
-
     def __call__(self, x: torch.Tensor, gate: GatedLinear) -> torch.Tensor | None:
         batched = x.numel() != gate.in_features
         if batched and _decode_rows(x) <= self.sparse_batch:
@@ -392,110 +371,6 @@ def fuse_shortcuts(layers, adapter) -> int:
     if device is not None and device.type == "cuda":
         launch.reserve_workspace(device, widest)
     return fused
-
-
-class GluDecode:
-    """An MLP ``down(act(gate(x)) * up(x))`` decoded in two launches: the gate/up GEMV, then the down GEMV
-    computing ``act(gate) * up`` as it reads its input (``gated_linear``'s ``glu``), so no elementwise
-    kernel runs between them. Installed as the MLP's ``forward`` by ``fuse_glu``; any call it does not
-    take (a prompt, a batch, a gate that counts, is dense, top-k or compensated with torch ops) runs the
-    MLP's own forward."""
-
-    def __init__(self, forward, group: SharedInput, down: GatedLinear, glu: int, inter: int):
-        self.forward = forward
-        self.group, self.down, self.glu, self.inter = group, down, glu, inter
-
-    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = None if args or kwargs else self.decode(x)
-        return self.forward(x, *args, **kwargs) if y is None else y
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor | None:
-        group, down = self.group, self.down
-        if x.numel() != group.thr.shape[1]:
-            return None
-        low = down.kernel
-        gates = (*group.gates, down)
-        if not isinstance(low, SharedInput) or any(not g.active or g.counting or g.tally or g.topk is not None
-                                                   for g in gates):
-            return None
-        if any(g.lowrank_a is not None for g in group.gates) and group.lr_b is None:
-            return None  # the members' term would be added apart (mixed ranks): the MLP's own forward does that
-        if down.lowrank_a is not None and low.lr_b is None:
-            return None
-        y = group.full_output(x)[..., : 2 * self.inter]
-        if not torch.compiler.is_compiling():
-            if low.stale():
-                low.repack()
-            low.refresh()
-        out = launch.gated_linear_op(y, low.weight_t, low.thr, low.splits, low.bias, None, 0, 1, 0.0,
-                                     *low.lowrank_args(), glu=self.glu)
-        return out.reshape(*x.shape[:-1], low.weight_t.shape[1])
-
-
-def _glu_kind(act: nn.Module) -> int | None:
-    """``GLU_ACTS`` code of the activation module ``act`` (checked on a random vector), else None."""
-    if not callable(act):
-        return None
-    h = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 4
-    with torch.no_grad():
-        try:
-            got = act(h)
-        except Exception:
-            return None
-        for code, want in ((1, F.silu(h)), (2, F.gelu(h, approximate="tanh"))):
-            if isinstance(got, torch.Tensor) and got.shape == h.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-6):
-                return code
-    return None
-
-
-def fuse_glu(layers, adapter) -> int:
-    """Decode each layer's MLP in two launches (``GluDecode``), after ``bind_kernels``: where its inputs
-    share one bound group whose columns are gate then up (two members, or one fused gate_up matrix), its
-    down_proj is bound alone, its activation is one of ``GLU_ACTS``, and its forward computes
-    ``down(act(gate) * up)`` (checked on a random input with the gates dense). Returns the layers fused."""
-    fused = 0
-    for layer in layers:
-        mlp = layer.get_submodule(adapter.mlp_module)
-        if isinstance(getattr(mlp, "forward", None), GluDecode):
-            continue
-        inputs = [layer.get_submodule(n) for n in adapter.mlp_inputs]
-        down = layer.get_submodule(adapter.mlp_output)
-        group = getattr(inputs[0], "kernel", None)
-        if (not isinstance(group, SharedInput) or [id(g) for g in group.gates] != [id(g) for g in inputs]
-                or not isinstance(down.kernel, SharedInput) or len(down.kernel.gates) != 1):
-            continue
-        inter = down.in_features
-        splits = [s for g in inputs for s in g.splits]
-        if splits != [inter, inter]:
-            continue
-        glu = _glu_kind(getattr(mlp, "act_fn", getattr(mlp, "activation_fn", None)))
-        if glu is None or not _computes_glu(mlp, inputs, down, glu):
-            continue
-        mlp.forward = GluDecode(mlp.forward, group, down, glu, inter)
-        fused += 1
-    return fused
-
-
-def _computes_glu(mlp: nn.Module, inputs: list[GatedLinear], down: GatedLinear, glu: int) -> bool:
-    """Whether ``mlp(x)`` is ``down(act(gate x) * up x)`` (weights as they are, every gate dense for the check)."""
-    gates = (*inputs, down)
-    saved = [(g.active, g.counting) for g in gates]
-    w = down.weight
-    x = torch.randn(1, 1, inputs[0].in_features, generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
-    try:
-        for g in gates:
-            g.active, g.counting = False, False
-        with torch.no_grad():
-            got = mlp(x).float()
-            y = torch.cat([F.linear(x, g.weight, g.bias) for g in inputs], dim=-1)
-            want = F.linear(launch.glu_input(y, glu), w, down.bias).float()
-    except Exception:
-        return False
-    finally:
-        for g, (active, counting) in zip(gates, saved):
-            g.active, g.counting = active, counting
-    scale = want.abs().max().clamp_min(1e-6)
-    return got.shape == want.shape and bool(((got - want).abs().max() / scale) < 2e-2)
 
 
 def _plain_rms_eps(norm: nn.Module) -> float | None:

@@ -31,7 +31,7 @@ import torch
 from . import backend, configs, gemv  # gemv: the triton kernels (defined only with triton)
 from .configs import DEFAULT_GEMM, DEFAULT_GEMV, TUNED_GEMV, Config, default_gemv
 
-__all__ = ["pack_weight", "gated_linear", "gated_linear_op", "glu_input", "GLU_ACTS", "reference_gated_linear", "reserve_workspace",
+__all__ = ["pack_weight", "gated_linear", "gated_linear_op", "reference_gated_linear", "reserve_workspace",
            "launch_kernel", "cdiv", "Config", "DEFAULT_GEMV", "TUNED_GEMV"]
 
 # Most matrices one launch handles (column boundaries are passed as scalars).
@@ -68,21 +68,6 @@ def _norm_splits(splits, n_out: int, n_mats: int) -> list[int]:
             return splits  # one threshold row shared by every matrix
         raise ValueError(f"{len(splits)} splits but {n_mats} threshold rows")
     return splits
-
-
-# The activations a GLU launch can compute (``gated_linear``'s ``glu``): 1 SiLU (Llama, Qwen, Mistral, Phi-3),
-# 2 GELU in its tanh form (Gemma).
-GLU_ACTS = {1: "silu", 2: "gelu_tanh"}
-
-
-def glu_input(x: torch.Tensor, glu: int) -> torch.Tensor:
-    """``act(gate) * up`` in ``x``'s dtype from ``x [..., 2 n]`` (gate, then up), computed in float32 and
-    rounded once, as the GLU launch (``gemv.load_x``) and torch.compile's fused kernel do."""
-    if glu not in GLU_ACTS:
-        raise ValueError(f"glu must be one of {sorted(GLU_ACTS)}, got {glu}")
-    gate, up = x.float().chunk(2, dim=-1)
-    act = torch.nn.functional.silu(gate) if glu == 1 else torch.nn.functional.gelu(gate, approximate="tanh")
-    return (act * up).to(x.dtype)
 
 
 def reference_gated_linear(x, weight_t, thresholds, splits=None, bias=None, rms=None, lr=None) -> torch.Tensor:
@@ -297,11 +282,8 @@ def launch_kernel(kernel, grid, args, consts: dict, cfg: Config, device: torch.d
     kernel[grid](*args, **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _launch_gemv(x1, w, thr, out, bias, bounds, cfg: Config, rms=None, lr=None, glu: int = 0):
+def _launch_gemv(x1, w, thr, out, bias, bounds, cfg: Config, rms=None, lr=None):
     """One GEMV launch over ``w`` ([K, N] view, unit column stride) with <= 4 matrices.
-
-    ``glu`` (``GLU_ACTS``): ``x1`` is a fused gate/up output of ``2 K`` elements and the launch gates
-    ``act(gate) * up`` (``gemv.load_x``).
 
     ``rms``: ``(norm, mask, inv_n, eps)``, the launch's matrices flagged in ``mask`` scaled (see ``gated_linear``).
     ``lr``: ``(lrb, lra, rank, mask)``, the low-rank term of the matrices flagged in ``mask`` (``lrb``
@@ -330,12 +312,10 @@ def _launch_gemv(x1, w, thr, out, bias, bounds, cfg: Config, rms=None, lr=None, 
     launch_kernel(
         gemv.gemv_kernel, (n_blocks, split, 1),
         [x1, w, thr, out, bias if bias is not None else out, ws, cnt, r_ptr, *lr_args,
-         K, N, w.stride(0), b[0], b[1], b[2], k_per, split, r_mask, float(r_inv_n), float(r_eps), *lr_scalars,
-         K if glu else 0],
+         K, N, w.stride(0), b[0], b[1], b[2], k_per, split, r_mask, float(r_inv_n), float(r_eps), *lr_scalars],
         dict(HAS_BIAS=bias is not None, ATOMIC=atomic, HAS_RMS=has_rms, BLOCK_K=cfg.block_k, BLOCK_N=bn,
              PREFETCH=bool(cfg.prefetch), PIPE=bool(cfg.pipe), ACC1D=bool(cfg.acc1d), HAS_LR=has_lr,
-             BLOCK_R=block_r, R_CHUNK=max(1, min(block_r, 8192 // bn)), Z_ROWS=max(16, min(128, 4096 // block_r)),
-             GLU=int(glu)),
+             BLOCK_R=block_r, R_CHUNK=max(1, min(block_r, 8192 // bn)), Z_ROWS=max(16, min(128, 4096 // block_r))),
         cfg, w.device,
     )
 
@@ -388,7 +368,7 @@ def _plan(splits: list[int], n_thr: int, block_n: int):
 _PLANS: dict = {}
 
 
-def _run(x2, weight_t, thr, splits, bias, out, cfg, batched, rms=None, lr=None, glu: int = 0):
+def _run(x2, weight_t, thr, splits, bias, out, cfg, batched, rms=None, lr=None):
     pkey = (tuple(splits), thr.shape[0], cfg.block_n)
     plan = _PLANS.get(pkey)
     if plan is None:
@@ -411,7 +391,7 @@ def _run(x2, weight_t, thr, splits, bias, out, cfg, batched, rms=None, lr=None, 
                 l_mask = (lr_mask >> m0) & ((1 << n_m) - 1)
                 if l_mask and c0 < lra.shape[1]:
                     l = (lrb[:, m0 * rank :], lra[:, c0 : min(c1, lra.shape[1])], rank, l_mask)
-            _launch_gemv(x2, w, th, o, bi, inner, c, r, l, glu)
+            _launch_gemv(x2, w, th, o, bi, inner, c, r, l)
 
 
 def _prep_thresholds(thresholds: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
@@ -421,16 +401,14 @@ def _prep_thresholds(thresholds: torch.Tensor, weight_t: torch.Tensor) -> torch.
     return thr
 
 
-def _gemv(x, weight_t, thresholds, splits=None, bias=None, out=None, cfg: Config | None = None, rms=None, lr=None,
-          glu: int = 0):
-    """The batch-1 kernel: ``x`` with ``in`` elements (``2 in`` with ``glu``: gate then up) -> ``[out_total]``
-    (written into ``out`` if given)."""
+def _gemv(x, weight_t, thresholds, splits=None, bias=None, out=None, cfg: Config | None = None, rms=None, lr=None):
+    """The batch-1 kernel: ``x`` with ``in`` elements -> ``[out_total]`` (written into ``out`` if given)."""
     K, N = weight_t.shape
     thr = _prep_thresholds(thresholds, weight_t)
     splits = [N] if splits is None else splits
     if thr.shape[0] > 1 and len(splits) != thr.shape[0]:
         splits = _norm_splits(splits, N, thr.shape[0])  # raises the helpful error
-    x1 = x.reshape(2 * K if glu else K)
+    x1 = x.reshape(K)
     if not x1.is_contiguous():
         x1 = x1.contiguous()
     if out is None:
@@ -442,7 +420,7 @@ def _gemv(x, weight_t, thresholds, splits=None, bias=None, out=None, cfg: Config
         if norm.dtype != torch.float32 or not norm.is_contiguous():
             norm = norm.to(torch.float32).contiguous()
         rms = (norm, int(rms[1]), 1.0 / float(rms[2]), float(rms[3]))
-    _run(x1, weight_t, thr, splits, bias, out, cfg, batched=False, rms=rms, lr=lr, glu=glu)
+    _run(x1, weight_t, thr, splits, bias, out, cfg, batched=False, rms=rms, lr=lr)
     return out
 
 
@@ -467,7 +445,7 @@ def _gemm_sparse(x, weight_t, thresholds, splits=None, bias=None, out=None, cfg:
 def gated_linear(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, splits: list[int] | None = None,
                  bias: torch.Tensor | None = None, rms_norm: torch.Tensor | None = None, rms_mask: int = 0,
                  rms_n: int = 1, rms_eps: float = 0.0, lr_b: torch.Tensor | None = None,
-                 lr_a: torch.Tensor | None = None, lr_rank: int = 0, lr_mask: int = 0, glu: int = 0) -> torch.Tensor:
+                 lr_a: torch.Tensor | None = None, lr_rank: int = 0, lr_mask: int = 0) -> torch.Tensor:
     """``y[..., o] = sum_i W[o, i] x_i [|x_i| > thr_{m(o)}[i]] (+ bias)`` in the weight's dtype.
 
     ``x [..., in]``; ``weight_t [in, out_total]`` (from ``pack_weight``); ``thresholds [in]`` or
@@ -485,20 +463,12 @@ def gated_linear(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tens
     (``A^T`` of the first ``N_lr`` output columns) with ``lr_mask``: matrix ``p`` (bit ``p`` set) adds
     ``A_p (B_p (x * [|x| <= thr_p]))``, the low-rank compensation of the channels it dropped
     (``convert --lowrank``), before the RMS scale and the bias. One token does it inside the GEMV launch.
-
-    ``glu`` (``GLU_ACTS``, 0: off): ``x [..., 2 in]`` is a gate/up output, gate first, and the input is the
-    MLP activation ``act(gate) * up`` in ``x``'s dtype (``glu_input``). One token on the GPU computes it
-    inside the GEMV launch, so an MLP's down_proj needs no elementwise kernel before it.
     """
     K, N = weight_t.shape
-    rms = None if rms_norm is None or not rms_mask else (rms_norm, int(rms_mask), int(rms_n), float(rms_eps))
-    lr = None if lr_b is None or lr_a is None or not lr_mask else (lr_b, lr_a, int(lr_rank), int(lr_mask))
-    if glu:
-        if x.numel() == 2 * K and backend.HAS_TRITON and weight_t.is_cuda and x.is_cuda and weight_t.stride(1) == 1:
-            return _gemv(x, weight_t, thresholds, splits, bias, rms=rms, lr=lr, glu=glu).reshape(*x.shape[:-1], N)
-        x = glu_input(x, glu)  # not the one-token kernel: the activation with torch, then as usual
     lead = x.shape[:-1]
     M = x.numel() // K if K else 0
+    rms = None if rms_norm is None or not rms_mask else (rms_norm, int(rms_mask), int(rms_n), float(rms_eps))
+    lr = None if lr_b is None or lr_a is None or not lr_mask else (lr_b, lr_a, int(lr_rank), int(lr_mask))
     if not (backend.HAS_TRITON and weight_t.is_cuda and x.is_cuda) or M == 0 or weight_t.stride(1) != 1:
         thr = _norm_thresholds(thresholds, K)
         y = _dense_masked(x.reshape(-1, K).to(weight_t.dtype), weight_t, thr.to(weight_t.device),
@@ -531,18 +501,17 @@ def _register_op():
         from torch.library import custom_op
 
         def _run(x, weight_t, thresholds, splits, bias, rms_norm, rms_mask, rms_n, rms_eps, lr_b, lr_a, lr_rank,
-                 lr_mask, glu):
+                 lr_mask):
             return gated_linear(x, weight_t, thresholds, splits, bias, rms_norm, rms_mask, rms_n, rms_eps,
-                                lr_b, lr_a, lr_rank, lr_mask, glu)
+                                lr_b, lr_a, lr_rank, lr_mask)
 
         op = custom_op("wina::gated_linear", _run, mutates_args=(),
                        schema="(Tensor x, Tensor weight_t, Tensor thresholds, int[] splits, Tensor? bias, "
                               "Tensor? rms_norm, int rms_mask, int rms_n, float rms_eps, Tensor? lr_b, "
-                              "Tensor? lr_a, int lr_rank, int lr_mask, int glu) -> Tensor")
+                              "Tensor? lr_a, int lr_rank, int lr_mask) -> Tensor")
 
         @op.register_fake
-        def _(x, weight_t, thresholds, splits, bias, rms_norm, rms_mask, rms_n, rms_eps, lr_b, lr_a, lr_rank, lr_mask,
-              glu):
+        def _(x, weight_t, thresholds, splits, bias, rms_norm, rms_mask, rms_n, rms_eps, lr_b, lr_a, lr_rank, lr_mask):
             return x.new_empty((*x.shape[:-1], weight_t.shape[1]), dtype=weight_t.dtype)
 
         return op
@@ -556,10 +525,10 @@ _OP = _register_op()
 def gated_linear_op(x: torch.Tensor, weight_t: torch.Tensor, thresholds: torch.Tensor, splits: list[int],
                     bias: torch.Tensor | None = None, rms_norm: torch.Tensor | None = None, rms_mask: int = 0,
                     rms_n: int = 1, rms_eps: float = 0.0, lr_b: torch.Tensor | None = None,
-                    lr_a: torch.Tensor | None = None, lr_rank: int = 0, lr_mask: int = 0, glu: int = 0) -> torch.Tensor:
+                    lr_a: torch.Tensor | None = None, lr_rank: int = 0, lr_mask: int = 0) -> torch.Tensor:
     """``gated_linear`` through the registered operator while ``torch.compile`` traces, directly otherwise."""
     if _OP is not None and torch.compiler.is_compiling():
         return _OP(x, weight_t, thresholds, list(splits), bias, rms_norm, int(rms_mask), int(rms_n), float(rms_eps),
-                   lr_b, lr_a, int(lr_rank), int(lr_mask), int(glu))
+                   lr_b, lr_a, int(lr_rank), int(lr_mask))
     return gated_linear(x, weight_t, thresholds, splits, bias, rms_norm, rms_mask, rms_n, rms_eps,
-                        lr_b, lr_a, lr_rank, lr_mask, glu)
+                        lr_b, lr_a, lr_rank, lr_mask)
