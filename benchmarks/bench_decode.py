@@ -3,6 +3,7 @@
     python benchmarks/bench_decode.py --out DIR [--layers 32] [--tokens 128] [--modes graphs,compile]
                                       [--work DIR] [--hf-dense] [--dtype float16] [--only 'no transform']
                                       [--batches 1,2,4,8] [--name decode_h200] [--lowrank 8,32 [--lowrank-apart]]
+                                      [--head-sparsity 0.5]
 
 No download: a random-weight Llama with Llama-3-8B's shapes (32 layers, hidden 4096, intermediate 14336,
 32 heads, 8 KV heads, vocab 128256, bf16 unless --dtype float16) is built on the GPU and saved with a small byte-level BPE
@@ -18,6 +19,9 @@ adds batched decoding (more than one sequence; the no-transform checkpoint, last
 count toward the sparsity, so each of its rows reads the bytes of the same row without factors;
 ``--lowrank-apart`` measures those checkpoints a second time with the term added by torch ops on top of
 the kernels (the path of a group whose members' ranks differ) instead of inside the launch.
+``--head-sparsity H[,H2]`` adds a no-transform checkpoint per value with its output head gated at it
+(``convert --head-sparsity H``): each row's layers read what the plain checkpoint's do, the head ``1 - H``
+of its columns.
 ``--hf-dense`` also measures dense through an unpacked model (``kernels=False``: transformers' weight layout),
 to check that storing q/k/v and gate/up packed as ``W^T`` costs the dense path nothing.
 
@@ -222,6 +226,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="small shapes, for trying the script on a CPU")
     ap.add_argument("--lowrank", default="", help="comma-separated ranks: a convert --lowrank checkpoint each")
     ap.add_argument("--lowrank-apart", action="store_true", help="measure those also with the term added by torch ops")
+    ap.add_argument("--head-sparsity", default="", help="comma-separated: a checkpoint each with its output head gated at it")
     args = ap.parse_args()
     import transformers
 
@@ -249,10 +254,13 @@ def main() -> None:
     ranks = [int(r) for r in args.lowrank.split(",") if r.strip()]
     for r in ranks:
         ckpts[f"low rank {r}"] = work / f"wina-lowrank{r}"
+    heads = [float(h) for h in args.head_sparsity.split(",") if h.strip()]
+    for h in heads:
+        ckpts[f"head {h}"] = work / f"wina-head{h}"
     if args.only:
         if args.only not in ckpts:
             ap.error(f"--only must be one of {sorted(ckpts)}")
-        ckpts = {k: v for k, v in ckpts.items() if k == args.only or k.startswith("low rank")}
+        ckpts = {k: v for k, v in ckpts.items() if k == args.only or k.startswith(("low rank", "head"))}
     timings = {}
     if not source.exists() and not all(p.exists() for p in ckpts.values()):
         timings["build_s"] = build_model(source, args.layers, shapes, args.device, dtype=getattr(torch, args.dtype))
@@ -262,8 +270,10 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         lowrank = name.split()[-1] if name.startswith("low rank") else None
+        head = float(name.split()[-1]) if name.startswith("head") else 0.0
         convert(source, path, sparsity=0.5, transform=(name == "transform"), dtype=args.dtype, device=args.device,
-                samples=args.samples, seq_len=args.seq_len, allocation=args.allocation, lowrank=lowrank, quiet=True)
+                samples=args.samples, seq_len=args.seq_len, allocation=args.allocation, lowrank=lowrank,
+                head_sparsity=head, quiet=True)
         timings[f"convert_{name}_s"] = time.perf_counter() - t0
         print(f"converted ({name}) in {timings[f'convert_{name}_s']:.0f} s", flush=True)
         free()

@@ -503,3 +503,21 @@ def test_lowrank_on_cuda_equal_reference(tiny_models, tmp_path, transform):
         assert _rel(fast(ids).logits, ref(ids).logits.double()) <= 1e-4
         kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
         assert torch.equal(fast.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+@needs_gpu
+def test_gated_head_decodes_through_the_kernels(tiny_models, tmp_path):
+    """A checkpoint with the output head gated (``--head-sparsity``): the head is a launch of its own, and
+    teacher-forced decode logits through the kernels and CUDA graphs equal the masking reference's."""
+    from wina_convert import convert
+
+    path = tmp_path / "head"
+    convert(tiny_models["qwen2"], path, sparsity=0.5, head_sparsity=0.5, dtype="float32", quiet=True, samples=4, seq_len=64)
+    fast, ref = _pair(path, 0.5)
+    assert fast.lm_head.kernel is not None and fast.lm_head.kernel.gates == [fast.lm_head] and fast.lm_head.active
+    fast.wina.set_counting(False)
+    ids = _prompt(fast, n=20, seed=5)
+    a = _teacher_forced_logits(fast, ids, 8, fast.wina_decode)
+    b = _teacher_forced_logits(ref, ids, 8, ref)
+    assert not fast.wina_decode.failures, fast.wina_decode.failures
+    assert float((a - b).norm() / b.norm()) <= 1e-4

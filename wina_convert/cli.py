@@ -100,6 +100,7 @@ def convert(
     head_bases: str = typer.Option(DEFAULTS["head_bases"], "--head-bases", help="pca: rotate each KV head's values into their principal axes (absorbed exactly into v_proj and o_proj, free at decode), or none."),
     basis: str = typer.Option(DEFAULTS["basis"], "--basis", help="With --transform, the sub-blocks' input bases: svd (right-singular vectors of k_proj / gate_proj), pca (principal axes of each sub-block's calibration inputs) or pooled (one residual basis for the whole model: no shortcut rotations, nothing added at decode)."),
     lowrank: str = typer.Option(DEFAULTS["lowrank"], "--lowrank", help="Compensate each gated matrix's dropped channels with a rank-R term A (B x_dropped) fitted on calibration text: R for every matrix, or ROLE=R pairs (down=32,qkv=16); 0: off. Exact at sparsity 0; the factors count as bytes read, so the matrices skip more."),
+    head_sparsity: str = typer.Option("0", "--head-sparsity", help="Also gate the output head (lm_head), skipping this fraction of its columns whenever the model is sparse; its gate is calibrated on the final hidden states. 0: a dense head. Its bytes are reported apart from --sparsity's."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype: float32, bfloat16 or float16 (default: the input's)."),
     device: str = typer.Option("cpu", "--device", help="Where to transform and calibrate: cpu or cuda."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) of MODEL."),
@@ -121,7 +122,7 @@ def convert(
         model, output, sparsity=_sparsity(sparsity), transform=transform, dtype=dtype, revision=revision, token=token,
         shard_size=shard_size, overwrite=overwrite, device=device, calibrate=calibrate, calibration=calibration,
         samples=samples, seq_len=seq_len, seed=seed, allocation=allocation, search_tokens=search_tokens, method=method,
-        center=center, head_bases=head_bases, basis=basis, lowrank=lowrank, quiet=quiet,
+        center=center, head_bases=head_bases, basis=basis, lowrank=lowrank, head_sparsity=_sparsity(head_sparsity, "--head-sparsity"), quiet=quiet,
     )
     if not quiet:
         err.print(_convert_summary(result))
@@ -168,6 +169,7 @@ def eval_(
     device: str = typer.Option("cpu", "--device"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)."),
     topk: bool = typer.Option(False, "--topk", help="Gate by per-token top-k at the allocation's per-matrix sparsities (the paper's protocol) instead of calibrated thresholds."),
+    head_sparsity: Optional[str] = typer.Option(None, "--head-sparsity", help="Gate the output head at this fraction of its columns (default: the checkpoint's; needs convert --head-sparsity; 0: dense)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Zero-shot accuracy on these lm-eval tasks instead of perplexity, e.g. piqa,arc_easy (needs the eval extra and `wina fetch-data`)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="With --tasks: at most this many items per task."),
@@ -183,7 +185,7 @@ def eval_(
     from .evaluate.perplexity import evaluate
 
     result = evaluate(checkpoint, text=text, sparsity=_sparsity(sparsity), seq_len=seq_len, max_tokens=max_tokens,
-                      device=device, dtype=dtype, topk=topk)
+                      device=device, dtype=dtype, topk=topk, head_sparsity=_sparsity(head_sparsity, "--head-sparsity"))
     if as_json:
         print(json.dumps(result, default=str))
         return
@@ -197,6 +199,8 @@ def eval_(
     table.add_row("ratio", f"{result['ratio']:.3f}x", "")
     table.add_row("kept bytes", "", percent(result["kept_bytes_fraction"], missing="-"))
     table.add_row("bytes per token", "", human_size(int(result["bytes_per_token"])))
+    if result.get("head_sparsity") is not None:
+        table.add_row("  head", "", percent(result["head_sparsity"], missing="-"))
     for role, value in result["by_role"].items():
         table.add_row(f"  {role}", "", percent(value, missing="-"))
     out.print(table)

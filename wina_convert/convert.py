@@ -41,6 +41,9 @@ from .units import parse_size
 from .version import __version__
 
 
+HEAD_TOKENS = 2048  # calibration tokens (whole windows) the output head's gate is calibrated on (--head-sparsity)
+
+
 @dataclass
 class ConvertResult:
     output: Path
@@ -151,6 +154,7 @@ def convert(
     head_bases: str = DEFAULTS["head_bases"],
     basis: str = DEFAULTS["basis"],
     lowrank: str | int | None = DEFAULTS["lowrank"],
+    head_sparsity: float = DEFAULTS["head_sparsity"],
     quiet: bool = False,
     reporter: Reporter | None = None,
 ) -> ConvertResult:
@@ -173,6 +177,7 @@ def convert(
     if not calibrate and (center != "none" or head_bases != "none"):
         raise WinaError("--center and --head-bases are measured on calibration text: drop --no-calibrate")
     _check_basis(basis, transform, calibrate)
+    _check_head_sparsity(head_sparsity, calibrate)
     shortcuts = transform and basis != "pooled"
     torch_device = _device(device)
     shard_bytes = parse_size(shard_size)
@@ -338,6 +343,7 @@ def convert(
             "head_bases": head_bases,
             "basis": basis,
             "lowrank": {n: r for n, r in ranks.items() if r},
+            "head_sparsity": float(head_sparsity),
             "base_model": source.base,
             "license": getattr(config, "license", None),
             "sidecar": SIDECAR,
@@ -349,14 +355,24 @@ def convert(
         write_model_card(tmp)
         write_manifest(tmp, writer.sha256)
         clock.seconds["write"] = clock.seconds.get("write", 0.0) + time.perf_counter() - t3
+        def rewritten() -> None:  # the sidecar changed: the config, card and manifest follow it
+            (tmp / "config.json").write_text(json.dumps(output_config(source, adapter, out_dtype, transform, wina), indent=2) + "\n")
+            write_model_card(tmp)
+            write_manifest(tmp, writer.sha256)
+
         if allocation == "output" and calibrator is not None and sparsity > 0:  # else there is nothing to search
             reporter.stage("search", 1)
             with clock("search"):
                 meta = _search_allocation(tmp, tokens, sparsity, torch_device, sidecar, meta, search_tokens)
             wina["calibration"] = meta["calibration"]
-            (tmp / "config.json").write_text(json.dumps(output_config(source, adapter, out_dtype, transform, wina), indent=2) + "\n")
-            write_model_card(tmp)
-            write_manifest(tmp, writer.sha256)
+            rewritten()
+            reporter.advance()
+        if head_sparsity > 0:
+            reporter.stage("head", 1)
+            with clock("calibrate"):
+                _calibrate_head(tmp, tokens, sparsity, torch_device, sidecar, meta, HEAD_TOKENS,
+                                adapter.lm_head.removesuffix(".weight"), head_sparsity)
+            rewritten()
             reporter.advance()
     total_bytes = sum(p.stat().st_size for p in target.iterdir() if p.is_file())
     return ConvertResult(target, time.perf_counter() - start, total_bytes, clock.seconds,
@@ -381,6 +397,40 @@ def _search_allocation(directory: Path, tokens: torch.Tensor, sparsity: float, d
     meta = {**meta, "allocation_scope": "model", "calibration": calibration}
     write_sidecar(directory / SIDECAR, sidecar, meta)
     return meta
+
+
+def _calibrate_head(directory: Path, tokens: torch.Tensor, sparsity: float, device: torch.device,
+                    sidecar: dict[str, torch.Tensor], meta: dict[str, Any], max_tokens: int, head: str,
+                    head_sparsity: float) -> None:
+    """``--head-sparsity``: the output head's gate, calibrated like a layer's (score quantiles of ``|x_i| c_i``) on
+    the final hidden states of the checkpoint written so far, gated at its target with its final allocation
+    (whole windows, at least ``max_tokens`` tokens); the sidecar (and ``meta``) are rewritten with it."""
+    from .gate import score_quantiles
+    from .runtime.load import load
+
+    model = load(directory, sparsity, device=device, kernels=False)
+    weight = model.get_submodule(head).weight
+    norms = column_norms(weight.detach(), [weight.shape[0]]).cpu()
+    rows = max(1, min(len(tokens), -(-max_tokens // tokens.shape[1])))
+    hidden = []
+    with torch.no_grad():
+        for start in range(0, rows, 4):
+            out = model.get_decoder()(input_ids=tokens[start : min(start + 4, rows)].to(device))
+            hidden.append(out.last_hidden_state.reshape(-1, weight.shape[1]).float())
+    del model
+    x = torch.cat(hidden)
+    sidecar[f"{head}.column_norms"] = norms
+    sidecar[f"{head}.quantiles"] = score_quantiles(x, norms[0] if meta["method"] == "wina" else None,
+                                                   torch.Generator().manual_seed(0))[None].float()
+    meta.update(head=head, head_sparsity=float(head_sparsity))
+    write_sidecar(directory / SIDECAR, sidecar, meta)
+
+
+def _check_head_sparsity(head_sparsity: Any, calibrate: bool) -> None:
+    if isinstance(head_sparsity, bool) or not isinstance(head_sparsity, (int, float)) or not 0 <= head_sparsity <= MAX_SPARSITY:
+        raise WinaError(f"--head-sparsity must be a number in [0, {MAX_SPARSITY}], got {head_sparsity!r}")
+    if head_sparsity > 0 and not calibrate:
+        raise WinaError("--head-sparsity calibrates the head's gate on calibration text: drop --no-calibrate")
 
 
 def _check_basis(basis: str, transform: bool, calibrate: bool) -> None:

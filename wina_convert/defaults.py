@@ -13,7 +13,7 @@ imports: the CLI reads them to build ``--help``.
 # centering lost in a prototype, per-head bases are within 1%: all off.
 # Low-rank compensation of the dropped channels (--lowrank) is off: see README for its measurement.
 DEFAULTS = {"method": "wina", "transform": False, "allocation": "output", "center": "none", "head_bases": "none", "basis": "svd",
-            "lowrank": "0"}
+            "lowrank": "0", "head_sparsity": 0.0}
 
 # Calibration tokens the layer search (allocation "output") measures its divergences on. 512 (one
 # 512-token window) since 2026-12-02, for conversion time: on SmolLM2 at 0.5 it gave 32.94 at 0.488

@@ -62,7 +62,7 @@ def bench(
     * ``read_gbps``: read-only bandwidth (bytes read per second / 1e9; None on CPU);
       ``fastest_dense``: the label of the faster of dense and fused dense.
     * ``dense`` and ``rows`` (one per requested sparsity), each a dict: ``label``, ``sparsity``
-      (asked; None for dense), ``achieved_sparsity`` (parameter-weighted fraction of weight columns
+      (asked; None for dense), ``achieved_sparsity`` (parameter-weighted fraction of the gated sub-blocks' weight columns
       skipped on the decoded tokens), ``path`` ("dense", "kernel" or "reference"), ``tokens_per_s``,
       ``latency_ms`` (median per token), ``latency_ms_p90``, ``bytes_per_token``, ``gbps`` (bytes
       per token x tokens/s), ``speedup`` (tokens/s over dense), ``limit`` (dense bytes / these
@@ -233,6 +233,7 @@ def _achieved(model: Any, control: Any, prompt: torch.Tensor, generated: torch.T
     finally:
         for g, c in zip(gates, counting):
             g.counting = c
+    head = control.gates.get(control.head) if getattr(control, "head", None) else None
     skipped = total = zero = 0.0
     for g, (z0, t0) in zip(gates, before):
         steps = g.tokens - t0
@@ -241,10 +242,12 @@ def _achieved(model: Any, control: Any, prompt: torch.Tensor, generated: torch.T
         fractions = ((g.zeroed - z0) / (steps * g.in_features)).tolist()
         for fraction, size in zip(fractions, g.splits):
             params = size * g.in_features
-            zero += fraction * params
-            skipped += fraction * params * g.weight.element_size()
+            skipped += fraction * params * g.weight.element_size()  # the gated head's skipped columns too
+            if g is not head:  # the sparsity is the gated sub-blocks' (the head's is reported apart)
+                zero += fraction * params
     for g in gates:
-        total += g.out_features * g.in_features
+        if g is not head:
+            total += g.out_features * g.in_features
     control.reset_stats()
     return (zero / total if total else 0.0), int(round(skipped))
 
@@ -260,7 +263,7 @@ def _bytes_per_token(model: Any, control: Any, cache: Any) -> dict[str, int]:
         seen.add(key)
         return t.numel() * t.element_size()
 
-    gated = sum(size(g.weight) for g in control.gates.values())
+    gated = sum(size(g.weight) for n, g in control.gates.items() if n != getattr(control, "head", None))
     shortcuts = sum(size(p) for n, p in model.named_parameters() if "shortcut" in n)
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()

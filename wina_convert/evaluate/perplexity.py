@@ -43,6 +43,7 @@ def evaluate(
     device: str = "cpu",
     dtype: str | None = None,
     topk: bool = False,
+    head_sparsity: float | None = None,
 ) -> dict[str, Any]:
     """Dense and sparse perplexity of a WINA checkpoint (path, Hub id, or a loaded model).
 
@@ -53,6 +54,8 @@ def evaluate(
     included, over their dense bytes: ``1 - sparsity`` asked for, in bytes) and ``bytes_per_token``
     (those bytes plus the dense lm_head and one embedding row; attention's KV cache not counted).
     ``topk`` gates each token's top-k channels per matrix (the paper's protocol) instead of thresholds.
+    ``head_sparsity`` gates the output head at that fraction of its columns (None: the checkpoint's; needs
+    ``convert --head-sparsity``); ``head_sparsity`` in the result is what it achieved (None: a dense head).
     """
     from transformers import AutoTokenizer
 
@@ -73,8 +76,10 @@ def evaluate(
         raise WinaError("--seq-len must be at least 2")
     windows = eval_windows(tokenizer, texts, seq_len, max_tokens)
     target = control.target_sparsity if sparsity is None else sparsity
-    previous, previous_topk = control.sparsity, control.topk
+    previous, previous_topk, previous_head = control.sparsity, control.topk, control.head_sparsity
     control.set_gate_prefill(True)
+    if head_sparsity is not None:
+        control.set_head_sparsity(head_sparsity)
     try:
         control.set_sparsity(0.0)
         dense = perplexity(net, windows)
@@ -85,9 +90,12 @@ def evaluate(
         stats = control.stats()
     finally:
         control.topk = previous_topk
+        control.head_sparsity = previous_head
         control.set_sparsity(previous)
     head = net.get_output_embeddings().weight
-    ungated = head.numel() * head.element_size() + head.shape[-1] * head.element_size()
+    head_stats = stats.get("head")
+    head_bytes = head.numel() * head.element_size() if head_stats is None else head_stats["bytes_per_token"]
+    ungated = head_bytes + head.shape[-1] * head.element_size()  # the head (kept columns, if gated) + one embedding row
     per_layer: dict[int, float] = {}
     for layer, names in enumerate(control.layers):
         values = [stats["per_gate"][n] for n in names if n in stats["per_gate"]]
@@ -107,4 +115,5 @@ def evaluate(
         "topk": topk,
         "kept_bytes_fraction": stats["kept_bytes_fraction"],
         "bytes_per_token": stats["gated_bytes_per_token"] + ungated,
+        "head_sparsity": None if head_stats is None else head_stats["sparsity"],
     }

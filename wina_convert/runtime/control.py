@@ -10,6 +10,10 @@ matrices (1, or 3 for a fused qkv_proj):
   levels).
 
 * ``M.center``        ``[in]``     the calibrated center of the gate's input (``convert --center``), if any.
+* ``lm_head.column_norms`` / ``lm_head.quantiles`` (``convert --head-sparsity``): the output head's gate, calibrated
+  on the final hidden states of the model at its target. The head is not one of the gated sub-blocks: it is gated
+  at ``meta["head_sparsity"]`` (its own fraction of columns, ``set_head_sparsity``) whenever the model's sparsity
+  is above 0, and its bytes are reported apart (``stats()["head"]``).
 * ``M.lowrank_a``     ``[out, r]`` and ``M.lowrank_b`` ``[P, r, in]``: the factors that compensate the dropped
   channels (``convert --lowrank``, ``wina_convert/lowrank.py``), if any.
 
@@ -110,6 +114,8 @@ class WinaControl:
         # the part of extra_params that is low-rank factors (as loaded; the rest is shortcut rotations)
         self.factor_params = [sum(gates[n].lowrank_params for n in names) for names in layers]
         self.scope = meta.get("allocation_scope", "layer")
+        self.head: str | None = meta.get("head") if meta.get("head") in gates else None  # the gated output head, if any
+        self.head_sparsity = float(meta.get("head_sparsity") or 0.0) if self.head else 0.0
 
     @property
     def epoch(self) -> int:
@@ -227,8 +233,30 @@ class WinaControl:
                             f"rotations or low-rank factors are read too, so its matrices would have to skip more than {MAX_SPARSITY}")
         if sparsity > 0 and not self.calibrated and not self.topk:
             raise WinaError("this checkpoint is not calibrated: only sparsity 0 is available (convert it with calibration)")
-        self.set_gate_sparsities(self.gate_sparsities(sparsity))
+        sparsities = self.gate_sparsities(sparsity)
+        if self.head is not None:
+            sparsities[self.head] = torch.tensor([self.head_sparsity if sparsity > 0 else 0.0], dtype=torch.float64)
+        self.set_gate_sparsities(sparsities)
         self.sparsity = sparsity
+        return sparsity
+
+    def set_head_sparsity(self, sparsity: float) -> float:
+        """Gate the output head at ``sparsity`` (its fraction of columns skipped) whenever the model is sparse.
+
+        Needs a checkpoint converted with ``--head-sparsity`` (which calibrates the head's gate); 0 reads it densely.
+        """
+        try:
+            sparsity = float(sparsity)
+        except (TypeError, ValueError) as e:
+            raise WinaError(f"head sparsity must be a number in [0, {MAX_SPARSITY}], got {sparsity!r}") from e
+        if not 0.0 <= sparsity <= MAX_SPARSITY:
+            raise WinaError(f"head sparsity must be in [0, {MAX_SPARSITY}], got {sparsity}")
+        if self.head is None:
+            if sparsity > 0:
+                raise WinaError("this checkpoint's output head is not calibrated: convert it with --head-sparsity")
+            return 0.0
+        self.head_sparsity = sparsity
+        self.set_sparsity(self.sparsity)
         return sparsity
 
     def set_topk(self, enabled: bool) -> None:
@@ -266,7 +294,8 @@ class WinaControl:
             shortcuts = self.extra_params[layer] - self.factor_params[layer]
             factors = sum(g.lowrank_params for g in counted if g.active)
             kept_bytes += kept + (shortcuts + factors) * counted[0].weight.element_size()
-        dense_bytes = sum(g.weight.numel() * g.weight.element_size() for g in self.gates.values() if g.tokens > 0)
+        layered = {name: gate for name, gate in self.gates.items() if name != self.head}
+        dense_bytes = sum(g.weight.numel() * g.weight.element_size() for g in layered.values() if g.tokens > 0)
         counts = {name: (gate.zeroed.tolist(), gate.tokens) for name, gate in self.gates.items()}
         for name, gate in self.gates.items():
             zeroed, tokens = counts[name]
@@ -276,6 +305,8 @@ class WinaControl:
             weights = [size * gate.in_features for size in gate.splits]
             zero = sum(f * w for f, w in zip(fractions, weights))
             per_gate[name] = zero / sum(weights)
+            if name == self.head:  # reported apart: the head is not one of the gated sub-blocks
+                continue
             role = name.rsplit(".", 1)[-1]
             acc = by_role.setdefault(role, [0.0, 0.0])
             acc[0] += zero
@@ -289,7 +320,17 @@ class WinaControl:
             # bytes the gated sub-blocks read per token (kept weight columns + shortcuts), over their dense bytes
             "kept_bytes_fraction": kept_bytes / dense_bytes if dense_bytes else 1.0,
             "gated_bytes_per_token": kept_bytes,
+            "head": self._head_stats(per_gate),
         }
+
+    def _head_stats(self, per_gate: dict[str, float]) -> dict[str, Any] | None:
+        """The gated head's achieved sparsity and the bytes it read per token (None: no head gate, or not counted)."""
+        if self.head is None or self.head not in per_gate:
+            return None
+        gate = self.gates[self.head]
+        dense = gate.weight.numel() * gate.weight.element_size()
+        return {"sparsity": per_gate[self.head], "target": self.head_sparsity if self.sparsity > 0 else 0.0,
+                "bytes_per_token": dense * (1.0 - per_gate[self.head]), "dense_bytes": dense}
 
 
 def real_positions(mask: Any, ids: Any, cache_position: Any = None) -> torch.Tensor | None:

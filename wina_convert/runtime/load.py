@@ -66,6 +66,14 @@ def attach_gates(model: nn.Module, adapter: Adapter, config: Any, sidecar: dict[
         if a is not None or b is not None:
             check_factors(name, a, b, gate.out_features, gate.in_features, len(gate.splits))
             gate.set_lowrank(a.float(), b.float())
+    head = meta.get("head")
+    if head is not None:  # the output head's gate (convert --head-sparsity)
+        norms, quantiles = sidecar.get(f"{head}.column_norms"), sidecar.get(f"{head}.quantiles")
+        module = model.get_submodule(head) if head == adapter.lm_head.removesuffix(".weight") else None
+        if module is None or norms is None or quantiles is None or tuple(norms.shape) != (1, module.in_features):
+            raise WinaError(f"the sidecar does not match the weights: the output head's gate ({head}) is missing or of the wrong shape")
+        gates.update(swap_gated_linears(model, [head], {head: [module.out_features]}, next(iter(gates.values())).context))
+        tables[head] = GateTable(head, norms.float(), quantiles)
     allocation = [sidecar.get(f"{adapter.layers_prefix}.{layer}.allocation") for layer in range(config.num_hidden_layers)]
     control = WinaControl(gates, tables, allocation, layers, meta)
     control.layers_prefix = adapter.layers_prefix
@@ -102,6 +110,7 @@ def load(
     token: str | None = None,
     kernels: bool = True,
     compile: bool = False,
+    head_sparsity: float | None = None,
 ) -> Any:
     """Load a WINA checkpoint (directory or Hub id) as a transformers model, gated at ``sparsity``.
 
@@ -115,7 +124,8 @@ def load(
     a decode step, ``runtime/kernels/attention.py``);
     ``kernels=False`` keeps the masking reference. ``compile=True`` records the
     ``torch.compile``'d decode step instead of the eager one (a minute or more to compile an 8B model,
-    ~1.3x faster per token on an H100: benchmarks/results/decode_h100_modes.md).
+    ~1.3x faster per token on an H100: benchmarks/results/decode_h100_modes.md). ``head_sparsity`` gates
+    the output head at that fraction of its columns (None: the checkpoint's ``--head-sparsity``, 0: dense).
     """
     directory = _resolve(model, revision, token)
     config_dict = read_wina_config(directory)
@@ -142,6 +152,8 @@ def load(
     hf_model.eval()
     control.set_gate_prefill(gate_prefill)
     control.set_sparsity(sparsity)
+    if head_sparsity is not None:
+        control.set_head_sparsity(head_sparsity)
     if kernels:
         from .graphs import enable_decode_graphs
         from .kernels.hook import enable_kernels, fuse_shortcuts, input_groups

@@ -1,0 +1,115 @@
+"""The output head's gate (``convert --head-sparsity``): calibrated, recorded, exact when dense, counted apart."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from wina_convert import convert, load
+from wina_convert.errors import WinaError
+from wina_convert.evaluate.perplexity import evaluate
+from wina_convert.runtime.graphs import greedy
+from wina_convert.runtime.kernels.hook import bind_kernels, input_groups
+from wina_convert.arch import adapter_for
+from wina_convert.runtime.modules import GatedLinear
+
+
+@pytest.fixture(scope="module")
+def headed(tiny_models, tmp_path_factory):
+    """family -> (checkpoint with the head gated at 0.5, the same conversion without it)."""
+    root = tmp_path_factory.mktemp("head")
+    out = {}
+    for family in ("llama", "qwen2"):
+        with_head, plain = root / f"{family}-head", root / family
+        convert(tiny_models[family], with_head, sparsity=0.5, head_sparsity=0.5, quiet=True, samples=4, seq_len=64)
+        convert(tiny_models[family], plain, sparsity=0.5, quiet=True, samples=4, seq_len=64)
+        out[family] = (with_head, plain)
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_head_gate_is_calibrated_and_recorded(headed, family):
+    path, plain = headed[family]
+    wina = json.loads((path / "config.json").read_text())["wina"]
+    assert wina["head_sparsity"] == 0.5
+    model = load(path)
+    assert model.wina.head == "lm_head" and isinstance(model.lm_head, GatedLinear)
+    assert model.wina.head_sparsity == 0.5 and model.lm_head.active
+    table = model.wina.tables["lm_head"]
+    assert table.quantiles.shape == (1, 201) and (table.quantiles.diff(dim=-1) >= 0).all()
+    # the layers' gates are the plain conversion's (the head is calibrated after them, on their output)
+    ref = load(plain)
+    assert ref.wina.head is None and not isinstance(ref.lm_head, GatedLinear)
+    for name, gate in ref.wina.gates.items():
+        assert torch.equal(gate.thresholds, model.wina.gates[name].thresholds)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_head_gate_skips_its_bytes_and_is_dense_at_zero(headed, family):
+    """On held-out text the head skips about its target of columns, bytes per token fall by those columns'
+    bytes, the layers' sparsity is unchanged, and the model at sparsity 0 (head dense too) is the original."""
+    path, plain = headed[family]
+    gated = evaluate(path, max_tokens=1024, seq_len=64)
+    dense_head = evaluate(path, max_tokens=1024, seq_len=64, head_sparsity=0.0)
+    plain_eval = evaluate(plain, max_tokens=1024, seq_len=64)
+    assert gated["head_sparsity"] == pytest.approx(0.5, abs=0.1)
+    assert dense_head["head_sparsity"] == 0.0 and plain_eval["head_sparsity"] is None
+    model = load(path)
+    head = model.lm_head.weight
+    skipped = gated["head_sparsity"] * head.numel() * head.element_size()
+    assert dense_head["bytes_per_token"] - gated["bytes_per_token"] == pytest.approx(skipped, rel=0.05)
+    assert dense_head["bytes_per_token"] == pytest.approx(plain_eval["bytes_per_token"], rel=1e-6)
+    assert gated["sparsity"] == pytest.approx(plain_eval["sparsity"], abs=1e-9)  # the layers read the same
+    assert dense_head["perplexity"] == pytest.approx(plain_eval["perplexity"], rel=1e-6)
+    assert gated["perplexity"] != dense_head["perplexity"]
+    assert gated["dense_perplexity"] == pytest.approx(plain_eval["dense_perplexity"], rel=1e-6)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    model.wina.set_sparsity(0.0)
+    assert not model.lm_head.active
+    original = load(plain, sparsity=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, original(ids).logits, rtol=0, atol=0)
+
+
+def test_head_sparsity_at_load_time_and_refusals(headed):
+    path, plain = headed["llama"]
+    model = load(path, head_sparsity=0.3)
+    assert model.wina.head_sparsity == 0.3
+    low = model.lm_head.thresholds.clone()
+    model.wina.set_head_sparsity(0.6)
+    assert (model.lm_head.thresholds >= low).all() and (model.lm_head.thresholds > low).any()
+    with pytest.raises(WinaError, match="head sparsity must be in"):
+        model.wina.set_head_sparsity(0.95)
+    ref = load(plain, head_sparsity=0)
+    with pytest.raises(WinaError, match="not calibrated: convert it with --head-sparsity"):
+        ref.wina.set_head_sparsity(0.3)
+    with pytest.raises(WinaError, match="--head-sparsity must be a number"):
+        convert(path, path.parent / "never", head_sparsity=1.5, quiet=True)
+    with pytest.raises(WinaError, match="drop --no-calibrate"):
+        convert(path, path.parent / "never", head_sparsity=0.3, calibrate=False, quiet=True)
+    assert not (path.parent / "never").exists()
+
+
+def test_head_gate_survives_save_and_load(headed, tmp_path):
+    path, _ = headed["qwen2"]
+    model = load(path, head_sparsity=0.4)
+    model.save_pretrained(tmp_path / "again")
+    again = load(tmp_path / "again", head_sparsity=0.4)
+    assert again.wina.head == "lm_head"
+    torch.testing.assert_close(again.lm_head.thresholds, model.lm_head.thresholds)
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(greedy(again, ids, 6), greedy(model, ids, 6))
+
+
+def test_head_gate_through_the_kernel_hooks(headed):
+    """The head is bound as a group of its own; a decode through the hooks equals the masking reference."""
+    path, _ = headed["llama"]
+    model, ref = load(path), load(path)
+    groups = bind_kernels(model.wina, input_groups(adapter_for("llama"), model.config.num_hidden_layers))
+    assert any(g.gates == [model.lm_head] for g in groups)
+    for gate in model.wina.gates.values():
+        gate.counting = False
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(greedy(model, ids, 8), greedy(ref, ids, 8))
