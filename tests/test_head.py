@@ -113,3 +113,22 @@ def test_head_gate_through_the_kernel_hooks(headed):
         gate.counting = False
     ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
     assert torch.equal(greedy(model, ids, 8), greedy(ref, ids, 8))
+
+
+def test_inspect_shows_the_head_and_its_bytes(headed):
+    """``wina inspect`` reports the head's sparsity and plans its kept columns into bytes per token."""
+    from wina_convert.evaluate.inspect import describe
+
+    path, plain = headed["llama"]
+    gated, dense = describe(path), describe(plain)
+    assert gated["head_sparsity"] == 0.5 and dense["head_sparsity"] == 0.0
+    model = load(path)
+    head = model.lm_head.weight
+    assert dense["bytes_per_token"] - gated["bytes_per_token"] == pytest.approx(0.5 * head.numel() * head.element_size())
+    assert gated["kept_bytes_fraction"] == dense["kept_bytes_fraction"]
+
+
+def test_model_card_says_the_head_is_gated(headed):
+    path, plain = headed["llama"]
+    assert "| output head | gated too: 50.0 % of its columns skipped |" in (path / "README.md").read_text()
+    assert "output head" not in (plain / "README.md").read_text()

@@ -274,12 +274,12 @@ def inspect(
     head = Table(title=str(checkpoint), show_header=False, title_justify="left")
     head.add_column(style="bold")
     head.add_column()
-    for key in ("base_model", "architecture", "layers", "method", "transform", "basis", "center", "head_bases", "lowrank", "target_sparsity",
+    for key in ("base_model", "architecture", "layers", "method", "transform", "basis", "center", "head_bases", "lowrank", "target_sparsity", "head_sparsity",
                 "kept_bytes_fraction", "bytes_per_token", "dtype", "size", "tool_version", "calibration"):
         value = info.get(key)
         if key == "size":
             value = human_size(value)
-        elif key in ("target_sparsity", "kept_bytes_fraction"):
+        elif key in ("target_sparsity", "kept_bytes_fraction", "head_sparsity"):
             value = percent(value, missing="-")
         elif key == "bytes_per_token" and isinstance(value, (int, float)):
             value = human_size(int(value))

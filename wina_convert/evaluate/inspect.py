@@ -17,9 +17,9 @@ def describe(directory: str | Path) -> dict[str, Any]:
     """A summary of the checkpoint and the per-layer, per-matrix sparsity at its target.
 
     Keys: base_model, architecture, layers, method, transform, basis (None without it), center, head_bases, lowrank (``name=rank``
-    pairs, or none), target_sparsity, kept_bytes_fraction and bytes_per_token at the target (planned by the
+    pairs, or none), target_sparsity, head_sparsity (the output head's, 0: dense), kept_bytes_fraction and bytes_per_token at the target (planned by the
     allocation, from the tensors' shapes: gated columns kept, shortcut rotations and low-rank factors, the
-    dense lm_head and one embedding row), dtype, size, tool_version, calibration, files, layers_detail (``[{layer, sparsity: {matrix: s}}]``).
+    lm_head (its kept columns when gated) and one embedding row), dtype, size, tool_version, calibration, files, layers_detail (``[{layer, sparsity: {matrix: s}}]``).
     """
     directory = Path(directory)
     wina = verify_checkpoint(directory, hashes=False)
@@ -43,6 +43,7 @@ def describe(directory: str | Path) -> dict[str, Any]:
         "head_bases": wina.get("head_bases", "none"),
         "lowrank": ", ".join(f"{name}={rank}" for name, rank in (wina.get("lowrank") or {}).items()) or "none",
         "target_sparsity": target,
+        "head_sparsity": float(meta.get("head_sparsity") or 0.0) if meta.get("head") else 0.0,
         "dtype": config_dict.get("dtype") or config_dict.get("torch_dtype"),
         "size": sum(entry["size"] for entry in manifest.values()),
         "files": len(manifest),
@@ -73,7 +74,8 @@ def describe(directory: str | Path) -> dict[str, Any]:
             info["layers_detail"].append({"layer": layer, "sparsity": dict(zip(labels, values))})
     head = shapes.get(adapter.lm_head) or shapes[adapter.embed]
     info["kept_bytes_fraction"] = kept / dense
-    info["bytes_per_token"] = (kept + head[0] * head[1] + head[1]) * element
+    head_kept = 1.0 - (info["head_sparsity"] if target > 0 else 0.0)  # (convert --head-sparsity: the head gated too)
+    info["bytes_per_token"] = (kept + head_kept * head[0] * head[1] + head[1]) * element
     return info
 
 

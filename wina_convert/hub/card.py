@@ -97,6 +97,8 @@ def model_card(path: str | os.PathLike, repo_id: str | None = None) -> str:
         f"| method | {wina.get('method', 'wina')} |",
         f"| transform | {transform_text} |",
         f"| target sparsity | {percent(wina.get('target_sparsity'), space=True)} |",
+        *([f"| output head | gated too: {percent(wina['head_sparsity'], space=True)} of its columns skipped |"]
+          if wina.get("head_sparsity") else []),
         f"| base model | {base_link}{f' @ `{base_revision}`' if base_revision else ''} |",
     ]
     if isinstance(base, dict) and base.get("sha256"):
