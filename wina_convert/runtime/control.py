@@ -220,14 +220,7 @@ class WinaControl:
 
     def set_sparsity(self, sparsity: float | None = None) -> float:
         """Gate every linear for ``sparsity`` (None: the calibrated target). Returns it."""
-        if sparsity is None:
-            sparsity = self.target_sparsity
-        try:
-            sparsity = float(sparsity)
-        except (TypeError, ValueError) as e:
-            raise WinaError(f"sparsity must be a number in [0, {MAX_SPARSITY}], got {sparsity!r}") from e
-        if not 0.0 <= sparsity <= MAX_SPARSITY:
-            raise WinaError(f"sparsity must be in [0, {MAX_SPARSITY}], got {sparsity}")
+        sparsity = _fraction(self.target_sparsity if sparsity is None else sparsity, "sparsity")
         if sparsity > self.max_sparsity + 1e-9:
             raise WinaError(f"sparsity {sparsity} is above this checkpoint's maximum {self.max_sparsity}: its shortcut "
                             f"rotations or low-rank factors are read too, so its matrices would have to skip more than {MAX_SPARSITY}")
@@ -245,12 +238,7 @@ class WinaControl:
 
         Needs a checkpoint converted with ``--head-sparsity`` (which calibrates the head's gate); 0 reads it densely.
         """
-        try:
-            sparsity = float(sparsity)
-        except (TypeError, ValueError) as e:
-            raise WinaError(f"head sparsity must be a number in [0, {MAX_SPARSITY}], got {sparsity!r}") from e
-        if not 0.0 <= sparsity <= MAX_SPARSITY:
-            raise WinaError(f"head sparsity must be in [0, {MAX_SPARSITY}], got {sparsity}")
+        sparsity = _fraction(sparsity, "head sparsity")
         if self.head is None:
             if sparsity > 0:
                 raise WinaError("this checkpoint's output head is not calibrated: convert it with --head-sparsity")
@@ -331,6 +319,17 @@ class WinaControl:
         dense = gate.weight.numel() * gate.weight.element_size()
         return {"sparsity": per_gate[self.head], "target": self.head_sparsity if self.sparsity > 0 else 0.0,
                 "bytes_per_token": dense * (1.0 - per_gate[self.head]), "dense_bytes": dense}
+
+
+def _fraction(value: Any, what: str) -> float:
+    """``value`` as a float in [0, MAX_SPARSITY], else a one-line error naming ``what``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as e:
+        raise WinaError(f"{what} must be a number in [0, {MAX_SPARSITY}], got {value!r}") from e
+    if not 0.0 <= number <= MAX_SPARSITY:
+        raise WinaError(f"{what} must be in [0, {MAX_SPARSITY}], got {value}")
+    return number
 
 
 def real_positions(mask: Any, ids: Any, cache_position: Any = None) -> torch.Tensor | None:
