@@ -283,13 +283,15 @@ def test_debug_shows_the_traceback(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_interrupted_convert_leaves_no_complete_looking_output(model, tmp_path, sig):
     out = tmp_path / "out"
-    proc = subprocess.Popen([*WINA, "convert", str(model), "-o", str(out), "--samples", "16", "--seq-len", "256"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # 4096 search tokens keep the conversion busy for a few seconds after its partial directory appears (under a
+    # loaded suite the 2.7 s of the default could pass before this process noticed the directory); the signal is
+    # sent at once, so that it always lands mid-conversion
+    proc = subprocess.Popen([*WINA, "convert", str(model), "-o", str(out), "--samples", "16", "--seq-len", "256",
+                             "--search-tokens", "4096"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list(tmp_path.glob(".out.wina-partial-*")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert proc.poll() is None, "the conversion ended before it could be interrupted"
-    time.sleep(0.3)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
