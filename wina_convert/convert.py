@@ -427,8 +427,7 @@ def _calibrate_head(directory: Path, tokens: torch.Tensor, sparsity: float, devi
 
 
 def _check_head_sparsity(head_sparsity: Any, calibrate: bool) -> None:
-    if isinstance(head_sparsity, bool) or not isinstance(head_sparsity, (int, float)) or not 0 <= head_sparsity <= MAX_SPARSITY:
-        raise WinaError(f"--head-sparsity must be a number in [0, {MAX_SPARSITY}], got {head_sparsity!r}")
+    _check_sparsity(head_sparsity, "--head-sparsity")
     if head_sparsity > 0 and not calibrate:
         raise WinaError("--head-sparsity calibrates the head's gate on calibration text: drop --no-calibrate")
 
@@ -498,9 +497,9 @@ def _gated_shapes(source: Source, adapter: Adapter, config: Any) -> dict[str, tu
     return shapes
 
 
-def _check_sparsity(sparsity: Any) -> None:
+def _check_sparsity(sparsity: Any, option: str = "--sparsity") -> None:
     if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 <= sparsity <= MAX_SPARSITY:
-        raise WinaError(f"--sparsity must be a number in [0, {MAX_SPARSITY}], got {sparsity!r}")
+        raise WinaError(f"{option} must be a number in [0, {MAX_SPARSITY}], got {sparsity!r}")
 
 
 def _device(device: str) -> torch.device:

@@ -233,7 +233,7 @@ def _achieved(model: Any, control: Any, prompt: torch.Tensor, generated: torch.T
     finally:
         for g, c in zip(gates, counting):
             g.counting = c
-    head = control.gates.get(control.head) if getattr(control, "head", None) else None
+    head = control.gates.get(control.head) if control.head else None
     skipped = total = zero = 0.0
     for g, (z0, t0) in zip(gates, before):
         steps = g.tokens - t0
@@ -263,7 +263,7 @@ def _bytes_per_token(model: Any, control: Any, cache: Any) -> dict[str, int]:
         seen.add(key)
         return t.numel() * t.element_size()
 
-    gated = sum(size(g.weight) for n, g in control.gates.items() if n != getattr(control, "head", None))
+    gated = sum(size(g.weight) for n, g in control.gates.items() if n != control.head)
     shortcuts = sum(size(p) for n, p in model.named_parameters() if "shortcut" in n)
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
