@@ -132,3 +132,28 @@ def test_model_card_says_the_head_is_gated(headed):
     path, plain = headed["llama"]
     assert "| output head | gated too: 50.0 % of its columns skipped |" in (path / "README.md").read_text()
     assert "output head" not in (plain / "README.md").read_text()
+
+
+def test_bad_head_inputs_are_one_line_errors(headed, tmp_path, capsys):
+    """The CLI refuses a head sparsity out of range (convert and eval) in one line; a sidecar that names a head gate
+    but lacks its table (edited, manifest rewritten) is refused at load."""
+    import shutil
+
+    from test_cli import assert_one_line_error, run
+
+    from wina_convert.checkpoint.format import SIDECAR, read_sidecar, write_manifest, write_sidecar
+
+    path, _ = headed["llama"]
+    code, _, err = run(capsys, "convert", path, "-o", tmp_path / "never", "--head-sparsity", "1.5")
+    assert_one_line_error(code, err, "--head-sparsity")
+    code, _, err = run(capsys, "eval", path, "--head-sparsity", "abc")
+    assert_one_line_error(code, err, "--head-sparsity")
+    assert not (tmp_path / "never").exists()
+    edited = tmp_path / "edited"
+    shutil.copytree(path, edited)
+    tensors, meta = read_sidecar(edited / SIDECAR)
+    del tensors["lm_head.quantiles"]
+    write_sidecar(edited / SIDECAR, tensors, meta)
+    write_manifest(edited)
+    with pytest.raises(WinaError, match="output head's gate .* is missing"):
+        load(edited)
