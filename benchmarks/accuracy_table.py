@@ -48,6 +48,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "teal-global": {"method": "teal", "allocation": "global"},
     "wina-output": {"method": "wina", "allocation": "output"},
     "teal-output": {"method": "teal", "allocation": "output"},
+    # the output head gated inside the target's bytes, its share searched (--head-sparsity auto)
+    "wina-output-head": {"method": "wina", "allocation": "output", "head_sparsity": "auto"},
+    "teal-output-head": {"method": "teal", "allocation": "output", "head_sparsity": "auto"},
     "wina-heads": {"method": "wina", "allocation": "greedy", "head_bases": "pca"},
     "teal-heads": {"method": "teal", "allocation": "greedy", "head_bases": "pca"},
     "wina-center": {"method": "wina", "allocation": "greedy", "center": "median"},
@@ -70,7 +73,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "default-lowrank16": {"lowrank": "16"},
     "default-self": {"calibration": "self"},
 }
-CONVERT_KEYS = ("method", "allocation", "transform", "basis", "center", "head_bases", "lowrank")
+CONVERT_KEYS = ("method", "allocation", "transform", "basis", "center", "head_bases", "lowrank", "head_sparsity")
 
 
 def options(setting: dict[str, Any]) -> dict[str, Any]:
@@ -89,6 +92,10 @@ def label(name: str, setting: dict[str, Any]) -> str:
         parts.append(f"center {opts['center']}")
     if str(opts["lowrank"]) != "0":
         parts.append(f"low-rank {opts['lowrank']}")
+    if opts["head_sparsity"] == "auto":
+        parts.append("head in the budget")
+    elif opts["head_sparsity"]:
+        parts.append(f"head at {opts['head_sparsity']} on top")
     if setting.get("topk"):
         parts.append("top-k eval")
     if setting.get("calibration") == "self":
@@ -131,6 +138,7 @@ def measure(directory: Path, sparsity: float, setting: dict[str, Any], args: arg
     row = {"perplexity": ev["perplexity"], "dense_perplexity": ev["dense_perplexity"], "sparsity": ev["sparsity"],
            "kept_bytes_fraction": ev["kept_bytes_fraction"], "bytes_per_token": ev["bytes_per_token"],
            "tokens_per_s": speed_at(curve, ev["kept_bytes_fraction"]), "by_role": ev["by_role"],
+           "head_sparsity": ev.get("head_sparsity"),
            "tokens": ev["tokens"], "text": ev["text"]}
     if tasks and args.tasks:
         try:

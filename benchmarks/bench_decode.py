@@ -3,7 +3,7 @@
     python benchmarks/bench_decode.py --out DIR [--layers 32] [--tokens 128] [--modes graphs,compile]
                                       [--work DIR] [--hf-dense] [--dtype float16] [--only 'no transform']
                                       [--batches 1,2,4,8] [--name decode_h200] [--lowrank 8,32 [--lowrank-apart]]
-                                      [--head-sparsity 0.5]
+                                      [--head-sparsity 0.5] [--head-share 0.6]
 
 No download: a random-weight Llama with Llama-3-8B's shapes (32 layers, hidden 4096, intermediate 14336,
 32 heads, 8 KV heads, vocab 128256, bf16 unless --dtype float16) is built on the GPU and saved with a small byte-level BPE
@@ -21,7 +21,10 @@ count toward the sparsity, so each of its rows reads the bytes of the same row w
 the kernels (the path of a group whose members' ranks differ) instead of inside the launch.
 ``--head-sparsity H[,H2]`` adds a no-transform checkpoint per value with its output head gated at it
 (``convert --head-sparsity H``): each row's layers read what the plain checkpoint's do, the head ``1 - H``
-of its columns.
+of its columns. ``--head-share R[,R2]`` adds one per value with the head inside the budget
+(``convert --head-sparsity auto`` with its share fixed at ``R`` instead of searched, as random weights have
+nothing to search): at sparsity ``s`` the head skips ``R s`` of its columns and the layers fewer, the same bytes
+in all as the plain checkpoint's row.
 ``--hf-dense`` also measures dense through an unpacked model (``kernels=False``: transformers' weight layout),
 to check that storing q/k/v and gate/up packed as ``W^T`` costs the dense path nothing.
 
@@ -99,10 +102,12 @@ def free() -> None:
 
 
 def measure(path: Path, modes: list[str], tokens: int, prompt: int, device: str, attention: str | None = None,
-            batches: tuple[int, ...] = (), apart: bool = False) -> dict[str, dict]:
+            batches: tuple[int, ...] = (), apart: bool = False, head_share: float | None = None) -> dict[str, dict]:
     out = {}
     t0 = time.perf_counter()
     model = load(path, sparsity=0.0, device=device)
+    if head_share is not None:  # the head inside the budget at a fixed share (what --head-sparsity auto records)
+        model.wina.head_share, model.wina.head_level_scale = head_share, 1.0
     if apart:  # the low-rank term by torch ops on top of the kernels (hook._compensated), not in the launch
         for group in {id(g.kernel): g.kernel for g in model.wina.gates.values() if g.kernel is not None}.values():
             group.lr_b = None
@@ -227,6 +232,7 @@ def main() -> None:
     ap.add_argument("--lowrank", default="", help="comma-separated ranks: a convert --lowrank checkpoint each")
     ap.add_argument("--lowrank-apart", action="store_true", help="measure those also with the term added by torch ops")
     ap.add_argument("--head-sparsity", default="", help="comma-separated: a checkpoint each with its output head gated at it")
+    ap.add_argument("--head-share", default="", help="comma-separated: a checkpoint each with its head inside the budget at this share")
     args = ap.parse_args()
     import transformers
 
@@ -257,6 +263,9 @@ def main() -> None:
     heads = [float(h) for h in args.head_sparsity.split(",") if h.strip()]
     for h in heads:
         ckpts[f"head {h}"] = work / f"wina-head{h}"
+    shares = [float(r) for r in args.head_share.split(",") if r.strip()]
+    for r in shares:
+        ckpts[f"head share {r}"] = work / f"wina-head{r}"  # the same checkpoint as head R: only its use differs
     if args.only:
         if args.only not in ckpts:
             ap.error(f"--only must be one of {sorted(ckpts)}")
@@ -270,7 +279,7 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         lowrank = name.split()[-1] if name.startswith("low rank") else None
-        head = float(name.split()[-1]) if name.startswith("head") else 0.0
+        head = float(name.split()[-1]) if name.startswith("head") else 0.0  # (a share's: any calibrated head gate)
         convert(source, path, sparsity=0.5, transform=(name == "transform"), dtype=args.dtype, device=args.device,
                 samples=args.samples, seq_len=args.seq_len, allocation=args.allocation, lowrank=lowrank,
                 head_sparsity=head, quiet=True)
@@ -282,7 +291,8 @@ def main() -> None:
     hf = None
     for name, path in ckpts.items():
         batches = tuple(int(b) for b in args.batches.split(",") if b.strip() and int(b) > 1) if name == "no transform" else ()
-        results[name] = measure(path, modes, args.tokens, args.prompt, args.device, args.attention, batches)
+        share = float(name.split()[-1]) if name.startswith("head share") else None
+        results[name] = measure(path, modes, args.tokens, args.prompt, args.device, args.attention, batches, head_share=share)
         if name.startswith("low rank") and args.lowrank_apart:
             results[f"{name}, torch ops"] = measure(path, modes, args.tokens, args.prompt, args.device, args.attention,
                                                     apart=True)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from wina_convert import convert, load
 from wina_convert.errors import WinaError
@@ -157,3 +158,117 @@ def test_bad_head_inputs_are_one_line_errors(headed, tmp_path, capsys):
     write_manifest(edited)
     with pytest.raises(WinaError, match="output head's gate .* is missing"):
         load(edited)
+
+
+# --------------------------------------------------------------------------- the head inside the budget (auto)
+
+
+@pytest.fixture(scope="module")
+def budgeted(tiny_models, tmp_path_factory):
+    """family -> checkpoint with the head's share of the bytes searched (``--head-sparsity auto``) at 0.5."""
+    root = tmp_path_factory.mktemp("head-auto")
+    out = {}
+    for family in ("llama", "qwen2"):
+        out[family] = root / family
+        convert(tiny_models[family], out[family], sparsity=0.5, head_sparsity="auto", quiet=True, samples=4, seq_len=64)
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_auto_head_share_is_searched_and_recorded(budgeted, family):
+    from wina_convert.calibration.search import HEAD_SHARES
+
+    path = budgeted[family]
+    wina = json.loads((path / "config.json").read_text())["wina"]
+    report = wina["calibration"]["head"]
+    assert {f"{s:g}" for s in HEAD_SHARES if s * 0.5 <= 0.9} <= set(report["shares"])  # a dense head (0) among them
+    best = min(report["shares"].values())
+    assert report["kl"] == best and report["shares"][f"{report['share']:g}"] == best
+    assert wina["head_share"] == report["share"]
+    assert wina["head_sparsity"] == pytest.approx(min(report["share"] * 0.5, 0.9))
+    model = load(path)
+    assert model.wina.head_share == report["share"] and model.wina.head == "lm_head"
+    assert model.wina.head_level_scale == pytest.approx(report["level_scale"])
+
+
+def test_in_budget_head_pays_for_the_layers_bytes(budgeted):
+    """At any sparsity, what the head skips (its level times its size) is what the layers' levels give up, times
+    the measured level scale: the model plans the same skipped bytes as the layers alone at that sparsity."""
+    model = load(budgeted["llama"])
+    ctl = model.wina
+    ctl.head_share, ctl.head_level_scale = 0.8, 1.0
+    gated = sum(ctl.gated_params)
+    for s in (0.2, 0.5, 0.7):
+        layers = sum(ctl.matrix_level(layer, s) * params for layer, params in enumerate(ctl.gated_params))
+        assert ctl.head_level(s) == pytest.approx(0.8 * s)
+        assert layers + ctl.head_level(s) * ctl.head_params == pytest.approx(s * gated)
+    ctl.head_level_scale = 1.1
+    assert ctl.matrix_level(0, 0.5) == pytest.approx(1.1 * (0.5 - 0.4 * ctl.head_params / gated))
+    assert ctl.head_level(0.0) == 0.0 and ctl.matrix_level(0, 0.0) == 0.0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_in_budget_head_reads_the_targets_bytes_and_is_dense_at_zero(budgeted, tiny_models, family):
+    """On held-out text the model skips about the target's bytes (net of the head's saving), the layers less than
+    the target when the head helps; sparsity 0 is the original model exactly."""
+    path = budgeted[family]
+    result = evaluate(path, max_tokens=1024, seq_len=64)
+    assert result["head_in_budget"]
+    assert 1.0 - result["kept_bytes_fraction"] == pytest.approx(0.5, abs=0.06)
+    model = load(path)
+    share = model.wina.head_share
+    head = model.lm_head.weight
+    if share > 0:
+        assert result["head_sparsity"] > 0 and result["sparsity"] < 0.5
+    layer_bytes = sum(g.weight.numel() * g.weight.element_size() for n, g in model.wina.gates.items() if n != "lm_head")
+    head_dense = head.numel() * head.element_size()
+    kept_layers = result["kept_bytes_fraction"] * layer_bytes + result["head_sparsity"] * head_dense
+    embed_row = head.shape[-1] * head.element_size()
+    assert result["bytes_per_token"] == pytest.approx(kept_layers + (1 - result["head_sparsity"]) * head_dense + embed_row, rel=1e-6)
+    model.wina.set_sparsity(0.0)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_head_sparsity_takes_the_head_out_of_the_budget(budgeted):
+    """``set_head_sparsity`` (or ``load(head_sparsity=)``) puts the head on top: the layers go back to the target."""
+    model = load(budgeted["llama"])
+    ctl = model.wina
+    ctl.head_share, ctl.head_level_scale = 0.8, 1.0  # whatever was searched, a share that helps
+    ctl.set_sparsity(0.5)
+    assert ctl.matrix_level(0, 0.5) < 0.5
+    ctl.set_head_sparsity(0.3)
+    assert ctl.head_share is None and ctl.head_level(0.5) == 0.3
+    assert ctl.matrix_level(0, 0.5) == pytest.approx(0.5 + sum(ctl.extra_params) / sum(ctl.gated_params))
+    assert load(budgeted["llama"], head_sparsity=0.3).wina.head_share is None
+
+
+def test_in_budget_head_in_inspect_card_and_round_trip(budgeted, tmp_path):
+    from wina_convert.evaluate.inspect import describe
+
+    path = budgeted["qwen2"]
+    info = describe(path)
+    model = load(path)
+    assert info["head_in_budget"] and info["head_sparsity"] == pytest.approx(model.wina.head_level(0.5))
+    assert info["kept_bytes_fraction"] == pytest.approx(0.5, abs=0.02)
+    card = (path / "README.md").read_text()
+    if info["head_sparsity"] > 0:
+        assert "gated inside the target's bytes" in card
+    model.save_pretrained(tmp_path / "again")
+    again = load(tmp_path / "again")
+    assert again.wina.head_share == model.wina.head_share
+    assert again.wina.head_level_scale == model.wina.head_level_scale
+    torch.testing.assert_close(again.lm_head.thresholds, model.lm_head.thresholds)
+
+
+def test_auto_head_refusals(budgeted, tmp_path, capsys):
+    from test_cli import assert_one_line_error, run
+
+    path = budgeted["llama"]
+    with pytest.raises(WinaError, match="drop --no-calibrate"):
+        convert(path, tmp_path / "never", head_sparsity="auto", calibrate=False, quiet=True)
+    code, _, err = run(capsys, "convert", path, "-o", tmp_path / "never", "--head-sparsity", "automatic")
+    assert_one_line_error(code, err, "--head-sparsity")
+    assert not (tmp_path / "never").exists()

@@ -100,7 +100,7 @@ def convert(
     head_bases: str = typer.Option(DEFAULTS["head_bases"], "--head-bases", help="pca: rotate each KV head's values into their principal axes (absorbed exactly into v_proj and o_proj, free at decode), or none."),
     basis: str = typer.Option(DEFAULTS["basis"], "--basis", help="With --transform, the sub-blocks' input bases: svd (right-singular vectors of k_proj / gate_proj), pca (principal axes of each sub-block's calibration inputs) or pooled (one residual basis for the whole model: no shortcut rotations, nothing added at decode)."),
     lowrank: str = typer.Option(DEFAULTS["lowrank"], "--lowrank", help="Compensate each gated matrix's dropped channels with a rank-R term A (B x_dropped) fitted on calibration text: R for every matrix, or ROLE=R pairs (down=32,qkv=16); 0: off. Exact at sparsity 0; the factors count as bytes read, so the matrices skip more."),
-    head_sparsity: str = typer.Option("0", "--head-sparsity", help="Also gate the output head (lm_head), skipping this fraction of its columns whenever the model is sparse; its gate is calibrated on the final hidden states. 0: a dense head. Its bytes are reported apart from --sparsity's."),
+    head_sparsity: str = typer.Option("0", "--head-sparsity", help="Also gate the output head (lm_head); its gate is calibrated on the final hidden states. auto: inside --sparsity's bytes (the head skips a searched share of them, the layers the rest, so the model reads what the layers alone at --sparsity read); a number: skip this fraction of its columns on top of --sparsity (its bytes reported apart); 0: a dense head."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype: float32, bfloat16 or float16 (default: the input's)."),
     device: str = typer.Option("cpu", "--device", help="Where to transform and calibrate: cpu or cuda."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) of MODEL."),
@@ -122,7 +122,7 @@ def convert(
         model, output, sparsity=_sparsity(sparsity), transform=transform, dtype=dtype, revision=revision, token=token,
         shard_size=shard_size, overwrite=overwrite, device=device, calibrate=calibrate, calibration=calibration,
         samples=samples, seq_len=seq_len, seed=seed, allocation=allocation, search_tokens=search_tokens, method=method,
-        center=center, head_bases=head_bases, basis=basis, lowrank=lowrank, head_sparsity=_sparsity(head_sparsity, "--head-sparsity"), quiet=quiet,
+        center=center, head_bases=head_bases, basis=basis, lowrank=lowrank, head_sparsity="auto" if head_sparsity == "auto" else _sparsity(head_sparsity, "--head-sparsity"), quiet=quiet,
     )
     if not quiet:
         err.print(_convert_summary(result))
@@ -200,7 +200,7 @@ def eval_(
     table.add_row("kept bytes", "", percent(result["kept_bytes_fraction"], missing="-"))
     table.add_row("bytes per token", "", human_size(int(result["bytes_per_token"])))
     if result.get("head_sparsity") is not None:
-        table.add_row("  head", "", percent(result["head_sparsity"], missing="-"))
+        table.add_row("  head" + (" (in --sparsity's bytes)" if result.get("head_in_budget") else ""), "", percent(result["head_sparsity"], missing="-"))
     for role, value in result["by_role"].items():
         table.add_row(f"  {role}", "", percent(value, missing="-"))
     out.print(table)

@@ -154,7 +154,7 @@ def convert(
     head_bases: str = DEFAULTS["head_bases"],
     basis: str = DEFAULTS["basis"],
     lowrank: str | int | None = DEFAULTS["lowrank"],
-    head_sparsity: float = DEFAULTS["head_sparsity"],
+    head_sparsity: float | str = DEFAULTS["head_sparsity"],
     quiet: bool = False,
     reporter: Reporter | None = None,
 ) -> ConvertResult:
@@ -177,7 +177,10 @@ def convert(
     if not calibrate and (center != "none" or head_bases != "none"):
         raise WinaError("--center and --head-bases are measured on calibration text: drop --no-calibrate")
     _check_basis(basis, transform, calibrate)
-    _check_head_sparsity(head_sparsity, calibrate)
+    head_sparsity = _check_head_sparsity(head_sparsity, calibrate)
+    head_auto = head_sparsity == "auto"
+    if head_auto and sparsity <= 0:
+        head_sparsity, head_auto = 0.0, False  # nothing to share at sparsity 0
     shortcuts = transform and basis != "pooled"
     torch_device = _device(device)
     shard_bytes = parse_size(shard_size)
@@ -343,7 +346,7 @@ def convert(
             "head_bases": head_bases,
             "basis": basis,
             "lowrank": {n: r for n, r in ranks.items() if r},
-            "head_sparsity": float(head_sparsity),
+            "head_sparsity": "auto" if head_auto else float(head_sparsity),
             "base_model": source.base,
             "license": getattr(config, "license", None),
             "sidecar": SIDECAR,
@@ -367,13 +370,24 @@ def convert(
             wina["calibration"] = meta["calibration"]
             rewritten()
             reporter.advance()
-        if head_sparsity > 0:
-            reporter.stage("head", 1)
+        if head_auto or head_sparsity > 0:
+            reporter.stage("head", 2 if head_auto else 1)
+            head = adapter.lm_head.removesuffix(".weight")
             with clock("calibrate"):
-                _calibrate_head(tmp, tokens, sparsity, torch_device, sidecar, meta, HEAD_TOKENS,
-                                adapter.lm_head.removesuffix(".weight"), head_sparsity)
+                _calibrate_head(tmp, tokens, sparsity, torch_device, sidecar, meta, HEAD_TOKENS, head,
+                                0.0 if head_auto else head_sparsity)
             rewritten()
             reporter.advance()
+            if head_auto:
+                with clock("search"):
+                    meta = _search_head_share(tmp, tokens, sparsity, torch_device, sidecar, meta, search_tokens)
+                    rewritten()
+                    if meta["head_share"] > 0:  # the head's input, with the layers at their final level
+                        _calibrate_head(tmp, tokens, sparsity, torch_device, sidecar, meta, HEAD_TOKENS, head,
+                                        meta["head_sparsity"])
+                wina.update(calibration=meta["calibration"], head_sparsity=meta["head_sparsity"], head_share=meta["head_share"])
+                reporter.advance()
+            rewritten()
     total_bytes = sum(p.stat().st_size for p in target.iterdir() if p.is_file())
     return ConvertResult(target, time.perf_counter() - start, total_bytes, clock.seconds,
                          meta.get("calibration") if calibrator is not None else None)
@@ -426,10 +440,30 @@ def _calibrate_head(directory: Path, tokens: torch.Tensor, sparsity: float, devi
     write_sidecar(directory / SIDECAR, sidecar, meta)
 
 
-def _check_head_sparsity(head_sparsity: Any, calibrate: bool) -> None:
-    _check_sparsity(head_sparsity, "--head-sparsity")
-    if head_sparsity > 0 and not calibrate:
+def _search_head_share(directory: Path, tokens: torch.Tensor, sparsity: float, device: torch.device,
+                       sidecar: dict[str, torch.Tensor], meta: dict[str, Any], search_tokens: int) -> dict[str, Any]:
+    """``--head-sparsity auto``: choose the head's share of the target's bytes (``calibration/search.py``) on the
+    checkpoint written so far (its head gate calibrated) and record it in the sidecar (``meta["head_share"]``)."""
+    from .calibration.search import search_head_share
+    from .runtime.load import load
+
+    model = load(directory, sparsity, device=device, kernels=False)
+    share, report = search_head_share(model, tokens, sparsity, model.wina.layers_prefix, search_tokens)
+    del model
+    meta = {**meta, "head_share": share, "head_sparsity": min(share * sparsity, MAX_SPARSITY), "head_level_scale": report["level_scale"],
+            "calibration": {**meta["calibration"], "head": report}}
+    write_sidecar(directory / SIDECAR, sidecar, meta)
+    return meta
+
+
+def _check_head_sparsity(head_sparsity: Any, calibrate: bool) -> float | str:
+    """``--head-sparsity``: a fraction, or ``auto`` (the head's share of the budget searched); returns it."""
+    if head_sparsity != "auto":
+        _check_sparsity(head_sparsity, "--head-sparsity")
+        head_sparsity = float(head_sparsity)
+    if head_sparsity != 0 and not calibrate:
         raise WinaError("--head-sparsity calibrates the head's gate on calibration text: drop --no-calibrate")
+    return head_sparsity
 
 
 def _check_basis(basis: str, transform: bool, calibrate: bool) -> None:

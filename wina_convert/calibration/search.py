@@ -213,3 +213,64 @@ def _counting_pass(divergence: _Divergence) -> None:
     with torch.no_grad():
         for row in range(len(divergence.tokens)):
             divergence.logprobs(row)
+
+
+HEAD_SHARES = (0.0, 0.4, 0.8, 1.2, 1.6)  # candidate head levels per unit of model sparsity (--head-sparsity auto)
+HEAD_REFINE = 0.2  # then the midpoints this far either side of the best
+
+
+def search_head_share(model: Any, tokens: torch.Tensor, target: float, layers_prefix: str,
+                      search_tokens: int = SEARCH_TOKENS) -> tuple[float, dict[str, Any]]:
+    """``--head-sparsity auto``: how much of the target's bytes the output head should skip instead of the layers.
+
+    ``model`` is loaded with its head gate calibrated. A share ``r`` gates the head at ``r * target`` and lowers
+    the layers' level by the bytes it saves (``control.head_offset``), so every candidate reads the same bytes;
+    each is judged by the whole model's KL divergence from the dense model on the search tokens (share 0, a
+    dense head, is among them). Candidates whose head would skip more than ``MAX_SPARSITY`` or whose layers would
+    go dense are left out. The layers' level is then scaled (``level_scale``, two fixed-point steps counted on
+    the search tokens) until the target's bytes are skipped. Returns the best share and a report.
+    """
+    ctl = model.wina
+    ctl.set_counting(False)
+    rows = max(1, min(tokens.shape[0], search_tokens // tokens.shape[1]))
+    divergence = _Divergence(model, tokens[:rows], model.get_submodule(layers_prefix))
+    tried: dict[float, float] = {}
+
+    def judge(share: float) -> None:
+        share = round(share, 4)
+        if share in tried or share < 0 or share * target > MAX_SPARSITY:
+            return
+        ctl.head_share = share
+        if share > 0 and ctl.matrix_level(0, target) <= 0:
+            return
+        ctl.set_sparsity(target)
+        tried[share] = divergence()
+
+    try:
+        ctl.set_sparsity(0.0)
+        divergence.record_dense()
+        for share in HEAD_SHARES:
+            judge(share)
+        best = min(tried, key=lambda s: (tried[s], s))
+        for share in (best - HEAD_REFINE, best + HEAD_REFINE):
+            judge(share)
+        best = min(tried, key=lambda s: (tried[s], s))
+        # The layers' tables were measured with every layer upstream at the target; at the lower level they skip
+        # a little less than planned: scale the layers' level so that the search tokens skip the target's bytes.
+        ctl.head_share, scale = best, 1.0
+        for _ in range(2 if best > 0 else 0):
+            ctl.head_level_scale = scale
+            ctl.set_sparsity(target)
+            ctl.set_counting(True)
+            ctl.reset_stats()
+            _counting_pass(divergence)
+            achieved = 1.0 - ctl.stats()["kept_bytes_fraction"]
+            ctl.set_counting(False)
+            scale *= 1.0 + (target - achieved) / max(ctl.matrix_level(0, target), 1e-6)
+    finally:
+        divergence.close()
+        ctl.head_share, ctl.head_level_scale = None, 1.0
+        ctl.set_sparsity(0.0)
+    report = {"search_tokens": int(rows * tokens.shape[1]), "shares": {f"{s:g}": round(kl, 6) for s, kl in sorted(tried.items())},
+              "share": best, "kl": round(tried[best], 6), "level_scale": round(scale, 5)}
+    return best, report

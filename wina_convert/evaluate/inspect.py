@@ -10,7 +10,7 @@ import torch
 
 from ..arch import adapter_for
 from ..checkpoint.format import INDEX, MANIFEST, SIDECAR, base_config, read_sidecar, verify_checkpoint
-from ..gate import interp
+from ..gate import MAX_SPARSITY, interp
 
 
 def describe(directory: str | Path) -> dict[str, Any]:
@@ -43,7 +43,8 @@ def describe(directory: str | Path) -> dict[str, Any]:
         "head_bases": wina.get("head_bases", "none"),
         "lowrank": ", ".join(f"{name}={rank}" for name, rank in (wina.get("lowrank") or {}).items()) or "none",
         "target_sparsity": target,
-        "head_sparsity": float(meta.get("head_sparsity") or 0.0) if meta.get("head") else 0.0,
+        "head_sparsity": _head_level(meta, target),
+        "head_in_budget": bool(meta.get("head")) and meta.get("head_share") is not None,
         "dtype": config_dict.get("dtype") or config_dict.get("torch_dtype"),
         "size": sum(entry["size"] for entry in manifest.values()),
         "files": len(manifest),
@@ -55,16 +56,26 @@ def describe(directory: str | Path) -> dict[str, Any]:
     labels = [part for name in adapter.gated_linears() for part, _ in adapter.linear_outputs(name, config)]
     shapes, element = _shapes(directory)
     extra = meta.get("extra_fraction") or [0.0] * config.num_hidden_layers
-    kept = dense = 0.0
+    head = shapes.get(adapter.lm_head) or shapes[adapter.embed]
+    layer_sizes = []
     for layer in range(config.num_hidden_layers):
-        alloc = sidecar.get(f"{adapter.layers_prefix}.{layer}.allocation")
         sizes = []
         for name in adapter.gated_linears():
             rows, cols = shapes[f"{adapter.layer_key(layer, name)}.weight"]
             sizes += [r * cols for r in adapter.splits(name, config, rows)]
-        level = target + extra[layer] if target > 0 else 0.0
-        if meta.get("allocation_scope") == "model" and target > 0:  # the whole model pays for its shortcuts together
+        layer_sizes.append(sizes)
+    # an in-budget head (convert --head-sparsity auto) lowers every layer's level by its saving
+    offset = info["head_sparsity"] * head[0] * head[1] / sum(map(sum, layer_sizes)) if info["head_in_budget"] else 0.0
+    scale = float(meta.get("head_level_scale") or 1.0) if info["head_in_budget"] else 1.0
+    kept = dense = 0.0
+    for layer, sizes in enumerate(layer_sizes):
+        alloc = sidecar.get(f"{adapter.layers_prefix}.{layer}.allocation")
+        level = target + extra[layer]
+        if meta.get("allocation_scope") == "model":  # the whole model pays for its shortcuts together
             level = target + sum(extra) / len(extra)  # (every layer of a family is the same size)
+        if info["head_in_budget"]:
+            level = min(max(0.0, (level - offset) * scale), MAX_SPARSITY)
+        level = level if target > 0 else 0.0
         values = [level] * len(sizes) if alloc is None else interp(level, levels, alloc.T.to(torch.float64)).tolist()
         if target <= 0:
             values = [0.0] * len(sizes)
@@ -72,11 +83,19 @@ def describe(directory: str | Path) -> dict[str, Any]:
         dense += sum(sizes)
         if alloc is not None and target > 0:
             info["layers_detail"].append({"layer": layer, "sparsity": dict(zip(labels, values))})
-    head = shapes.get(adapter.lm_head) or shapes[adapter.embed]
-    info["kept_bytes_fraction"] = kept / dense
+    info["kept_bytes_fraction"] = kept / dense - offset  # net of an in-budget head's saving
     head_kept = 1.0 - (info["head_sparsity"] if target > 0 else 0.0)  # (convert --head-sparsity: the head gated too)
     info["bytes_per_token"] = (kept + head_kept * head[0] * head[1] + head[1]) * element
     return info
+
+
+def _head_level(meta: dict[str, Any], target: float) -> float:
+    """The output head's sparsity at the checkpoint's target (0: dense; ``control.head_level``'s rule)."""
+    if not meta.get("head") or target <= 0:
+        return 0.0
+    if meta.get("head_share") is not None:
+        return min(float(meta["head_share"]) * target, MAX_SPARSITY)
+    return float(meta.get("head_sparsity") or 0.0)
 
 
 def _shapes(directory: Path) -> tuple[dict[str, tuple[int, ...]], int]:

@@ -97,8 +97,7 @@ def model_card(path: str | os.PathLike, repo_id: str | None = None) -> str:
         f"| method | {wina.get('method', 'wina')} |",
         f"| transform | {transform_text} |",
         f"| target sparsity | {percent(wina.get('target_sparsity'), space=True)} |",
-        *([f"| output head | gated too: {percent(wina['head_sparsity'], space=True)} of its columns skipped |"]
-          if wina.get("head_sparsity") else []),
+        *([_head_row(wina)] if wina.get("head_sparsity") else []),
         f"| base model | {base_link}{f' @ `{base_revision}`' if base_revision else ''} |",
     ]
     if isinstance(base, dict) and base.get("sha256"):
@@ -177,3 +176,11 @@ def write_model_card(path: str | os.PathLike, repo_id: str | None = None) -> Pat
         return readme
     readme.write_text(model_card(path, repo_id), encoding="utf-8")
     return readme
+
+
+def _head_row(wina: dict) -> str:
+    """The model card's line for a gated output head: inside the target's bytes (``--head-sparsity auto``) or on top."""
+    skipped = percent(wina["head_sparsity"], space=True)
+    if wina.get("head_share") is not None:
+        return f"| output head | gated inside the target's bytes: {skipped} of its columns skipped, the layers skip the rest |"
+    return f"| output head | gated too: {skipped} of its columns skipped |"

@@ -11,9 +11,14 @@ matrices (1, or 3 for a fused qkv_proj):
 
 * ``M.center``        ``[in]``     the calibrated center of the gate's input (``convert --center``), if any.
 * ``lm_head.column_norms`` / ``lm_head.quantiles`` (``convert --head-sparsity``): the output head's gate, calibrated
-  on the final hidden states of the model at its target. The head is not one of the gated sub-blocks: it is gated
-  at ``meta["head_sparsity"]`` (its own fraction of columns, ``set_head_sparsity``) whenever the model's sparsity
-  is above 0, and its bytes are reported apart (``stats()["head"]``).
+  on the final hidden states of the model at its target. Two ways to gate it:
+  - in the budget (``meta["head_share"] = r``, ``convert --head-sparsity auto``): at model sparsity ``s`` the head
+    skips ``r s`` of its columns and the bytes it saves count toward ``s``: the layers' level drops by the head's
+    skipped bytes over the gated sub-blocks' (``head_offset``), so the model reads what gating the layers alone at
+    ``s`` reads, and ``stats()["kept_bytes_fraction"]`` is net of the head's saving;
+  - on top (``meta["head_sparsity"]``, ``convert --head-sparsity H``, ``set_head_sparsity``): the head skips its own
+    fraction of columns whenever the model is sparse, outside the budget, its bytes reported apart.
+  Either way ``stats()["head"]`` reports the head's own sparsity and bytes.
 * ``M.lowrank_a``     ``[out, r]`` and ``M.lowrank_b`` ``[P, r, in]``: the factors that compensate the dropped
   channels (``convert --lowrank``, ``wina_convert/lowrank.py``), if any.
 
@@ -116,6 +121,12 @@ class WinaControl:
         self.scope = meta.get("allocation_scope", "layer")
         self.head: str | None = meta.get("head") if meta.get("head") in gates else None  # the gated output head, if any
         self.head_sparsity = float(meta.get("head_sparsity") or 0.0) if self.head else 0.0
+        share = meta.get("head_share") if self.head else None
+        self.head_share: float | None = None if share is None else float(share)  # in the budget: the head at share * s
+        self.head_params = gates[self.head].weight.numel() if self.head else 0
+        # in the budget: the layers' level is scaled by this (measured by the share's search: their tables were
+        # calibrated with every layer upstream at the target, a little above where they sit with the head's help)
+        self.head_level_scale = float(meta.get("head_level_scale") or 1.0)
 
     @property
     def epoch(self) -> int:
@@ -167,9 +178,24 @@ class WinaControl:
         (of the model's, for a whole-model allocation): ``sparsity + extra``; 0 at sparsity 0 (dense)."""
         if sparsity <= 0:
             return 0.0
-        if self.scope == "model":
-            return sparsity + sum(self.extra_params) / sum(self.gated_params)
-        return sparsity + self.extra_fraction[layer]
+        extra = sum(self.extra_params) / sum(self.gated_params) if self.scope == "model" else self.extra_fraction[layer]
+        if self.head_share is None:
+            return sparsity + extra
+        return min(max(0.0, (sparsity + extra - self.head_offset(sparsity)) * self.head_level_scale), MAX_SPARSITY)
+
+    def head_level(self, sparsity: float) -> float:
+        """The fraction of the output head's columns skipped at model sparsity ``sparsity`` (0: dense or no head gate)."""
+        if self.head is None or sparsity <= 0:
+            return 0.0
+        if self.head_share is not None:
+            return min(self.head_share * sparsity, MAX_SPARSITY)
+        return self.head_sparsity
+
+    def head_offset(self, sparsity: float) -> float:
+        """What an in-budget head saves at ``sparsity``, as a fraction of the gated sub-blocks' bytes (0: on top)."""
+        if self.head_share is None:
+            return 0.0
+        return self.head_level(sparsity) * self.head_params / sum(self.gated_params)
 
     @property
     def max_sparsity(self) -> float:
@@ -228,7 +254,7 @@ class WinaControl:
             raise WinaError("this checkpoint is not calibrated: only sparsity 0 is available (convert it with calibration)")
         sparsities = self.gate_sparsities(sparsity)
         if self.head is not None:
-            sparsities[self.head] = torch.tensor([self.head_sparsity if sparsity > 0 else 0.0], dtype=torch.float64)
+            sparsities[self.head] = torch.tensor([self.head_level(sparsity)], dtype=torch.float64)
         self.set_gate_sparsities(sparsities)
         self.sparsity = sparsity
         return sparsity
@@ -237,13 +263,14 @@ class WinaControl:
         """Gate the output head at ``sparsity`` (its fraction of columns skipped) whenever the model is sparse.
 
         Needs a checkpoint converted with ``--head-sparsity`` (which calibrates the head's gate); 0 reads it densely.
+        The head is then on top of the budget, also for a checkpoint whose head was in it (``head_share``).
         """
         sparsity = _fraction(sparsity, "head sparsity")
         if self.head is None:
             if sparsity > 0:
                 raise WinaError("this checkpoint's output head is not calibrated: convert it with --head-sparsity")
             return 0.0
-        self.head_sparsity = sparsity
+        self.head_sparsity, self.head_share, self.head_level_scale = sparsity, None, 1.0
         self.set_sparsity(self.sparsity)
         return sparsity
 
@@ -284,6 +311,10 @@ class WinaControl:
             kept_bytes += kept + (shortcuts + factors) * counted[0].weight.element_size()
         layered = {name: gate for name, gate in self.gates.items() if name != self.head}
         dense_bytes = sum(g.weight.numel() * g.weight.element_size() for g in layered.values() if g.tokens > 0)
+        head = self.gates[self.head] if self.head is not None else None
+        saved = 0.0  # the bytes an in-budget head skips per token: they count toward the sparsity
+        if self.head_share is not None and head.tokens > 0:
+            saved = (head.zeroed.sum().item() / head.tokens) * head.weight.element_size() * head.out_features
         counts = {name: (gate.zeroed.tolist(), gate.tokens) for name, gate in self.gates.items()}
         for name, gate in self.gates.items():
             zeroed, tokens = counts[name]
@@ -305,8 +336,9 @@ class WinaControl:
             "sparsity": total_zero / total_w if total_w else 0.0,
             "by_role": {role: z / w for role, (z, w) in by_role.items()},
             "per_gate": per_gate,
-            # bytes the gated sub-blocks read per token (kept weight columns + shortcuts), over their dense bytes
-            "kept_bytes_fraction": kept_bytes / dense_bytes if dense_bytes else 1.0,
+            # bytes the gated sub-blocks read per token (kept weight columns + shortcuts; less what an in-budget
+            # head skips), over their dense bytes
+            "kept_bytes_fraction": (kept_bytes - saved) / dense_bytes if dense_bytes else 1.0,
             "gated_bytes_per_token": kept_bytes,
             "head": self._head_stats(per_gate),
         }
@@ -317,7 +349,7 @@ class WinaControl:
             return None
         gate = self.gates[self.head]
         dense = gate.weight.numel() * gate.weight.element_size()
-        return {"sparsity": per_gate[self.head], "target": self.head_sparsity if self.sparsity > 0 else 0.0,
+        return {"sparsity": per_gate[self.head], "target": self.head_level(self.sparsity), "in_budget": self.head_share is not None,
                 "bytes_per_token": dense * (1.0 - per_gate[self.head]), "dense_bytes": dense}
 
 
