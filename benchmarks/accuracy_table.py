@@ -67,18 +67,22 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "wina-lowrank32": {"method": "wina", "allocation": "greedy", "lowrank": "32"},
     "wina-lowrank-down32": {"method": "wina", "allocation": "greedy", "lowrank": "down=32"},
     "teal-lowrank8": {"method": "teal", "allocation": "greedy", "lowrank": "8"},
-    "default": {},
-    "default-lowrank4": {"lowrank": "4"},
-    "default-lowrank8": {"lowrank": "8"},
-    "default-lowrank16": {"lowrank": "16"},
-    "default-self": {"calibration": "self"},
+    # every default (the head in the budget since 2026-12-03), with one lever on top
+    "default": {"defaults": True},
+    "default-lowrank4": {"defaults": True, "lowrank": "4"},
+    "default-lowrank8": {"defaults": True, "lowrank": "8"},
+    "default-lowrank16": {"defaults": True, "lowrank": "16"},
+    "default-self": {"defaults": True, "calibration": "self"},
 }
 CONVERT_KEYS = ("method", "allocation", "transform", "basis", "center", "head_bases", "lowrank", "head_sparsity")
 
 
 def options(setting: dict[str, Any]) -> dict[str, Any]:
-    """The convert options of a setting: the defaults, overridden by the setting."""
-    return {key: setting.get(key, DEFAULTS[key]) for key in CONVERT_KEYS}
+    """The convert options of a setting: the defaults, overridden by the setting. A comparison setting keeps the
+    output head dense unless it names a head (they were measured so before the head joined the defaults); the
+    ``default`` settings take every default, the head's included."""
+    base = DEFAULTS if setting.get("defaults") else {**DEFAULTS, "head_sparsity": 0.0}
+    return {key: setting.get(key, base[key]) for key in CONVERT_KEYS}
 
 
 def label(name: str, setting: dict[str, Any]) -> str:

@@ -65,9 +65,12 @@ def test_sparsity_is_achieved_and_bytes_follow(result):
     assert at0["same_tokens_as_dense"]  # the sparse path at 0 computes the dense function
     assert at0["limit"] == pytest.approx(1.0, abs=1e-6)
     assert 0.3 < at5["achieved_sparsity"] < 0.7  # calibrated for 0.5 on other text: near, not exact
-    gated = result["bytes"]["gated"]
+    gated, head = result["bytes"]["gated"], result["bytes"]["lm_head"]
     skipped = result["dense"]["bytes_per_token"] - at5["bytes_per_token"]
-    assert skipped == pytest.approx(at5["achieved_sparsity"] * gated, abs=1)  # rounded to whole bytes
+    assert at0["head_sparsity"] in (None, 0.0) and result["dense"]["head_sparsity"] is None
+    head_skipped = (at5["head_sparsity"] or 0.0) * head  # the default gates the head inside the budget
+    assert skipped == pytest.approx(at5["achieved_sparsity"] * gated + head_skipped, abs=1)  # rounded to whole bytes
+    assert 0.3 < skipped / gated < 0.7  # the budget: 0.5 of the gated sub-blocks' bytes, the head's share among them
     assert at5["limit"] == pytest.approx(result["dense"]["bytes_per_token"] / at5["bytes_per_token"])
 
 

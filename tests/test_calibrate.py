@@ -123,7 +123,8 @@ def test_self_calibration_is_offline_and_recorded(tiny_models, tmp_path, monkeyp
 def calibrated(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("cal")
     cases = {"greedy": {"allocation": "greedy"}, "uniform": {"allocation": "uniform"}, "teal": {"method": "teal", "allocation": "uniform"}}
-    return {name: _convert(tiny_models["mistral"], root / name, **kw).output for name, kw in cases.items()}
+    # a dense output head: every layer is then at the target (the in-budget head, the default, is test_head.py's)
+    return {name: _convert(tiny_models["mistral"], root / name, head_sparsity=0.0, **kw).output for name, kw in cases.items()}
 
 
 def _weighted(model, per_gate: dict[str, torch.Tensor], layer: int) -> float:

@@ -25,7 +25,7 @@ def headed(tiny_models, tmp_path_factory):
     for family in ("llama", "qwen2"):
         with_head, plain = root / f"{family}-head", root / family
         convert(tiny_models[family], with_head, sparsity=0.5, head_sparsity=0.5, quiet=True, samples=4, seq_len=64)
-        convert(tiny_models[family], plain, sparsity=0.5, quiet=True, samples=4, seq_len=64)
+        convert(tiny_models[family], plain, sparsity=0.5, head_sparsity=0.0, quiet=True, samples=4, seq_len=64)
         out[family] = (with_head, plain)
     return out
 
@@ -165,12 +165,14 @@ def test_bad_head_inputs_are_one_line_errors(headed, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def budgeted(tiny_models, tmp_path_factory):
-    """family -> checkpoint with the head's share of the bytes searched (``--head-sparsity auto``) at 0.5."""
+    """family -> checkpoint with the head's share of the bytes searched (``--head-sparsity auto``) at 0.5: the
+    default for llama (no head option given), named for qwen2."""
     root = tmp_path_factory.mktemp("head-auto")
     out = {}
     for family in ("llama", "qwen2"):
         out[family] = root / family
-        convert(tiny_models[family], out[family], sparsity=0.5, head_sparsity="auto", quiet=True, samples=4, seq_len=64)
+        named = {} if family == "llama" else {"head_sparsity": "auto"}
+        convert(tiny_models[family], out[family], sparsity=0.5, quiet=True, samples=4, seq_len=64, **named)
     return out
 
 
@@ -263,12 +265,15 @@ def test_in_budget_head_in_inspect_card_and_round_trip(budgeted, tmp_path):
     torch.testing.assert_close(again.lm_head.thresholds, model.lm_head.thresholds)
 
 
-def test_auto_head_refusals(budgeted, tmp_path, capsys):
+def test_auto_head_without_calibration_is_dense_and_refusals(budgeted, tiny_models, tmp_path, capsys):
+    """``auto`` (the default) has nothing to search without calibration text: a dense head, not an error."""
     from test_cli import assert_one_line_error, run
 
     path = budgeted["llama"]
-    with pytest.raises(WinaError, match="drop --no-calibrate"):
-        convert(path, tmp_path / "never", head_sparsity="auto", calibrate=False, quiet=True)
+    out = convert(tiny_models["llama"], tmp_path / "uncalibrated", calibrate=False, quiet=True).output
+    wina = json.loads((out / "config.json").read_text())["wina"]
+    assert wina["head_sparsity"] == 0.0 and "head_share" not in wina
+    assert load(out).wina.head is None
     code, _, err = run(capsys, "convert", path, "-o", tmp_path / "never", "--head-sparsity", "automatic")
     assert_one_line_error(code, err, "--head-sparsity")
     assert not (tmp_path / "never").exists()

@@ -179,8 +179,11 @@ def test_padded_generate_counts_real_positions_only(checkpoints):
     model.wina.reset_stats()
     with torch.no_grad():
         model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
-    tokens = {g.tokens for g in model.wina.gates.values()}
+    head = model.wina.head
+    tokens = {g.tokens for n, g in model.wina.gates.items() if n != head}
     assert tokens == {real + 2 * 3}, (tokens, real)  # the prompts' real positions + 3 decode steps each
+    if head is not None:  # the output head (gated by default) computes the last position only: 4 tokens a row
+        assert model.wina.gates[head].tokens == 2 * 4
 
 
 def test_real_positions_from_a_4d_mask():

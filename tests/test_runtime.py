@@ -70,12 +70,14 @@ def reference_model(directory: Path, sparsity: float):
     sidecar, meta = _sidecar(directory)
     q_levels, a_levels = np.array(meta["quantile_levels"]), np.array(meta["allocation_levels"])
     gates = PHI3_GATES if wina["base_model_type"] == "phi3" else LLAMA_GATES
+    head_level, offset, scale = _head_plan(model, meta, sparsity, gates)
     for i, layer in enumerate(model.model.layers):
         alloc = sidecar[f"model.layers.{i}.allocation"].double().numpy()
         # sparsity counts bytes: a transformed layer's matrices also pay for its two d x d shortcuts
         extra = 2 * config.hidden_size**2 / sum(layer.get_submodule(n).weight.numel() for n in gates) if wina["transform"] else 0.0
         assert meta["extra_fraction"][i] == pytest.approx(extra)
-        level = sparsity + extra if sparsity > 0 else 0.0
+        # an in-budget head: the layers give up what it skips (times the measured level scale)
+        level = min(max(0.0, (sparsity + extra - offset) * scale), 0.9) if sparsity > 0 else 0.0
         column = 0
         for name in gates:
             full = f"model.layers.{i}.{name}"
@@ -107,7 +109,35 @@ def reference_model(directory: Path, sparsity: float):
         if shortcuts:
             layer.forward = _rotating_forward(layer, shortcuts[f"model.layers.{i}.attn_shortcut.weight"],
                                               shortcuts[f"model.layers.{i}.mlp_shortcut.weight"])
+    if head_level > 0:
+        head = model.get_submodule(meta["head"])
+        norms = sidecar[f"{meta['head']}.column_norms"][0].float()
+        assert torch.allclose(norms, head.weight.float().norm(dim=0), rtol=1e-4)
+        t = float(np.interp(head_level, q_levels, sidecar[f"{meta['head']}.quantiles"][0].double().numpy()))
+        thr = torch.full_like(norms, t) if meta["method"] == "teal" else t / norms
+
+        def masked_head(module, args, output, thr=thr):
+            x = args[0]
+            return F.linear(x * (x.abs() > thr), module.weight, module.bias)
+
+        head.register_forward_hook(masked_head)
     return model
+
+
+def _head_plan(model, meta: dict, sparsity: float, gates: list[str]) -> tuple[float, float, float]:
+    """The output head's level at ``sparsity``, and what the layers give up for it: (head level, offset, scale).
+
+    A head on top (``--head-sparsity H``) skips ``H`` and costs the layers nothing; an in-budget head
+    (``auto``, a searched share ``r``) skips ``r * sparsity`` of its columns, and the layers' level falls by those
+    columns' share of the gated matrices' parameters, then is multiplied by the recorded level scale.
+    """
+    if not meta.get("head") or sparsity <= 0:
+        return 0.0, 0.0, 1.0
+    if meta.get("head_share") is None:
+        return float(meta["head_sparsity"]), 0.0, 1.0
+    level = min(meta["head_share"] * sparsity, 0.9)
+    gated = sum(layer.get_submodule(n).weight.numel() for layer in model.model.layers for n in gates)
+    return level, level * model.get_submodule(meta["head"]).weight.numel() / gated, float(meta["head_level_scale"])
 
 
 def _rotating_forward(layer, attn_rotation: torch.Tensor, mlp_rotation: torch.Tensor):
@@ -309,7 +339,14 @@ def test_smollm2_sparse_equals_reference_and_hits_target(smollm2_converted):
     # --sparsity counts decode bytes: the transformed matrices skip more columns to pay for the shortcuts
     skipped_bytes = 1 - result["kept_bytes_fraction"]
     assert abs(skipped_bytes - 0.5) <= 0.02, result
-    assert result["sparsity"] > 0.5  # parameter-weighted column sparsity, above the byte target
+    assert result["head_in_budget"]  # the default: the output head skips part of the target's bytes
+    # the budget's bytes: the layers' skipped columns and the head's, less the shortcuts read (counted here)
+    ctl = model.wina
+    gated = sum(g.weight.numel() for n, g in ctl.gates.items() if n != ctl.head)
+    head = model.lm_head.weight.numel()
+    shortcuts = 2 * model.config.hidden_size**2 * model.config.num_hidden_layers
+    skipped = result["sparsity"] * gated + result["head_sparsity"] * head - shortcuts
+    assert skipped / gated == pytest.approx(skipped_bytes, abs=1e-3)
     assert result["perplexity"] > result["dense_perplexity"]
 
 

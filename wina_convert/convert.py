@@ -385,6 +385,8 @@ def convert(
                     if meta["head_share"] > 0:  # the head's input, with the layers at their final level
                         _calibrate_head(tmp, tokens, sparsity, torch_device, sidecar, meta, HEAD_TOKENS, head,
                                         meta["head_sparsity"])
+                        rewritten()
+                        meta = _fit_head_scale(tmp, tokens, sparsity, torch_device, sidecar, meta, search_tokens)
                 wina.update(calibration=meta["calibration"], head_sparsity=meta["head_sparsity"], head_share=meta["head_share"])
                 reporter.advance()
             rewritten()
@@ -456,8 +458,27 @@ def _search_head_share(directory: Path, tokens: torch.Tensor, sparsity: float, d
     return meta
 
 
+def _fit_head_scale(directory: Path, tokens: torch.Tensor, sparsity: float, device: torch.device,
+                    sidecar: dict[str, torch.Tensor], meta: dict[str, Any], search_tokens: int) -> dict[str, Any]:
+    """The layers' level scale fitted again with the head's final gate (the search's was fitted with the head
+    calibrated for layers at the target, which skips less once they are lower); the sidecar is rewritten."""
+    from .calibration.search import fit_head_level_scale
+    from .runtime.load import load
+
+    model = load(directory, sparsity, device=device, kernels=False)
+    scale, trail = fit_head_level_scale(model, tokens, sparsity, model.wina.layers_prefix, search_tokens)
+    del model
+    report = {**meta["calibration"]["head"], "level_scale": round(scale, 5), "skipped_final_gate": trail}
+    meta = {**meta, "head_level_scale": scale, "calibration": {**meta["calibration"], "head": report}}
+    write_sidecar(directory / SIDECAR, sidecar, meta)
+    return meta
+
+
 def _check_head_sparsity(head_sparsity: Any, calibrate: bool) -> float | str:
-    """``--head-sparsity``: a fraction, or ``auto`` (the head's share of the budget searched); returns it."""
+    """``--head-sparsity``: a fraction, or ``auto`` (the head's share of the budget searched); returns it. Without
+    calibration ``auto`` is a dense head (there is nothing to search on); a fraction is refused."""
+    if head_sparsity == "auto" and not calibrate:
+        return 0.0
     if head_sparsity != "auto":
         _check_sparsity(head_sparsity, "--head-sparsity")
         head_sparsity = float(head_sparsity)

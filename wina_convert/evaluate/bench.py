@@ -63,7 +63,8 @@ def bench(
       ``fastest_dense``: the label of the faster of dense and fused dense.
     * ``dense`` and ``rows`` (one per requested sparsity), each a dict: ``label``, ``sparsity``
       (asked; None for dense), ``achieved_sparsity`` (parameter-weighted fraction of the gated sub-blocks' weight columns
-      skipped on the decoded tokens), ``path`` ("dense", "kernel" or "reference"), ``tokens_per_s``,
+      skipped on the decoded tokens; the gated output head's are not among them), ``head_sparsity`` (the fraction of the
+      output head's columns skipped; None without a head gate), ``path`` ("dense", "kernel" or "reference"), ``tokens_per_s``,
       ``latency_ms`` (median per token), ``latency_ms_p90``, ``bytes_per_token``, ``gbps`` (bytes
       per token x tokens/s), ``speedup`` (tokens/s over dense), ``limit`` (dense bytes / these
       bytes), ``fraction_of_limit`` (speedup / limit), ``same_tokens_as_dense``,
@@ -136,9 +137,9 @@ def bench(
             }
             if s is None or dense_batch:  # a batched step beyond sparse_batch reads every weight
                 dense_tokens = out if s is None else dense_tokens
-                row["achieved_sparsity"], row["skipped_bytes"] = 0.0, 0
+                row["achieved_sparsity"], row["skipped_bytes"], row["head_sparsity"] = 0.0, 0, None
             else:
-                row["achieved_sparsity"], row["skipped_bytes"] = _achieved(model, control, prompt, out)
+                row["achieved_sparsity"], row["skipped_bytes"], row["head_sparsity"] = _achieved(model, control, prompt, out)
             row["same_tokens_as_dense"] = bool(torch.equal(out, dense_tokens))
             rows.append(row)
     finally:
@@ -213,8 +214,9 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 @torch.no_grad()
-def _achieved(model: Any, control: Any, prompt: torch.Tensor, generated: torch.Tensor) -> tuple[float, int]:
-    """(parameter-weighted sparsity, weight bytes skipped per token) on the decoded tokens.
+def _achieved(model: Any, control: Any, prompt: torch.Tensor, generated: torch.Tensor) -> tuple[float, int, float | None]:
+    """(parameter-weighted sparsity of the gated sub-blocks, weight bytes skipped per token, the head's fraction of columns
+    skipped or None without a head gate) on the decoded tokens.
 
     Counted by the masking reference: a forward over prompt + decoded tokens minus one over the
     prompt alone (a causal model computes the prompt positions identically in both).
@@ -235,6 +237,7 @@ def _achieved(model: Any, control: Any, prompt: torch.Tensor, generated: torch.T
             g.counting = c
     head = control.gates.get(control.head) if control.head else None
     skipped = total = zero = 0.0
+    head_fraction = None
     for g, (z0, t0) in zip(gates, before):
         steps = g.tokens - t0
         if steps <= 0:
@@ -245,11 +248,13 @@ def _achieved(model: Any, control: Any, prompt: torch.Tensor, generated: torch.T
             skipped += fraction * params * g.weight.element_size()  # the gated head's skipped columns too
             if g is not head:  # the sparsity is the gated sub-blocks' (the head's is reported apart)
                 zero += fraction * params
+            else:
+                head_fraction = fraction
     for g in gates:
         if g is not head:
             total += g.out_features * g.in_features
     control.reset_stats()
-    return (zero / total if total else 0.0), int(round(skipped))
+    return (zero / total if total else 0.0), int(round(skipped)), head_fraction
 
 
 def _bytes_per_token(model: Any, control: Any, cache: Any) -> dict[str, int]:
@@ -321,9 +326,10 @@ def format_bench(result: dict[str, Any]) -> Any:
         table.add_column(col, justify="left" if col in ("config", "path") else "right")
     for row in [result["dense"], *result["rows"]]:
         dense = row["sparsity"] is None
+        head = "" if row.get("head_sparsity") is None else f" (head {row['head_sparsity']:.0%})"
         table.add_row(
             row["label"],
-            f"{row['achieved_sparsity']:.1%}",
+            f"{row['achieved_sparsity']:.1%}{head}",
             row["path"],
             f"{row['tokens_per_s']:.1f}",
             f"{row['latency_ms']:.2f}",
