@@ -1,16 +1,7 @@
 #!/bin/bash
 # The head-in-the-budget accuracy run of 2026-12-03 (H200): GGUFs and eval data carried in parts under .cache/parts, the [eval] extra as wheels under .whl; eight accuracy_table.py processes
 set -u
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-mkdir -p /tmp/p/cache/qwen2.5-0.5b /tmp/p/cache/smollm2
-cat .cache/parts/q00 .cache/parts/qr0* > /tmp/p/cache/qwen2.5-0.5b/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
-cat .cache/parts/s00 .cache/parts/s01 > /tmp/p/cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-sha256sum /tmp/p/cache/*/*.gguf > $OUT/sha.txt
-tar -C /tmp/p/cache -xf .cache/parts/evaldata.tar
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl > $OUT/pip.log 2>&1
-export PYTHONPATH=$PWD:/tmp/site WINA_CACHE=/tmp/p/cache
-python3 -c "import lm_eval, datasets, gguf; from lm_eval.models.huggingface import HFLM; print('ok')" > $OUT/preflight.txt 2>&1
-SMOL=/tmp/p/cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf QWEN=/tmp/p/cache/qwen2.5-0.5b/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+source benchmarks/gpu_parts_setup.sh $OUT
 COMMON=(--device cuda --sparsities 0.5,0.4,0.65 --speed-curve benchmarks/results/speed_curve_h200.json
         --tasks piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq,lambada_openai,mmlu
         --limit 200 --mmlu-limit 3 --batch-size 16)

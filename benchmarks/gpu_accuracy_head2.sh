@@ -2,18 +2,9 @@
 # The second head-in-the-budget accuracy run (H200, 2026-12-03): what the first (gpu_accuracy_head.sh) lost or did not
 # reach. Qwen's `wina-output-head` one process per sparsity (it stopped after two cells as one process), SmolLM2's
 # other three settings again; every result goes into one tar ($OUT/results.tar: a call brings back only a few files).
-# Set-up as in gpu_accuracy_head.sh: GGUFs and eval data in parts under .cache/parts, the [eval] extra under .whl.
+# Set-up: gpu_parts_setup.sh (GGUFs and eval data in parts under .cache/parts, the [eval] extra under .whl).
 set -u
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-mkdir -p /tmp/p/cache/qwen2.5-0.5b /tmp/p/cache/smollm2 /tmp/r
-cat .cache/parts/q00 .cache/parts/qr0* > /tmp/p/cache/qwen2.5-0.5b/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
-cat .cache/parts/s00 .cache/parts/s01 > /tmp/p/cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-sha256sum /tmp/p/cache/*/*.gguf > /tmp/r/sha.txt
-tar -C /tmp/p/cache -xf .cache/parts/evaldata.tar
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl > /tmp/r/pip.log 2>&1
-export PYTHONPATH=$PWD:/tmp/site WINA_CACHE=/tmp/p/cache
-python3 -c "import lm_eval, datasets, gguf; from lm_eval.models.huggingface import HFLM; print('ok')" > /tmp/r/preflight.txt 2>&1
-SMOL=/tmp/p/cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf QWEN=/tmp/p/cache/qwen2.5-0.5b/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+source benchmarks/gpu_parts_setup.sh /tmp/r
 COMMON=(--device cuda --speed-curve benchmarks/results/speed_curve_h200.json
         --tasks piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq,lambada_openai,mmlu
         --limit 200 --mmlu-limit 3 --batch-size 16)
