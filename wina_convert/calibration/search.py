@@ -172,11 +172,7 @@ def search_layer_levels(model: Any, tokens: torch.Tensor, target: float, layers_
         scale = 1.0
         for _ in range(2):
             gate(balanced(ratios, weights, min(level * scale, MAX_SPARSITY)))
-            ctl.set_counting(True)
-            ctl.reset_stats()
-            _counting_pass(divergence)
-            achieved = 1.0 - ctl.stats()["kept_bytes_fraction"]
-            ctl.set_counting(False)
+            achieved = _bytes_skipped(ctl, divergence)
             scale *= 1.0 + (target - achieved) / max(level, 1e-6)
     finally:
         divergence.close()
@@ -208,11 +204,17 @@ def search_layer_levels(model: Any, tokens: torch.Tensor, target: float, layers_
     return allocation, report
 
 
-def _counting_pass(divergence: _Divergence) -> None:
-    """One pass over the search tokens (for the gates' counters)."""
+def _bytes_skipped(ctl: Any, divergence: _Divergence) -> float:
+    """The fraction of the gated sub-blocks' bytes the model skips as gated now, counted over ``divergence``'s
+    tokens (one forward per window, no log-softmax over the vocabulary)."""
+    ctl.set_counting(True)
+    ctl.reset_stats()
     with torch.no_grad():
         for row in range(len(divergence.tokens)):
-            divergence.logprobs(row)
+            divergence.model(input_ids=divergence.tokens[row : row + 1], use_cache=False)
+    achieved = 1.0 - ctl.stats()["kept_bytes_fraction"]
+    ctl.set_counting(False)
+    return achieved
 
 
 HEAD_SHARES = (0.0, 0.4, 0.8, 1.2, 1.6)  # candidate head levels per unit of model sparsity (--head-sparsity auto)
@@ -270,8 +272,8 @@ def search_head_share(model: Any, tokens: torch.Tensor, target: float, layers_pr
 def fit_head_level_scale(model: Any, tokens: torch.Tensor, target: float, layers_prefix: str,
                          search_tokens: int = SEARCH_TOKENS) -> tuple[float, list[float]]:
     """The layers' level scale of a model loaded with its in-budget head (``head_share``) and that head's final
-    gate: the scale at which the calibration tokens (``LEVEL_SCALE_TOKENS`` of them at least) skip the target's bytes. Returns it and the bytes skipped at each
-    scale tried (``_fit_level_scale``)."""
+    gate: the scale at which the calibration tokens (``LEVEL_SCALE_TOKENS`` of them at least) skip the target's
+    bytes. Returns it and the bytes skipped at each scale tried (``_fit_level_scale``)."""
     ctl = model.wina
     ctl.set_counting(False)
     rows = max(1, min(tokens.shape[0], max(search_tokens, LEVEL_SCALE_TOKENS) // tokens.shape[1]))
@@ -287,23 +289,19 @@ def fit_head_level_scale(model: Any, tokens: torch.Tensor, target: float, layers
 # left Gemma-3-270M 0.019 over the target on held-out text, a counting pass is one forward per window
 LEVEL_SCALE_TOKENS = 2048
 LEVEL_SCALE_STEPS = 4  # at most this many counting passes to fit the layers' level scale
-LEVEL_SCALE_TOLERANCE = 0.002  # of the target's bytes, on the search tokens
+LEVEL_SCALE_TOLERANCE = 0.002  # of the target's bytes, on the tokens counted
 
 
 def _fit_level_scale(ctl: Any, divergence: _Divergence, target: float) -> tuple[float, list[float]]:
     """The layers' tables were measured with every layer upstream at the target; below it (the head skipping part
-    of the bytes) they skip less, or more, than planned. Scale the layers' level until the search tokens skip the
-    target's bytes: a proportional step per counting pass, stopping within ``LEVEL_SCALE_TOLERANCE`` (the scale
+    of the bytes) they skip less, or more, than planned. Scale the layers' level until ``divergence``'s tokens skip
+    the target's bytes: a proportional step per counting pass, stopping within ``LEVEL_SCALE_TOLERANCE`` (the scale
     returned is then the last one measured) or after ``LEVEL_SCALE_STEPS`` passes."""
     scale, trail = ctl.head_level_scale, []
     for _ in range(LEVEL_SCALE_STEPS):
         ctl.head_level_scale = scale
         ctl.set_sparsity(target)
-        ctl.set_counting(True)
-        ctl.reset_stats()
-        _counting_pass(divergence)
-        achieved = 1.0 - ctl.stats()["kept_bytes_fraction"]
-        ctl.set_counting(False)
+        achieved = _bytes_skipped(ctl, divergence)
         trail.append(round(achieved, 5))
         if abs(target - achieved) <= LEVEL_SCALE_TOLERANCE:
             break
