@@ -1,0 +1,137 @@
+"""Quantized weights in the layout a gated kernel reads: one input channel's weights are one contiguous row.
+
+A gated linear ``y = (x * m) W^T`` skips input channel ``i`` when its gate drops it, so the weights are
+stored input-major, like the float kernels' ``W^T``: ``q`` is ``[in, out]`` and row ``i`` holds input
+channel ``i``'s weight for every output. Each weight is
+
+    w[o, i] = s[i // group_in, o // group_out] * q[i, o] + m[i // group_in, o // group_out]
+
+with ``s`` the scales and ``m`` the offsets (absent: symmetric). Two group shapes occur:
+
+* ``group_in == 1`` (our own quantizer): a row's groups run along the outputs, so an input channel's
+  scales sit beside its weights and a dropped channel skips both;
+* ``group_out == 1`` (imported GGUF blocks, compressed-tensors groups): ``group_in`` consecutive input
+  channels of one output share a scale; the scale row of a group is read when any of its channels is kept.
+
+Codes:
+
+* int4: ``qweight`` is ``uint8 [in, out // 2]``, output ``2j`` in the low nibble of byte ``j`` and ``2j + 1``
+  in the high one; the code ``q`` is the nibble ``n`` (0..15) with offsets, ``n - 8`` without (GGUF Q4_0,
+  compressed-tensors' symmetric int4);
+* int8: ``qweight`` is ``int8 [in, out]``, ``q`` the signed byte.
+
+Dequantizing in float32 as written above reproduces GGUF's Q4_0 / Q4_1 / Q8_0 and compressed-tensors'
+values exactly (each product of a float16 scale and a code of at most 8 bits is exact in float32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import WinaError
+
+BITS = (4, 8)
+# names of a quantized linear's tensors in a checkpoint, beside (instead of) ``{module}.weight``
+QWEIGHT, SCALES, OFFSETS = "qweight", "scales", "offsets"
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized ``[out, in]`` weight in the input-major layout of the module docstring."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor | None = None
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.qweight.dtype == torch.uint8 else 8
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[1] * (2 if self.bits == 4 else 1)
+
+    @property
+    def group_in(self) -> int:
+        return self.in_features // self.scales.shape[0]
+
+    @property
+    def group_out(self) -> int:
+        return self.out_features // self.scales.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a dense read of this weight moves: the codes, the scales and the offsets."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.offsets) if t is not None)
+
+    def codes(self) -> torch.Tensor:
+        """``q`` as ``int16 [in, out]`` (the signed code, offsets or not, as in the module docstring)."""
+        if self.bits == 8:
+            return self.qweight.to(torch.int16)
+        q = unpack_int4(self.qweight)
+        return q if self.offsets is not None else q - 8
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``W`` as ``[out, in]`` in ``dtype``, computed in float32 (exact for the schemes we import)."""
+        s = _expand(self.scales.float(), self.group_in, self.group_out)
+        w = s * self.codes().float()
+        if self.offsets is not None:
+            w = w + _expand(self.offsets.float(), self.group_in, self.group_out)
+        return w.t().to(dtype)
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The checkpoint tensors of a linear named ``prefix`` (``model.layers.0.mlp.down_proj``)."""
+        out = {f"{prefix}.{QWEIGHT}": self.qweight, f"{prefix}.{SCALES}": self.scales}
+        if self.offsets is not None:
+            out[f"{prefix}.{OFFSETS}"] = self.offsets
+        return out
+
+    @classmethod
+    def from_tensors(cls, prefix: str, tensors: dict[str, torch.Tensor]) -> "QuantizedWeight":
+        """The inverse of :meth:`tensors`; a layout it cannot read is refused in one line."""
+        try:
+            q = cls(tensors[f"{prefix}.{QWEIGHT}"], tensors[f"{prefix}.{SCALES}"], tensors.get(f"{prefix}.{OFFSETS}"))
+        except KeyError as e:
+            raise WinaError(f"{prefix}: a quantized linear needs {QWEIGHT} and {SCALES} tensors, {e.args[0]} is missing") from None
+        q.check(prefix)
+        return q
+
+    def check(self, name: str = "weight") -> None:
+        """Refuse codes, scales or offsets whose types or shapes do not describe one layout."""
+        if self.qweight.dtype not in (torch.uint8, torch.int8) or self.qweight.dim() != 2:
+            raise WinaError(f"{name}: quantized codes must be a 2-d uint8 (int4) or int8 tensor, got {self.qweight.dtype} {tuple(self.qweight.shape)}")
+        if not self.scales.is_floating_point() or self.scales.dim() != 2:
+            raise WinaError(f"{name}: scales must be a 2-d float tensor, got {self.scales.dtype} {tuple(self.scales.shape)}")
+        rows, cols = self.scales.shape
+        if rows == 0 or cols == 0 or self.in_features % rows or self.out_features % cols:
+            raise WinaError(f"{name}: scales {tuple(self.scales.shape)} do not divide a [{self.in_features}, {self.out_features}] weight into groups")
+        if self.group_in > 1 and self.group_out > 1:
+            raise WinaError(f"{name}: groups run along the inputs or the outputs, not both ({self.group_in} x {self.group_out})")
+        if self.offsets is not None and (self.offsets.shape != self.scales.shape or not self.offsets.is_floating_point()):
+            raise WinaError(f"{name}: offsets must be float and shaped like the scales {tuple(self.scales.shape)}")
+
+
+def _expand(t: torch.Tensor, group_in: int, group_out: int) -> torch.Tensor:
+    """A ``[in / group_in, out / group_out]`` per-group tensor repeated to ``[in, out]``."""
+    return t.repeat_interleave(group_in, dim=0).repeat_interleave(group_out, dim=1)
+
+
+def pack_int4(nibbles: torch.Tensor) -> torch.Tensor:
+    """``[in, out]`` integers in 0..15 -> ``uint8 [in, out // 2]`` (output ``2j`` low, ``2j + 1`` high)."""
+    if nibbles.shape[-1] % 2:
+        raise WinaError(f"int4 weights need an even number of outputs, got {nibbles.shape[-1]}")
+    n = nibbles.to(torch.uint8)
+    return n[..., 0::2] | (n[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """``uint8 [in, out // 2]`` -> ``int16 [in, out]`` nibbles (0..15), the inverse of :func:`pack_int4`."""
+    low = (packed & 0xF).to(torch.int16)
+    high = (packed >> 4).to(torch.int16)
+    return torch.stack((low, high), dim=-1).flatten(-2)
