@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from wina_convert.errors import WinaError
-from wina_convert.quant import QuantizedWeight, pack_int4, unpack_int4
+from wina_convert.quant import QuantizedWeight, pack_int4, quantize_rtn, unpack_int4
 
 
 def test_int4_packing_is_low_nibble_first_and_round_trips():
@@ -60,3 +60,30 @@ def test_bad_layouts_are_refused_in_one_line():
         QuantizedWeight.from_tensors("lin", {"lin.qweight": q})
     with pytest.raises(WinaError, match="even number of outputs"):
         pack_int4(torch.zeros(2, 3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (8, True)])
+def test_rtn_rounds_each_weight_to_its_nearest_grid_point(bits, symmetric):
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(16, 6, generator=g)
+    q = quantize_rtn(w, bits, group_size=8, symmetric=symmetric)
+    assert (q.group_in, q.group_out, q.bits) == (1, 8, bits) and (q.offsets is None) == symmetric
+    got = q.dequantize()
+    # the grid of each group, from its stored scale and offset: every weight lands on its nearest point
+    levels = torch.arange(-8, 8) if bits == 4 and symmetric else torch.arange(16) if bits == 4 else torch.arange(-127, 128)
+    for i in range(6):
+        for grp in range(2):
+            s = float(q.scales[i, grp])
+            m = float(q.offsets[i, grp]) if q.offsets is not None else 0.0
+            grid = s * levels.double() + m
+            for o in range(grp * 8, grp * 8 + 8):
+                nearest = grid[(grid - float(w[o, i])).abs().argmin()]
+                assert float(got[o, i]) == pytest.approx(float(nearest), abs=1e-6)
+    assert (got - w).abs().max() <= q.scales.float().max() * (0.5 if not symmetric or bits == 8 else 1.0) + 1e-6
+
+
+def test_rtn_refuses_a_group_that_does_not_divide_the_outputs():
+    with pytest.raises(WinaError, match="group size of 5 does not divide the 16 outputs"):
+        quantize_rtn(torch.randn(16, 4), 4, 5)
+    with pytest.raises(WinaError, match="int4 or int8, not 3 bits"):
+        quantize_rtn(torch.randn(16, 4), 3, 8)

@@ -135,3 +135,37 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     low = (packed & 0xF).to(torch.int16)
     high = (packed >> 4).to(torch.int16)
     return torch.stack((low, high), dim=-1).flatten(-2)
+
+
+def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool | None = None) -> QuantizedWeight:
+    """Round-to-nearest quantization of ``weight`` ``[out, in]`` with groups of ``group_size`` outputs per input row.
+
+    int4 is asymmetric by default (a scale and an offset per group: codes 0..15 span the group's min..max),
+    int8 symmetric (codes -127..127 span +-absmax). Scales and offsets are float16, and the codes are rounded
+    against the stored float16 values, so :meth:`QuantizedWeight.dequantize` is the model that runs.
+    """
+    if bits not in BITS:
+        raise WinaError(f"weights can be int4 or int8, not {bits} bits")
+    symmetric = bits == 8 if symmetric is None else symmetric
+    out, n_in = weight.shape
+    if group_size < 1 or out % group_size:
+        raise WinaError(f"a group size of {group_size} does not divide the {out} outputs of a [{out}, {n_in}] weight")
+    w = weight.detach().t().float().reshape(n_in, out // group_size, group_size)  # [in, groups, G]
+    tiny = torch.finfo(torch.float16).tiny
+    if symmetric:
+        top = 7 if bits == 4 else 127
+        scales = (w.abs().amax(-1) / top).clamp_min(tiny).half()
+        q = torch.round(w / scales.float()[..., None]).clamp(-top - (1 if bits == 4 else 0), top)
+        offsets = None
+        codes = (q + 8) if bits == 4 else q
+    else:
+        top = 15 if bits == 4 else 255
+        low, high = w.amin(-1), w.amax(-1)
+        scales = ((high - low) / top).clamp_min(tiny).half()
+        offsets = low.half()
+        codes = torch.round((w - offsets.float()[..., None]) / scales.float()[..., None]).clamp(0, top)
+        if bits == 8:
+            raise WinaError("int8 weights are symmetric")
+    codes = codes.reshape(n_in, out)
+    qweight = pack_int4(codes.to(torch.int16)) if bits == 4 else codes.to(torch.int8)
+    return QuantizedWeight(qweight.contiguous(), scales.contiguous(), None if offsets is None else offsets.contiguous())
