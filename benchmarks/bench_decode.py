@@ -107,7 +107,7 @@ def measure(path: Path, modes: list[str], tokens: int, prompt: int, device: str,
     t0 = time.perf_counter()
     model = load(path, sparsity=0.0, device=device)
     if head_share is not None:  # the head inside the budget at a fixed share (what --head-sparsity auto records)
-        model.wina.head_share, model.wina.head_level_scale = head_share, 1.0
+        model.wina.use_budget(model.wina.budget.with_head(share=head_share))
     if apart:  # the low-rank term by torch ops on top of the kernels (hook._compensated), not in the launch
         for group in {id(g.kernel): g.kernel for g in model.wina.gates.values() if g.kernel is not None}.values():
             group.lr_b = None

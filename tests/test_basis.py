@@ -90,7 +90,7 @@ def test_pooled_stores_and_charges_no_shortcut(bases):
     assert (meta["transform"], meta["basis"]) == (True, "pooled")
     model = load(directory, sparsity=0.5)
     assert not any(isinstance(layer, WinaDecoderLayer) for layer in model.model.layers)
-    assert model.wina.extra_fraction == [0.0] * model.config.num_hidden_layers
+    assert list(model.wina.budget.extra) == [0.0] * model.config.num_hidden_layers
     info = describe(directory)
     assert info["basis"] == "pooled" and info["kept_bytes_fraction"] == pytest.approx(0.5, abs=1e-3)
     assert "pooled basis" in (directory / "README.md").read_text()  # the model card says so
@@ -101,7 +101,7 @@ def test_pooled_stores_and_charges_no_shortcut(bases):
     assert all(isinstance(layer, WinaDecoderLayer) for layer in pca.model.layers)
     d = pca.config.hidden_size
     gated = sum(pca.wina.gates[n].weight.numel() for n in pca.wina.layers[0])
-    assert pca.wina.extra_fraction[0] == pytest.approx(2 * d * d / gated)
+    assert pca.wina.budget.extra[0] == pytest.approx(2 * d * d / gated)
     assert describe(bases["llama-pca"])["basis"] == "pca"
 
 

@@ -37,7 +37,7 @@ def test_head_gate_is_calibrated_and_recorded(headed, family):
     assert wina["head_sparsity"] == 0.5
     model = load(path)
     assert model.wina.head == "lm_head" and isinstance(model.lm_head, GatedLinear)
-    assert model.wina.head_sparsity == 0.5 and model.lm_head.active
+    assert model.wina.budget.head_sparsity == 0.5 and model.lm_head.active
     table = model.wina.tables["lm_head"]
     assert table.quantiles.shape == (1, 201) and (table.quantiles.diff(dim=-1) >= 0).all()
     # the layers' gates are the plain conversion's (the head is calibrated after them, on their output)
@@ -77,11 +77,11 @@ def test_head_gate_skips_its_bytes_and_is_dense_at_zero(headed, family):
 def test_head_sparsity_at_load_time_and_refusals(headed):
     path, plain = headed["llama"]
     model = load(path, head_sparsity=0.3)
-    assert model.wina.head_sparsity == 0.3
+    assert model.wina.budget.head_sparsity == 0.3
     low = model.lm_head.thresholds.clone()
     model.wina.set_head_sparsity(0.6)
     assert (model.lm_head.thresholds >= low).all() and (model.lm_head.thresholds > low).any()
-    with pytest.raises(WinaError, match="head sparsity must be in"):
+    with pytest.raises(WinaError, match="head sparsity must be a number in"):
         model.wina.set_head_sparsity(0.95)
     ref = load(plain, head_sparsity=0)
     with pytest.raises(WinaError, match="not calibrated: convert it with --head-sparsity"):
@@ -189,8 +189,8 @@ def test_auto_head_share_is_searched_and_recorded(budgeted, family):
     assert wina["head_share"] == report["share"]
     assert wina["head_sparsity"] == pytest.approx(min(report["share"] * 0.5, 0.9))
     model = load(path)
-    assert model.wina.head_share == report["share"] and model.wina.head == "lm_head"
-    assert model.wina.head_level_scale == pytest.approx(report["level_scale"])
+    assert model.wina.budget.head_share == report["share"] and model.wina.head == "lm_head"
+    assert model.wina.budget.head_level_scale == pytest.approx(report["level_scale"])
 
 
 def test_in_budget_head_pays_for_the_layers_bytes(budgeted):
@@ -198,14 +198,15 @@ def test_in_budget_head_pays_for_the_layers_bytes(budgeted):
     the measured level scale: the model plans the same skipped bytes as the layers alone at that sparsity."""
     model = load(budgeted["llama"])
     ctl = model.wina
-    ctl.head_share, ctl.head_level_scale = 0.8, 1.0
+    ctl.budget = ctl.budget.with_head(share=0.8)
     gated = sum(ctl.gated_params)
+    head_params = model.lm_head.weight.numel()
     for s in (0.2, 0.5, 0.7):
         layers = sum(ctl.matrix_level(layer, s) * params for layer, params in enumerate(ctl.gated_params))
         assert ctl.head_level(s) == pytest.approx(0.8 * s)
-        assert layers + ctl.head_level(s) * ctl.head_params == pytest.approx(s * gated)
-    ctl.head_level_scale = 1.1
-    assert ctl.matrix_level(0, 0.5) == pytest.approx(1.1 * (0.5 - 0.4 * ctl.head_params / gated))
+        assert layers + ctl.head_level(s) * head_params == pytest.approx(s * gated)
+    ctl.budget = ctl.budget.with_head(share=0.8, level_scale=1.1)
+    assert ctl.matrix_level(0, 0.5) == pytest.approx(1.1 * (0.5 - 0.4 * head_params / gated))
     assert ctl.head_level(0.0) == 0.0 and ctl.matrix_level(0, 0.0) == 0.0
 
 
@@ -218,7 +219,7 @@ def test_in_budget_head_reads_the_targets_bytes_and_is_dense_at_zero(budgeted, t
     assert result["head_in_budget"]
     assert 1.0 - result["kept_bytes_fraction"] == pytest.approx(0.5, abs=0.06)
     model = load(path)
-    share = model.wina.head_share
+    share = model.wina.budget.head_share
     head = model.lm_head.weight
     if share > 0:
         assert result["head_sparsity"] > 0 and result["sparsity"] < 0.5
@@ -238,13 +239,13 @@ def test_fixed_head_sparsity_takes_the_head_out_of_the_budget(budgeted):
     """``set_head_sparsity`` (or ``load(head_sparsity=)``) puts the head on top: the layers go back to the target."""
     model = load(budgeted["llama"])
     ctl = model.wina
-    ctl.head_share, ctl.head_level_scale = 0.8, 1.0  # whatever was searched, a share that helps
+    ctl.use_budget(ctl.budget.with_head(share=0.8))  # whatever was searched, a share that helps
     ctl.set_sparsity(0.5)
     assert ctl.matrix_level(0, 0.5) < 0.5
     ctl.set_head_sparsity(0.3)
-    assert ctl.head_share is None and ctl.head_level(0.5) == 0.3
+    assert ctl.budget.head_share is None and ctl.head_level(0.5) == 0.3
     assert ctl.matrix_level(0, 0.5) == pytest.approx(0.5 + sum(ctl.extra_params) / sum(ctl.gated_params))
-    assert load(budgeted["llama"], head_sparsity=0.3).wina.head_share is None
+    assert load(budgeted["llama"], head_sparsity=0.3).wina.budget.head_share is None
 
 
 def test_in_budget_head_in_inspect_card_and_round_trip(budgeted, tmp_path):
@@ -260,8 +261,8 @@ def test_in_budget_head_in_inspect_card_and_round_trip(budgeted, tmp_path):
         assert "gated inside the target's bytes" in card
     model.save_pretrained(tmp_path / "again")
     again = load(tmp_path / "again")
-    assert again.wina.head_share == model.wina.head_share
-    assert again.wina.head_level_scale == model.wina.head_level_scale
+    assert again.wina.budget.head_share == model.wina.budget.head_share
+    assert again.wina.budget.head_level_scale == model.wina.budget.head_level_scale
     torch.testing.assert_close(again.lm_head.thresholds, model.lm_head.thresholds)
 
 
@@ -272,7 +273,7 @@ def test_auto_head_without_calibration_is_dense_and_refusals(budgeted, tiny_mode
     path = budgeted["llama"]
     out = convert(tiny_models["llama"], tmp_path / "uncalibrated", calibrate=False, quiet=True).output
     wina = json.loads((out / "config.json").read_text())["wina"]
-    assert wina["head_sparsity"] == 0.0 and "head_share" not in wina
+    assert wina["head_sparsity"] == 0.0 and wina["head_share"] is None and wina["head"] is None
     assert load(out).wina.head is None
     code, _, err = run(capsys, "convert", path, "-o", tmp_path / "never", "--head-sparsity", "automatic")
     assert_one_line_error(code, err, "--head-sparsity")

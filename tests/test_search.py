@@ -39,7 +39,7 @@ def test_output_allocation_is_exact_at_zero_and_hits_the_target(tiny_models, tmp
     assert search["kl"] <= search["betas"]["0"] + 1e-9  # never worse than every layer at the target
     assert len(search["layer_levels"]) == 3
     model = load(out.output, sparsity=0.5)
-    assert model.wina.scope == "model"
+    assert model.wina.budget.scope == "model"
     ids = torch.randint(0, model.config.vocab_size, (1, 40))
     from transformers import AutoModelForCausalLM
 
@@ -88,7 +88,7 @@ def test_search_report_and_errors(tiny_models, tmp_path):
     assert set(report["by_role"]) >= {"q_proj", "down_proj"}
     # the default allocation: without calibration (or at sparsity 0) there is nothing to search, and no error
     plain = convert(tiny_models["llama"], tmp_path / "nocal", sparsity=0.5, allocation="output", calibrate=False, quiet=True)
-    assert "calibration" not in json.loads((plain.output / "config.json").read_text())["wina"]
+    assert json.loads((plain.output / "config.json").read_text())["wina"]["calibration"] is None
 
 
 def test_search_tokens_are_whole_windows_recorded_and_checked(tiny_models, tmp_path, capsys):

@@ -123,7 +123,7 @@ def test_transformed_checkpoint_is_refused_by_plain_transformers(converted_tiny)
 def test_config_records_the_conversion(tiny_models, converted_tiny):
     config = json.loads((converted_tiny["mistral"] / "config.json").read_text())
     wina = config["wina"]
-    assert wina["format_version"] == 1
+    assert wina["format_version"] == 2
     assert wina["transform"] is True and wina["method"] == "wina"
     assert wina["base_model_type"] == "mistral"
     assert wina["base_model"]["sha256"], "a local model is identified by the hash of its weights"

@@ -69,40 +69,35 @@ def _main(
 
 
 def _sparsity(value: Optional[str], name: str = "--sparsity") -> Optional[float]:
-    if value is None:
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        raise WinaError(f"{name} must be a number in [0, {MAX_SPARSITY}], got {value!r}") from None
-    if not 0.0 <= number <= MAX_SPARSITY:
-        raise WinaError(f"{name} must be in [0, {MAX_SPARSITY}], got {value}")
-    return number
+    from .gate import fraction
+
+    return None if value is None else fraction(value, name)
+
+
+def _device(value: Optional[str]) -> str:
+    """``--device``: as given, else cuda when present."""
+    if value is not None:
+        return value
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # --------------------------------------------------------------------------- convert
+
+EXPERIMENTAL = "Experimental (research levers and tuning; docs/results.md has their measurements)"
+CALIBRATION = "Calibration text"
+
 
 @app.command()
 def convert(
     model: str = typer.Argument(..., help="Hub id (org/name), local Hugging Face directory, or .gguf file."),
     output: Path = typer.Option(..., "--output", "-o", help="Output directory (must not exist or be empty, unless --overwrite)."),
-    sparsity: str = typer.Option("0.5", "--sparsity", "-s", help="Target sparsity: the fraction of the gated sub-blocks' dense decode bytes skipped (a transform's shortcut rotations count as bytes read), so a sparsity costs the same bytes under every setting."),
-    transform: bool = typer.Option(DEFAULTS["transform"], "--transform/--no-transform", help="Rotate the weights into per-layer column-orthogonal bases (exact at sparsity 0; adds the shortcut rotations to every decode step, paid out of --sparsity's bytes; lost at equal bytes in every measurement, see README)."),
+    sparsity: str = typer.Option("0.5", "--sparsity", "-s", help="Target sparsity: the fraction of the gated matrices' decode bytes skipped per token (the output head, gated inside the budget, saves part of them)."),
+    transform: bool = typer.Option(DEFAULTS["transform"], "--transform/--no-transform", help="Rotate the weights into per-layer column-orthogonal bases (WINA's transform; exact at sparsity 0, its shortcut rotations paid out of --sparsity's bytes)."),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Calibrate thresholds (without it only sparsity 0 is available)."),
-    calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration text: PATH (.txt/.jsonl/dir), hf:DATASET[:CONFIG[:SPLIT]], or 'self'. Default: the bundled set."),
-    samples: Optional[int] = typer.Option(None, "--samples", help="Calibration windows (default 16)."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per calibration window (default 512)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for choosing calibration windows."),
-    allocation: str = typer.Option(DEFAULTS["allocation"], "--allocation", help="Per-gate sparsity allocation: greedy (per layer), output (greedy per layer, then the layers' levels searched by the model's divergence from dense on calibration text), global (greedy over the whole model by layer-output errors) or uniform."),
-    search_tokens: int = typer.Option(SEARCH_TOKENS, "--search-tokens", help="With --allocation output: calibration tokens the layer search measures divergences on (whole windows; more is slower and steadier)."),
-    method: str = typer.Option(DEFAULTS["method"], "--method", help="Gate scores: wina (|x|·column norm) or teal (|x|)."),
-    center: str = typer.Option(DEFAULTS["center"], "--center", help="Gate |x - c| with a calibrated per-channel center c (mean or median; W c becomes a bias, exact at sparsity 0), or none."),
-    head_bases: str = typer.Option(DEFAULTS["head_bases"], "--head-bases", help="pca: rotate each KV head's values into their principal axes (absorbed exactly into v_proj and o_proj, free at decode), or none."),
-    basis: str = typer.Option(DEFAULTS["basis"], "--basis", help="With --transform, the sub-blocks' input bases: svd (right-singular vectors of k_proj / gate_proj), pca (principal axes of each sub-block's calibration inputs) or pooled (one residual basis for the whole model: no shortcut rotations, nothing added at decode)."),
-    lowrank: str = typer.Option(DEFAULTS["lowrank"], "--lowrank", help="Compensate each gated matrix's dropped channels with a rank-R term A (B x_dropped) fitted on calibration text: R for every matrix, or ROLE=R pairs (down=32,qkv=16); 0: off. Exact at sparsity 0; the factors count as bytes read, so the matrices skip more."),
-    head_sparsity: str = typer.Option(str(DEFAULTS["head_sparsity"]), "--head-sparsity", help="Also gate the output head (lm_head); its gate is calibrated on the final hidden states. auto (the default): inside --sparsity's bytes (the head skips a searched share of them, the layers the rest, so the model reads what the layers alone at --sparsity read); a number: skip this fraction of its columns on top of --sparsity (its bytes reported apart); 0: a dense head (the layers skip all of --sparsity's bytes); --no-calibrate: a dense head."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype: float32, bfloat16 or float16 (default: the input's)."),
-    device: str = typer.Option("cpu", "--device", help="Where to transform and calibrate: cpu or cuda."),
+    device: Optional[str] = typer.Option(None, "--device", help="Where to transform and calibrate: cpu or cuda (default: cuda when present)."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) of MODEL."),
     token: Optional[str] = typer.Option(None, "--token", help="Hugging Face token (default: HF_TOKEN or the saved login).", show_default=False),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Maximum shard size, e.g. 5GB or 500MB."),
@@ -110,6 +105,18 @@ def convert(
     push_to: Optional[str] = typer.Option(None, "--push", help="After converting, push to this Hub repo (org/name)."),
     private: bool = typer.Option(False, "--private", help="With --push: create the repo private."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", rich_help_panel=CALIBRATION, help="Calibration text: PATH (.txt/.jsonl/dir), hf:DATASET[:CONFIG[:SPLIT]], or 'self'. Default: the bundled set."),
+    samples: Optional[int] = typer.Option(None, "--samples", rich_help_panel=CALIBRATION, help="Calibration windows (default 16)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", rich_help_panel=CALIBRATION, help="Tokens per calibration window (default 512)."),
+    seed: int = typer.Option(0, "--seed", rich_help_panel=CALIBRATION, help="Seed for choosing calibration windows."),
+    method: str = typer.Option(DEFAULTS["method"], "--method", rich_help_panel=EXPERIMENTAL, help="Gate scores: wina (|x|·column norm) or teal (|x|, TEAL's baseline)."),
+    allocation: str = typer.Option(DEFAULTS["allocation"], "--allocation", rich_help_panel=EXPERIMENTAL, help="Per-gate sparsity allocation: output (greedy per layer, then the layers' levels searched by the model's divergence from dense), greedy (per layer), global or uniform."),
+    search_tokens: int = typer.Option(SEARCH_TOKENS, "--search-tokens", rich_help_panel=EXPERIMENTAL, help="Calibration tokens the searches measure divergences on."),
+    head_sparsity: str = typer.Option(str(DEFAULTS["head_sparsity"]), "--head-sparsity", rich_help_panel=EXPERIMENTAL, help="The output head's gate: auto (inside --sparsity's bytes, its share searched), a fraction on top of --sparsity, or 0 (dense)."),
+    center: str = typer.Option(DEFAULTS["center"], "--center", rich_help_panel=EXPERIMENTAL, help="Gate |x - c| with a calibrated center c: mean, median or none."),
+    head_bases: str = typer.Option(DEFAULTS["head_bases"], "--head-bases", rich_help_panel=EXPERIMENTAL, help="pca: rotate each KV head's values into their principal axes; or none."),
+    basis: str = typer.Option(DEFAULTS["basis"], "--basis", rich_help_panel=EXPERIMENTAL, help="With --transform: svd, pca or pooled bases."),
+    lowrank: str = typer.Option(DEFAULTS["lowrank"], "--lowrank", rich_help_panel=EXPERIMENTAL, help="Compensate dropped channels with rank-R factors: R, or ROLE=R pairs (down=32,qkv=16); 0: off."),
 ) -> None:
     """Convert MODEL into a WINA checkpoint in OUTPUT (transform, calibrate, write)."""
     from .convert import convert as run_convert
@@ -119,10 +126,10 @@ def convert(
 
         check_repo_id(push_to)  # fail before hours of work, not after
     result = run_convert(
-        model, output, sparsity=_sparsity(sparsity), transform=transform, dtype=dtype, revision=revision, token=token,
+        model, output, sparsity=sparsity, transform=transform, dtype=dtype, revision=revision, token=token,
         shard_size=shard_size, overwrite=overwrite, device=device, calibrate=calibrate, calibration=calibration,
         samples=samples, seq_len=seq_len, seed=seed, allocation=allocation, search_tokens=search_tokens, method=method,
-        center=center, head_bases=head_bases, basis=basis, lowrank=lowrank, head_sparsity="auto" if head_sparsity == "auto" else _sparsity(head_sparsity, "--head-sparsity"), quiet=quiet,
+        center=center, head_bases=head_bases, basis=basis, lowrank=lowrank, head_sparsity=head_sparsity, quiet=quiet,
     )
     if not quiet:
         err.print(_convert_summary(result))
@@ -166,7 +173,7 @@ def eval_(
     sparsity: Optional[str] = typer.Option(None, "--sparsity", "-s", help="Sparsity to evaluate (default: the calibrated target)."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per window."),
     max_tokens: int = typer.Option(8192, "--max-tokens", help="Evaluate at most this many tokens."),
-    device: str = typer.Option("cpu", "--device"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)."),
     topk: bool = typer.Option(False, "--topk", help="Gate by per-token top-k at the allocation's per-matrix sparsities (the paper's protocol) instead of calibrated thresholds."),
     head_sparsity: Optional[str] = typer.Option(None, "--head-sparsity", help="Gate the output head at this fraction of its columns (default: the checkpoint's; needs convert --head-sparsity; 0: dense)."),
@@ -178,14 +185,14 @@ def eval_(
     if tasks is not None:
         from .evaluate.report import print_task_report
 
-        return print_task_report(checkpoint, tasks, limit=limit, sparsity=_sparsity(sparsity), device=device,
+        return print_task_report(checkpoint, tasks, limit=limit, sparsity=_sparsity(sparsity), device=_device(device),
                                  dtype=dtype, as_json=as_json)
     if limit is not None:
         raise WinaError("--limit applies to --tasks only")
     from .evaluate.perplexity import evaluate
 
     result = evaluate(checkpoint, text=text, sparsity=_sparsity(sparsity), seq_len=seq_len, max_tokens=max_tokens,
-                      device=device, dtype=dtype, topk=topk, head_sparsity=_sparsity(head_sparsity, "--head-sparsity"))
+                      device=_device(device), dtype=dtype, topk=topk, head_sparsity=_sparsity(head_sparsity, "--head-sparsity"))
     if as_json:
         print(json.dumps(result, default=str))
         return
@@ -228,7 +235,7 @@ def generate(
     chat: bool = typer.Option(True, "--chat/--raw", help="Apply the tokenizer's chat template when it has one."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy."),
     seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("cpu", "--device"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)."),
     dtype: Optional[str] = typer.Option(None, "--dtype"),
 ) -> None:
     """Generate text from PROMPT with the sparse model."""
@@ -240,7 +247,7 @@ def generate(
 
     if max_new_tokens < 1:
         raise WinaError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    model = load(checkpoint, sparsity=_sparsity(sparsity), device=device, dtype=dtype)
+    model = load(checkpoint, sparsity=_sparsity(sparsity), device=_device(device), dtype=dtype)
     with quiet_transformers():
         tok = AutoTokenizer.from_pretrained(model.name_or_path)
     if chat and getattr(tok, "chat_template", None):

@@ -1,16 +1,18 @@
-"""``wina convert``: read a model, transform it layer by layer, calibrate, write a WINA checkpoint.
+"""``wina convert``: read a model, transform it layer by layer, calibrate, search, write a WINA checkpoint.
 
-The recipe streams: one decoder layer is in memory at a time (plus the two tensors of the next
-one that give its attention basis); it is read, transformed in float64 block by block on the
-device, cast to the output dtype, written to the current shard at once, handed to the calibrator
-(which propagates the calibration hidden states through it) and dropped. Peak memory is one layer
-and the calibration activations, not the model. ``--basis pca`` keeps one more matrix (the last
-layer's down_proj, written once the next basis is measured); ``--basis pooled`` reads the model twice
-(a dense pass for the basis, then the conversion).
+The recipe (``convert``): check every option (``Plan``); open the model; stream its layers: one decoder
+layer is in memory at a time (plus the two tensors of the next one that give its attention basis); it is
+read, transformed in float64 block by block on the device, cast to the output dtype, written to the current
+shard at once, handed to the calibrator (which propagates the calibration hidden states through it) and
+dropped. Then the searches run on the converted model, built once in memory from the tensors just written
+(the layers' levels, the output head's gate), and the sidecar, config, tokenizer, card and manifest are
+written, each once. ``--basis pca`` keeps one more matrix (the last layer's down_proj, written once the next
+basis is measured); ``--basis pooled`` reads the model twice (a dense pass for the basis, then the conversion).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -25,23 +27,21 @@ import torch
 from .arch import Adapter, adapter_for
 from .arch.base import check_shapes
 from .calibration.calibrator import Calibrator, load_calibration_tokens
-from .checkpoint.format import (FORMAT_VERSION, SIDECAR, TOKENIZER_FILES, WINA_MODEL_TYPE, parse_dtype, write_manifest,
+from .calibration.head import gate_head
+from .calibration.search import search_layers
+from .checkpoint.format import (SIDECAR, TOKENIZER_FILES, WINA_MODEL_TYPE, WinaRecord, parse_dtype, write_manifest,
                                 write_sidecar)
 from .checkpoint.source import Source, open_source, weights_sha256
 from .checkpoint.writer import OutputDir, ShardWriter
 from .defaults import DEFAULTS, SEARCH_TOKENS
 from .errors import WinaError
-from .gate import MAX_SPARSITY, column_norms
+from .gate import column_norms, fraction
 from .hub.card import write_model_card
 from .lowrank import check_ranks, extra_fraction, parse_ranks
 from .progress import Reporter
 from .transform import (BASES, MLP_SHORTCUT, attention_basis, moment_basis, rotate_embedding, rotate_head, rotate_outputs,
                         rotate_value_heads, shortcut_rotation, transform_layer, value_head_bases)
 from .units import parse_size
-from .version import __version__
-
-
-HEAD_TOKENS = 2048  # calibration tokens (whole windows) the output head's gate is calibrated on (--head-sparsity)
 
 
 @dataclass
@@ -103,18 +103,18 @@ def _release_memory() -> None:
         pass
 
 
-def output_config(source: Source, adapter: Adapter, out_dtype: torch.dtype, transform: bool, wina: dict[str, Any]) -> dict[str, Any]:
+def output_config(source: Source, adapter: Adapter, out_dtype: torch.dtype, transform: bool, record: WinaRecord) -> dict[str, Any]:
+    """config.json: the base model's config, its dtype, and the record as the ``wina`` block (a transformed model
+    under ``model_type: wina-convert``, which plain transformers refuses)."""
     config = source.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "auto_map"):
         config.pop(key, None)
     config["dtype"] = str(out_dtype).removeprefix("torch.")
-    wina["base_model_type"] = config["model_type"]
-    wina["base_architectures"] = config.get("architectures") or [type(source.config).__name__.replace("Config", "ForCausalLM")]
     if transform:
         config["tie_word_embeddings"] = False
         config["model_type"] = WINA_MODEL_TYPE
         config["architectures"] = ["WinaConvertForCausalLM"]
-    config["wina"] = wina
+    config["wina"] = record.to_dict()
     return config
 
 
@@ -130,6 +130,73 @@ def _write_tokenizer(source: Source, directory: Path) -> None:
         source.generation_config.save_pretrained(directory)
 
 
+@dataclass
+class Plan:
+    """Every option of a conversion, checked once (each by one rule) before any work starts."""
+
+    sparsity: float
+    transform: bool
+    calibrate: bool
+    method: str
+    allocation: str
+    search_tokens: int
+    center: str
+    head_bases: str
+    basis: str
+    ranks: dict[str, int]
+    head_sparsity: float | str  # a fraction, or "auto": inside the budget, its share searched
+    device: torch.device
+
+    @property
+    def shortcuts(self) -> bool:
+        """The layers store shortcut rotations (transformed, not into one pooled basis)."""
+        return self.transform and self.basis != "pooled"
+
+    @property
+    def layer_search(self) -> bool:
+        return self.calibrate and self.sparsity > 0 and self.allocation == "output"
+
+    @property
+    def head_gated(self) -> bool:
+        return self.calibrate and (self.head_sparsity == "auto" or self.head_sparsity > 0)
+
+    @property
+    def searches(self) -> bool:
+        """Whether the converted model is run after the layers are written (the layer search, the head's gate)."""
+        return self.layer_search or self.head_gated
+
+    @classmethod
+    def check(cls, *, sparsity: Any, transform: bool, calibrate: bool, method: str, allocation: str, search_tokens: Any,
+              center: str, head_bases: str, basis: str, lowrank: Any, head_sparsity: Any, device: str | None) -> "Plan":
+        sparsity = fraction(sparsity, "--sparsity")
+        if method not in ("wina", "teal"):
+            raise WinaError(f"unknown method {method!r}: use wina or teal")
+        if allocation not in ("uniform", "greedy", "global", "output"):
+            raise WinaError(f"unknown allocation {allocation!r}: use uniform, greedy, global or output")
+        if isinstance(search_tokens, bool) or not isinstance(search_tokens, int) or search_tokens < 1:
+            raise WinaError(f"--search-tokens must be a positive number of tokens, got {search_tokens!r}")
+        if center not in ("none", "mean", "median"):
+            raise WinaError(f"unknown center {center!r}: use none, mean or median")
+        if head_bases not in ("none", "pca"):
+            raise WinaError(f"unknown head bases {head_bases!r}: use none or pca")
+        if basis not in BASES:
+            raise WinaError(f"unknown basis {basis!r}: use {', '.join(BASES)}")
+        if basis != "svd" and not transform:
+            raise WinaError(f"--basis {basis} chooses the transform's bases: add --transform")
+        measured = [name for name, on in (("--center", center != "none"), ("--head-bases", head_bases != "none"),
+                                          (f"--basis {basis}", basis != "svd")) if on]
+        if head_sparsity != "auto":
+            head_sparsity = fraction(head_sparsity, "--head-sparsity")
+            if head_sparsity > 0:
+                measured.append("--head-sparsity")
+        if not calibrate and measured:
+            raise WinaError(f"{measured[0]} is measured on calibration text: drop --no-calibrate")
+        if not calibrate or sparsity <= 0:  # auto: nothing to search without calibration, nothing to share at 0
+            head_sparsity = 0.0 if head_sparsity == "auto" else head_sparsity
+        return cls(sparsity, transform, calibrate, method, allocation, search_tokens, center, head_bases, basis,
+                   {}, head_sparsity, _device(device))
+
+
 def convert(
     model: str | os.PathLike,
     output: str | os.PathLike,
@@ -141,7 +208,7 @@ def convert(
     token: str | None = None,
     shard_size: str | int = "5GB",
     overwrite: bool = False,
-    device: str = "cpu",
+    device: str | None = None,
     calibrate: bool = True,
     calibration: str | None = None,
     samples: int | None = None,
@@ -160,151 +227,169 @@ def convert(
 ) -> ConvertResult:
     """Convert ``model`` (Hub id, local directory or .gguf) into a WINA checkpoint at ``output``.
 
-    See README.md for the output format. Returns where it wrote, how long it took and what.
+    The recipe: check every option; open the model; stream its layers (transform, write the shard,
+    calibrate); run the searches on the converted model in memory (the layers' levels, the output head's
+    gate); save the sidecar, config, tokenizer, model card and manifest, each once. ``device`` None: cuda
+    when present. docs/format.md describes the output. Returns where it wrote, how long it took and what.
     """
     start = time.perf_counter()
-    _check_sparsity(sparsity)
-    if method not in ("wina", "teal"):
-        raise WinaError(f"unknown method {method!r}: use wina or teal")
-    if allocation not in ("uniform", "greedy", "global", "output"):
-        raise WinaError(f"unknown allocation {allocation!r}: use uniform, greedy, global or output")
-    if isinstance(search_tokens, bool) or not isinstance(search_tokens, int) or search_tokens < 1:
-        raise WinaError(f"--search-tokens must be a positive number of tokens, got {search_tokens!r}")
-    if center not in ("none", "mean", "median"):
-        raise WinaError(f"unknown center {center!r}: use none, mean or median")
-    if head_bases not in ("none", "pca"):
-        raise WinaError(f"unknown head bases {head_bases!r}: use none or pca")
-    if not calibrate and (center != "none" or head_bases != "none"):
-        raise WinaError("--center and --head-bases are measured on calibration text: drop --no-calibrate")
-    _check_basis(basis, transform, calibrate)
-    head_sparsity = _check_head_sparsity(head_sparsity, calibrate)
-    head_auto = head_sparsity == "auto"
-    if head_auto and sparsity <= 0:
-        head_sparsity, head_auto = 0.0, False  # nothing to share at sparsity 0
-    shortcuts = transform and basis != "pooled"
-    torch_device = _device(device)
-    shard_bytes = parse_size(shard_size)
+    plan = Plan.check(sparsity=sparsity, transform=transform, calibrate=calibrate, method=method, allocation=allocation,
+                      search_tokens=search_tokens, center=center, head_bases=head_bases, basis=basis, lowrank=lowrank,
+                      head_sparsity=head_sparsity, device=device)
     target = Path(output).expanduser()
     local = Path(os.path.expanduser(str(model)))
     out_dir = OutputDir(target, overwrite=overwrite, protected=[local] if local.exists() else [])
+    shard_bytes = parse_size(shard_size)
     reporter = reporter or Reporter(quiet=quiet)
-    clock = StageClock(torch_device)
+    clock = StageClock(plan.device)
 
     t0 = time.perf_counter()
     source = open_source(model, revision=revision, token=token)
     out_dir.protect([*source.origin, *source.files.values()])  # a Hub snapshot is known only now
-    config = source.config
-    adapter = adapter_for(config.model_type)
-    adapter.check(config)
-    if transform and adapter.transform_refusal:
-        raise WinaError(adapter.transform_refusal)
-    check_shapes(adapter, config, source.names, lambda name: source.tensor(name).shape)
-    ranks = parse_ranks(lowrank, adapter.gated_linears())
-    if any(ranks.values()):
-        if not calibrate:
-            raise WinaError("--lowrank fits its factors on calibration text: drop --no-calibrate")
-        check_ranks(ranks, _gated_shapes(source, adapter, config))
-    fingerprint = None
-    if source.base.get("sha256") is None and source.base.get("revision") is None and source.files:
-        # A local directory is identified by the hash of its weights, computed while we work.
-        hasher = ThreadPoolExecutor(1)
-        fingerprint = hasher.submit(weights_sha256, list(source.files.values()))
-        hasher.shutdown(wait=False)
+    adapter, config = _checked_model(source, plan, lowrank)
+    fingerprint = _fingerprint(source)
     out_dtype = parse_dtype(dtype) or source.dtype
-    calibrator = None
-    if calibrate:
+    calibrator = tokens = None
+    if plan.calibrate:
         tokens, cal_info = load_calibration_tokens(source, calibration, samples=samples, seq_len=seq_len, seed=seed,
-                                                   device=torch_device)
-        calibrator = Calibrator(config, adapter, tokens, transform=shortcuts, method=method,
-                                allocation="greedy" if allocation == "output" else allocation,
-                                target=sparsity, device=torch_device, dtype=out_dtype, info=cal_info,
-                                center=center, head_bases=head_bases, lowrank=ranks)
+                                                   device=plan.device)
+        calibrator = Calibrator(config, adapter, tokens, transform=plan.shortcuts, method=plan.method,
+                                allocation="greedy" if plan.allocation == "output" else plan.allocation,
+                                target=plan.sparsity, device=plan.device, dtype=out_dtype, info=cal_info,
+                                center=plan.center, head_bases=plan.head_bases, lowrank=plan.ranks)
     clock.seconds["setup"] = time.perf_counter() - t0
     if out_dir.stale:
         reporter.log(f"[yellow]removing an interrupted conversion: {', '.join(p.name for p in out_dir.stale)}[/]")
 
     with reporter.running(), out_dir as tmp:
-        writer = ShardWriter(tmp, shard_bytes)
-        sidecar: dict[str, torch.Tensor] = {}
-        extra: list[float] = []  # per layer: bytes read densely beside the gated matrices, over theirs
-        count = config.num_hidden_layers
-        reporter.stage("transform" if transform else "copy", count)
-        q_attn = None
-        identity = torch.eye(config.hidden_size, dtype=torch.float64, device=torch_device)
-        if transform and basis == "svd":
-            with clock("read"):
-                ahead = _layer_tensors(source, adapter, 0, _attention_basis_names(adapter, config))
-            with clock("transform"):
-                q_attn = attention_basis(ahead, adapter, config, torch_device)
-        elif basis == "pooled":  # calibrator is set: checked above
-            with clock("calibrate"):
-                q_attn = _pooled_basis(source, adapter, config, calibrator, out_dtype, identity)
+        writer = ShardWriter(tmp, shard_bytes, keep=plan.searches)
+        sidecar, extra = _stream_layers(source, adapter, config, plan, out_dtype, writer, calibrator, clock, reporter)
+        with clock("write"):
+            writer.finish()
+        record = _record(source, plan, extra, calibrator, sidecar)
+        if plan.searches:
+            record = _search(source, adapter, plan, record, sidecar, writer.kept, tokens, out_dtype, clock, reporter)
+        if fingerprint is not None:
+            record.base_model["sha256"] = fingerprint.result()
+        with clock("write"):
+            _save(tmp, source, adapter, out_dtype, record, sidecar, writer)
+    total_bytes = sum(p.stat().st_size for p in target.iterdir() if p.is_file())
+    return ConvertResult(target, time.perf_counter() - start, total_bytes, clock.seconds, record.calibration)
+
+
+def _checked_model(source: Source, plan: Plan, lowrank: Any) -> tuple[Adapter, Any]:
+    """The model's adapter and config, refused in one line if the plan cannot apply to it (fills ``plan.ranks``)."""
+    config = source.config
+    adapter = adapter_for(config.model_type)
+    adapter.check(config)
+    if plan.transform and adapter.transform_refusal:
+        raise WinaError(adapter.transform_refusal)
+    check_shapes(adapter, config, source.names, lambda name: source.tensor(name).shape)
+    plan.ranks = parse_ranks(lowrank, adapter.gated_linears())
+    if any(plan.ranks.values()):
+        if not plan.calibrate:
+            raise WinaError("--lowrank fits its factors on calibration text: drop --no-calibrate")
+        check_ranks(plan.ranks, _gated_shapes(source, adapter, config))
+    return adapter, config
+
+
+def _fingerprint(source: Source) -> Any:
+    """A local directory is identified by the hash of its weights, computed in the background while we work."""
+    if source.base.get("sha256") is not None or source.base.get("revision") is not None or not source.files:
+        return None
+    hasher = ThreadPoolExecutor(1)
+    future = hasher.submit(weights_sha256, list(source.files.values()))
+    hasher.shutdown(wait=False)
+    return future
+
+
+def _stream_layers(source: Source, adapter: Adapter, config: Any, plan: Plan, out_dtype: torch.dtype, writer: ShardWriter,
+                   calibrator: Calibrator | None, clock: StageClock, reporter: Reporter) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Read, transform, write and calibrate one layer at a time (the embedding first, the final norm and head last).
+
+    Returns the sidecar's tensors so far (column norms; the calibrator's come with ``finish``) and, per layer, the
+    bytes read densely beside the gated matrices over theirs (``extra_fraction``).
+    """
+    transform, basis, ranks = plan.transform, plan.basis, plan.ranks
+    device = plan.device
+    sidecar: dict[str, torch.Tensor] = {}
+    extra: list[float] = []
+    count = config.num_hidden_layers
+    reporter.stage("transform" if transform else "copy", count)
+    q_attn = None
+    identity = torch.eye(config.hidden_size, dtype=torch.float64, device=device)
+    if transform and basis == "svd":
         with clock("read"):
-            embed = source.tensor(adapter.embed)
+            ahead = _layer_tensors(source, adapter, 0, _attention_basis_names(adapter, config))
         with clock("transform"):
-            embed = embed.to(out_dtype) if q_attn is None else rotate_embedding(embed, q_attn, out_dtype)
-        if basis != "pca":  # pca: the embedding is written once layer 0's basis is measured
+            q_attn = attention_basis(ahead, adapter, config, device)
+    elif basis == "pooled":  # calibrator is set: checked by the plan
+        with clock("calibrate"):
+            q_attn = _pooled_basis(source, adapter, config, calibrator, out_dtype, identity)
+    with clock("read"):
+        embed = source.tensor(adapter.embed)
+    with clock("transform"):
+        embed = embed.to(out_dtype) if q_attn is None else rotate_embedding(embed, q_attn, out_dtype)
+    if basis != "pca":  # pca: the embedding is written once layer 0's basis is measured
+        with clock("write"):
+            writer.add(adapter.embed, embed)
+    if calibrator is not None:
+        with clock("calibrate"):
+            calibrator.embed(embed)
+    del embed
+    pending: dict[str, torch.Tensor] = {}  # pca: the last layer's MLP output, written in the next basis
+    stream = identity  # pca: the basis of the calibrator's hidden states
+    for layer in range(count):
+        prefix = f"{adapter.layers_prefix}.{layer}."
+        with clock("read"):
+            tensors = _layer_tensors(source, adapter, layer)
+            if transform and basis == "svd" and layer + 1 < count:
+                ahead = _layer_tensors(source, adapter, layer + 1, _attention_basis_names(adapter, config))
+        last = layer + 1 == count
+        if basis == "pca":
+            with clock("calibrate"):
+                q_attn, q_mlp = _pca_bases(calibrator, layer, tensors, adapter, config, stream, out_dtype)
             with clock("write"):
-                writer.add(adapter.embed, embed)
+                if layer == 0:
+                    writer.add(adapter.embed, rotate_embedding(source.tensor(adapter.embed), q_attn, out_dtype))
+                for name, tensor in _finish_output(pending, adapter, q_attn, out_dtype).items():
+                    writer.add(f"{adapter.layers_prefix}.{layer - 1}.{name}", tensor)
+            # Until the next layer's basis is measured on this layer's output, the MLP writes in its
+            # own basis (an identity mlp_shortcut): gating does not depend on the output basis.
+            pending = {} if last else {**{k: t for k, t in tensors.items() if k.startswith(f"{adapter.mlp_output}.")},
+                                       "q_mlp": q_mlp}
+            stream = q_mlp
+        deferred = {*pending, MLP_SHORTCUT} if pending else set()
+        with clock("transform"):
+            if basis == "pca":
+                final = transform_layer(tensors, adapter, config, q_attn, identity if last else q_mlp, out_dtype, q_mlp=q_mlp)
+            elif basis == "pooled":
+                final = transform_layer(tensors, adapter, config, q_attn, q_attn, out_dtype, q_mlp=q_attn, shortcuts=False)
+            elif transform:
+                q_next = attention_basis(ahead, adapter, config, device) if not last else identity
+                final = transform_layer(tensors, adapter, config, q_attn, q_next, out_dtype)
+                q_attn = q_next
+            else:
+                final = {name: t.to(device, out_dtype) for name, t in tensors.items()}
+            del tensors
+            if plan.head_bases == "pca":  # calibrator is set: checked by the plan
+                final = rotate_value_heads(final, adapter, config, value_head_bases(calibrator.value_moments(layer, final)))
+            splits = {n: adapter.splits(n, config, final[f"{n}.weight"].shape[0]) for n in adapter.gated_linears()}
+            shapes = {n: (*final[f"{n}.weight"].shape, len(splits[n])) for n in splits}
+            extra.append(extra_fraction(config, shapes, plan.shortcuts, ranks))
+            for name in splits:
+                sidecar[f"{prefix}{name}.column_norms"] = column_norms(final[f"{name}.weight"], splits[name]).cpu()
+        with clock("write"):
+            for name, tensor in final.items():
+                if name not in deferred:
+                    writer.add(prefix + name, tensor)
         if calibrator is not None:
             with clock("calibrate"):
-                calibrator.embed(embed)
-        del embed
-        pending: dict[str, torch.Tensor] = {}  # pca: the last layer's MLP output, written in the next basis
-        stream = identity  # pca: the basis of the calibrator's hidden states
-        for layer in range(count):
-            prefix = f"{adapter.layers_prefix}.{layer}."
-            with clock("read"):
-                tensors = _layer_tensors(source, adapter, layer)
-                if transform and basis == "svd" and layer + 1 < count:
-                    ahead = _layer_tensors(source, adapter, layer + 1, _attention_basis_names(adapter, config))
-            if basis == "pca":
-                with clock("calibrate"):
-                    q_attn, q_mlp = _pca_bases(calibrator, layer, tensors, adapter, config, stream, out_dtype)
-                with clock("write"):
-                    if layer == 0:
-                        writer.add(adapter.embed, rotate_embedding(source.tensor(adapter.embed), q_attn, out_dtype))
-                    for name, tensor in _finish_output(pending, adapter, q_attn, out_dtype).items():
-                        writer.add(f"{adapter.layers_prefix}.{layer - 1}.{name}", tensor)
-                last = layer + 1 == count
-                # Until the next layer's basis is measured on this layer's output, the MLP writes in its
-                # own basis (an identity mlp_shortcut): gating does not depend on the output basis.
-                pending = {} if last else {**{k: t for k, t in tensors.items() if k.startswith(f"{adapter.mlp_output}.")},
-                                           "q_mlp": q_mlp}
-                stream = q_mlp
-            deferred = {*pending, MLP_SHORTCUT} if pending else set()
-            with clock("transform"):
-                if basis == "pca":
-                    final = transform_layer(tensors, adapter, config, q_attn, identity if last else q_mlp, out_dtype,
-                                            q_mlp=q_mlp)
-                elif basis == "pooled":
-                    final = transform_layer(tensors, adapter, config, q_attn, q_attn, out_dtype, q_mlp=q_attn,
-                                            shortcuts=False)
-                elif transform:
-                    q_next = attention_basis(ahead, adapter, config, torch_device) if layer + 1 < count else identity
-                    final = transform_layer(tensors, adapter, config, q_attn, q_next, out_dtype)
-                    q_attn = q_next
-                else:
-                    final = {name: t.to(torch_device, out_dtype) for name, t in tensors.items()}
-                del tensors
-                if head_bases == "pca":  # calibrator is set: checked above
-                    final = rotate_value_heads(final, adapter, config, value_head_bases(calibrator.value_moments(layer, final)))
-                splits = {n: adapter.splits(n, config, final[f"{n}.weight"].shape[0]) for n in adapter.gated_linears()}
-                shapes = {n: (*final[f"{n}.weight"].shape, len(splits[n])) for n in splits}
-                extra.append(extra_fraction(config, shapes, shortcuts, ranks))
-                for name in splits:
-                    sidecar[f"{prefix}{name}.column_norms"] = column_norms(final[f"{name}.weight"], splits[name]).cpu()
-            with clock("write"):
-                for name, tensor in final.items():
-                    if name not in deferred:
-                        writer.add(prefix + name, tensor)
-            if calibrator is not None:
-                with clock("calibrate"):
-                    calibrator.layer(layer, final)  # empties final: the writer is done with it
-            del final
-            _release_memory()
-            reporter.advance()
-        t3 = time.perf_counter()
+                calibrator.layer(layer, final)  # empties final: the writer is done with it
+        del final
+        _release_memory()
+        reporter.advance()
+    with clock("write"):
         if basis == "pooled":  # lm_head reads the pooled basis: the final norm's gain and Q fold into it
             norm = source.tensor(adapter.final_norm)
             head = source.tensor(adapter.lm_head if source.has(adapter.lm_head) else adapter.embed)
@@ -316,184 +401,63 @@ def convert(
                 writer.add(adapter.lm_head, source.tensor(adapter.lm_head).to(out_dtype))
             elif transform:  # tied: the head keeps the original embedding, untied from the rotated one
                 writer.add(adapter.lm_head, source.tensor(adapter.embed).to(out_dtype))
-        shards = writer.finish()
-        meta: dict[str, Any] = {
-            "method": method,
-            "transform": transform,
-            "basis": basis,
-            "num_layers": config.num_hidden_layers,
-            "target_sparsity": sparsity if calibrator is not None else 0.0,
-            "budget": "bytes",
-            "extra_fraction": extra,
-        }
-        if any(ranks.values()):
-            meta["lowrank"] = {n: r for n, r in ranks.items() if r}
-        if calibrator is not None:
-            cal_tensors, cal_meta = calibrator.finish()
-            sidecar.update(cal_tensors)
-            meta.update(cal_meta)
-        write_sidecar(tmp / SIDECAR, sidecar, meta)
-        if fingerprint is not None:
-            source.base["sha256"] = fingerprint.result()
-        wina = {
-            "format_version": FORMAT_VERSION,
-            "tool_version": __version__,
-            "method": method,
-            "transform": transform,
-            "target_sparsity": meta["target_sparsity"],
-            "budget": "bytes",  # --sparsity is the fraction of the gated sub-blocks' decode bytes skipped
-            "center": center,
-            "head_bases": head_bases,
-            "basis": basis,
-            "lowrank": {n: r for n, r in ranks.items() if r},
-            "head_sparsity": "auto" if head_auto else float(head_sparsity),
-            "base_model": source.base,
-            "license": getattr(config, "license", None),
-            "sidecar": SIDECAR,
-        }
-        if calibrator is not None:
-            wina["calibration"] = meta["calibration"]
-        (tmp / "config.json").write_text(json.dumps(output_config(source, adapter, out_dtype, transform, wina), indent=2) + "\n")
-        _write_tokenizer(source, tmp)
-        write_model_card(tmp)
-        write_manifest(tmp, writer.sha256)
-        clock.seconds["write"] = clock.seconds.get("write", 0.0) + time.perf_counter() - t3
-        def rewritten() -> None:  # the sidecar changed: the config, card and manifest follow it
-            (tmp / "config.json").write_text(json.dumps(output_config(source, adapter, out_dtype, transform, wina), indent=2) + "\n")
-            write_model_card(tmp)
-            write_manifest(tmp, writer.sha256)
-
-        if allocation == "output" and calibrator is not None and sparsity > 0:  # else there is nothing to search
-            reporter.stage("search", 1)
-            with clock("search"):
-                meta = _search_allocation(tmp, tokens, sparsity, torch_device, sidecar, meta, search_tokens)
-            wina["calibration"] = meta["calibration"]
-            rewritten()
-            reporter.advance()
-        if head_auto or head_sparsity > 0:
-            reporter.stage("head", 2 if head_auto else 1)
-            head = adapter.lm_head.removesuffix(".weight")
-            with clock("calibrate"):
-                _calibrate_head(tmp, tokens, sparsity, torch_device, sidecar, meta, HEAD_TOKENS, head,
-                                0.0 if head_auto else head_sparsity)
-            rewritten()
-            reporter.advance()
-            if head_auto:
-                with clock("search"):
-                    meta = _search_head_share(tmp, tokens, sparsity, torch_device, sidecar, meta, search_tokens)
-                    rewritten()
-                    if meta["head_share"] > 0:  # the head's input, with the layers at their final level
-                        _calibrate_head(tmp, tokens, sparsity, torch_device, sidecar, meta, HEAD_TOKENS, head,
-                                        meta["head_sparsity"])
-                        rewritten()
-                        meta = _fit_head_scale(tmp, tokens, sparsity, torch_device, sidecar, meta, search_tokens)
-                wina.update(calibration=meta["calibration"], head_sparsity=meta["head_sparsity"], head_share=meta["head_share"])
-                reporter.advance()
-            rewritten()
-    total_bytes = sum(p.stat().st_size for p in target.iterdir() if p.is_file())
-    return ConvertResult(target, time.perf_counter() - start, total_bytes, clock.seconds,
-                         meta.get("calibration") if calibrator is not None else None)
+    return sidecar, extra
 
 
-def _search_allocation(directory: Path, tokens: torch.Tensor, sparsity: float, device: torch.device,
-                       sidecar: dict[str, torch.Tensor], meta: dict[str, Any], search_tokens: int) -> dict[str, Any]:
-    """``--allocation output``: load the checkpoint written so far, search its layers' levels by the model's
-    loss on calibration text (``calibration/search.py``), and rewrite its sidecar with the result."""
-    from .calibration.search import search_layer_levels
-    from .runtime.load import load
+def _record(source: Source, plan: Plan, extra: list[float], calibrator: Calibrator | None,
+            sidecar: dict[str, torch.Tensor]) -> WinaRecord:
+    """The checkpoint's record as streamed (before the searches); the calibrator's tables join ``sidecar``."""
+    config = source.config
+    record = WinaRecord(
+        method=plan.method, transform=plan.transform, basis=plan.basis, center=plan.center, head_bases=plan.head_bases,
+        lowrank={n: r for n, r in plan.ranks.items() if r}, base_model=dict(source.base),
+        base_model_type=config.model_type,
+        base_architectures=getattr(config, "architectures", None) or [type(config).__name__.replace("Config", "ForCausalLM")],
+        license=getattr(config, "license", None), num_layers=config.num_hidden_layers,
+        target_sparsity=plan.sparsity if calibrator is not None else 0.0, extra_fraction=extra,
+    )
+    if calibrator is not None:
+        tables, calibrated = calibrator.finish()
+        sidecar.update(tables)
+        record = dataclasses.replace(record, **calibrated)
+    return record
 
-    model = load(directory, sparsity, device=device, kernels=False)
-    prefix = model.wina.layers_prefix
-    allocation, report = search_layer_levels(model, tokens, sparsity, prefix, search_tokens)
+
+def _search(source: Source, adapter: Adapter, plan: Plan, record: WinaRecord, sidecar: dict[str, torch.Tensor],
+            weights: dict[str, torch.Tensor], tokens: torch.Tensor, dtype: torch.dtype, clock: StageClock,
+            reporter: Reporter) -> WinaRecord:
+    """The searches, on the converted model in memory (built once from the tensors just written): the layers'
+    levels (``--allocation output``), then the output head's gate (``--head-sparsity``). Returns the final record;
+    ``sidecar`` gets the tables they add."""
+    from .runtime.load import activate, assemble
+
+    config_dict = output_config(source, adapter, dtype, plan.transform, record)
+    model = activate(assemble(config_dict, sidecar, record, weights, dtype=dtype), plan.sparsity, device=plan.device,
+                     kernels=False)
+    weights.clear()  # the model holds them now
+    if plan.layer_search:
+        reporter.stage("layer search", 1)
+        with clock("layer search"):
+            record = search_layers(model, tokens, plan.sparsity, sidecar, plan.search_tokens)
+        reporter.advance()
+    if plan.head_gated:
+        reporter.stage("head", 1)
+        with clock("head"):
+            record = gate_head(model, adapter, tokens, plan.sparsity, plan.head_sparsity, sidecar, plan.search_tokens)
+        reporter.advance()
     del model
-    for layer, alloc in enumerate(allocation):
-        sidecar[f"{prefix}.{layer}.allocation"] = alloc
-    by_role = report.pop("by_role")
-    calibration = {**meta["calibration"], "allocation": "output", "search": report, "report": by_role}
-    meta = {**meta, "allocation_scope": "model", "calibration": calibration}
-    write_sidecar(directory / SIDECAR, sidecar, meta)
-    return meta
+    return record
 
 
-def _calibrate_head(directory: Path, tokens: torch.Tensor, sparsity: float, device: torch.device,
-                    sidecar: dict[str, torch.Tensor], meta: dict[str, Any], max_tokens: int, head: str,
-                    head_sparsity: float) -> None:
-    """``--head-sparsity``: the output head's gate, calibrated like a layer's (score quantiles of ``|x_i| c_i``) on
-    the final hidden states of the checkpoint written so far, gated at its target with its final allocation
-    (whole windows, at least ``max_tokens`` tokens); the sidecar (and ``meta``) are rewritten with it."""
-    from .gate import score_quantiles
-    from .runtime.load import load
-
-    model = load(directory, sparsity, device=device, kernels=False)
-    weight = model.get_submodule(head).weight
-    norms = column_norms(weight.detach(), [weight.shape[0]]).cpu()
-    rows = max(1, min(len(tokens), -(-max_tokens // tokens.shape[1])))
-    hidden = []
-    with torch.no_grad():
-        for start in range(0, rows, 4):
-            out = model.get_decoder()(input_ids=tokens[start : min(start + 4, rows)].to(device))
-            hidden.append(out.last_hidden_state.reshape(-1, weight.shape[1]).float())
-    del model
-    x = torch.cat(hidden)
-    sidecar[f"{head}.column_norms"] = norms
-    sidecar[f"{head}.quantiles"] = score_quantiles(x, norms[0] if meta["method"] == "wina" else None,
-                                                   torch.Generator().manual_seed(0))[None].float()
-    meta.update(head=head, head_sparsity=float(head_sparsity))
-    write_sidecar(directory / SIDECAR, sidecar, meta)
-
-
-def _search_head_share(directory: Path, tokens: torch.Tensor, sparsity: float, device: torch.device,
-                       sidecar: dict[str, torch.Tensor], meta: dict[str, Any], search_tokens: int) -> dict[str, Any]:
-    """``--head-sparsity auto``: choose the head's share of the target's bytes (``calibration/search.py``) on the
-    checkpoint written so far (its head gate calibrated) and record it in the sidecar (``meta["head_share"]``)."""
-    from .calibration.search import search_head_share
-    from .runtime.load import load
-
-    model = load(directory, sparsity, device=device, kernels=False)
-    share, report = search_head_share(model, tokens, sparsity, model.wina.layers_prefix, search_tokens)
-    del model
-    meta = {**meta, "head_share": share, "head_sparsity": min(share * sparsity, MAX_SPARSITY), "head_level_scale": report["level_scale"],
-            "calibration": {**meta["calibration"], "head": report}}
-    write_sidecar(directory / SIDECAR, sidecar, meta)
-    return meta
-
-
-def _fit_head_scale(directory: Path, tokens: torch.Tensor, sparsity: float, device: torch.device,
-                    sidecar: dict[str, torch.Tensor], meta: dict[str, Any], search_tokens: int) -> dict[str, Any]:
-    """The layers' level scale fitted again with the head's final gate (the search's was fitted with the head
-    calibrated for layers at the target, which skips less once they are lower); the sidecar is rewritten."""
-    from .calibration.search import fit_head_level_scale
-    from .runtime.load import load
-
-    model = load(directory, sparsity, device=device, kernels=False)
-    scale, trail = fit_head_level_scale(model, tokens, sparsity, model.wina.layers_prefix, search_tokens)
-    del model
-    report = {**meta["calibration"]["head"], "level_scale": round(scale, 5), "skipped_final_gate": trail}
-    meta = {**meta, "head_level_scale": scale, "calibration": {**meta["calibration"], "head": report}}
-    write_sidecar(directory / SIDECAR, sidecar, meta)
-    return meta
-
-
-def _check_head_sparsity(head_sparsity: Any, calibrate: bool) -> float | str:
-    """``--head-sparsity``: a fraction, or ``auto`` (the head's share of the budget searched); returns it. Without
-    calibration ``auto`` is a dense head (there is nothing to search on); a fraction is refused."""
-    if head_sparsity == "auto" and not calibrate:
-        return 0.0
-    if head_sparsity != "auto":
-        _check_sparsity(head_sparsity, "--head-sparsity")
-        head_sparsity = float(head_sparsity)
-    if head_sparsity != 0 and not calibrate:
-        raise WinaError("--head-sparsity calibrates the head's gate on calibration text: drop --no-calibrate")
-    return head_sparsity
-
-
-def _check_basis(basis: str, transform: bool, calibrate: bool) -> None:
-    if basis not in BASES:
-        raise WinaError(f"unknown basis {basis!r}: use {', '.join(BASES)}")
-    if basis != "svd" and not transform:
-        raise WinaError(f"--basis {basis} chooses the transform's bases: add --transform")
-    if basis != "svd" and not calibrate:
-        raise WinaError(f"--basis {basis} is measured on calibration text: drop --no-calibrate")
+def _save(directory: Path, source: Source, adapter: Adapter, dtype: torch.dtype, record: WinaRecord,
+          sidecar: dict[str, torch.Tensor], writer: ShardWriter) -> None:
+    """Write the sidecar, config, tokenizer and model card, then the manifest (last: its presence means complete)."""
+    write_sidecar(directory / SIDECAR, sidecar, record)
+    config = output_config(source, adapter, dtype, record.transform, record)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_tokenizer(source, directory)
+    write_model_card(directory)
+    write_manifest(directory, writer.sha256)
 
 
 def _pca_bases(calibrator: Calibrator, index: int, tensors: dict[str, torch.Tensor], adapter: Adapter, config: Any,
@@ -552,12 +516,10 @@ def _gated_shapes(source: Source, adapter: Adapter, config: Any) -> dict[str, tu
     return shapes
 
 
-def _check_sparsity(sparsity: Any, option: str = "--sparsity") -> None:
-    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 <= sparsity <= MAX_SPARSITY:
-        raise WinaError(f"{option} must be a number in [0, {MAX_SPARSITY}], got {sparsity!r}")
-
-
-def _device(device: str) -> torch.device:
+def _device(device: str | None) -> torch.device:
+    """``--device``: cuda when present unless told otherwise; cuda asked for without one is refused."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except RuntimeError as e:

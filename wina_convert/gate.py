@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .defaults import MAX_SPARSITY
+from .errors import WinaError
 
 QUANTILE_LEVELS = torch.linspace(0.0, 1.0, 201, dtype=torch.float64)
 ALLOCATION_LEVELS = torch.linspace(0.0, MAX_SPARSITY, 37, dtype=torch.float64)
@@ -75,3 +76,17 @@ def thresholds_at(quantiles: torch.Tensor | None, norms: torch.Tensor, sparsity:
     if method == "teal":
         return torch.full_like(norms, t)
     return torch.where(norms > 0, t / norms.clamp_min(1e-30), torch.full_like(norms, float("inf")))
+
+
+def fraction(value: object, option: str = "--sparsity") -> float:
+    """``value`` (a number or its text) as a sparsity in ``[0, MAX_SPARSITY]``; else a one-line error naming
+    ``option``. The one range check of every sparsity option (the CLI's, ``convert``'s, ``model.wina``'s)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise WinaError(f"{option} must be a number in [0, {MAX_SPARSITY}], got {value!r}") from None
+    if not 0.0 <= number <= MAX_SPARSITY:
+        raise WinaError(f"{option} must be a number in [0, {MAX_SPARSITY}], got {value}")
+    return number

@@ -28,6 +28,7 @@ Cost: about ``layers / 2 + len(BETAS) + 4`` forwards of ``search_tokens`` tokens
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -135,7 +136,7 @@ def search_layer_levels(model: Any, tokens: torch.Tensor, target: float, layers_
     ctl.set_counting(False)
     count = len(ctl.layers)
     weights = torch.tensor(ctl.gated_params, dtype=torch.float64)
-    level = target + sum(ctl.extra_params) / sum(ctl.gated_params)  # the model's matrix level at the target
+    level = target + dataclasses.replace(ctl.budget, scope="model").extra_at(0)  # the model's matrix level at the target
     rows = max(1, min(tokens.shape[0], search_tokens // tokens.shape[1]))
     divergence = _Divergence(model, tokens[:rows], model.get_submodule(layers_prefix))
 
@@ -204,6 +205,21 @@ def search_layer_levels(model: Any, tokens: torch.Tensor, target: float, layers_
     return allocation, report
 
 
+def search_layers(model: Any, tokens: torch.Tensor, target: float, sidecar: dict[str, torch.Tensor],
+                  search_tokens: int = SEARCH_TOKENS) -> Any:
+    """``--allocation output`` on a converted model (per-layer calibrated at ``target``): search its layers' levels
+    and return the record with the whole-model allocation; the allocation joins ``sidecar`` and the model gates by it."""
+    ctl = model.wina
+    allocation, report = search_layer_levels(model, tokens, target, ctl.layers_prefix, search_tokens)
+    for layer, alloc in enumerate(allocation):
+        sidecar[f"{ctl.layers_prefix}.{layer}.allocation"] = alloc
+    by_role = report.pop("by_role")
+    calibration = {**ctl.record.calibration, "allocation": "output", "search": report, "report": by_role}
+    record = dataclasses.replace(ctl.record, allocation_scope="model", calibration=calibration)
+    ctl.adopt(record, allocation)
+    return record
+
+
 def _bytes_skipped(ctl: Any, divergence: _Divergence) -> float:
     """The fraction of the gated sub-blocks' bytes the model skips as gated now, counted over ``divergence``'s
     tokens (one forward per window, no log-softmax over the vocabulary)."""
@@ -235,6 +251,7 @@ def search_head_share(model: Any, tokens: torch.Tensor, target: float, layers_pr
     """
     ctl = model.wina
     ctl.set_counting(False)
+    plain = ctl.budget
     rows = max(1, min(tokens.shape[0], search_tokens // tokens.shape[1]))
     divergence = _Divergence(model, tokens[:rows], model.get_submodule(layers_prefix))
     tried: dict[float, float] = {}
@@ -243,9 +260,10 @@ def search_head_share(model: Any, tokens: torch.Tensor, target: float, layers_pr
         share = round(share, 4)
         if share in tried or share < 0 or share * target > MAX_SPARSITY:
             return
-        ctl.head_share = share
-        if share > 0 and ctl.matrix_level(0, target) <= 0:
+        budget = plain.with_head(share=share)
+        if share > 0 and budget.matrix_level(0, target) <= 0:
             return
+        ctl.budget = budget
         ctl.set_sparsity(target)
         tried[share] = divergence()
 
@@ -258,11 +276,11 @@ def search_head_share(model: Any, tokens: torch.Tensor, target: float, layers_pr
         for share in (best - HEAD_REFINE, best + HEAD_REFINE):
             judge(share)
         best = min(tried, key=lambda s: (tried[s], s))
-        ctl.head_share = best
+        ctl.budget = plain.with_head(share=best)
         scale, trail = _fit_level_scale(ctl, divergence, target) if best > 0 else (1.0, [])
     finally:
         divergence.close()
-        ctl.head_share, ctl.head_level_scale = None, 1.0
+        ctl.budget = plain
         ctl.set_sparsity(0.0)
     report = {"search_tokens": int(rows * tokens.shape[1]), "shares": {f"{s:g}": round(kl, 6) for s, kl in sorted(tried.items())},
               "share": best, "kl": round(tried[best], 6), "level_scale": round(scale, 5), "skipped": trail}
@@ -297,9 +315,10 @@ def _fit_level_scale(ctl: Any, divergence: _Divergence, target: float) -> tuple[
     of the bytes) they skip less, or more, than planned. Scale the layers' level until ``divergence``'s tokens skip
     the target's bytes: a proportional step per counting pass, stopping within ``LEVEL_SCALE_TOLERANCE`` (the scale
     returned is then the last one measured) or after ``LEVEL_SCALE_STEPS`` passes."""
-    scale, trail = ctl.head_level_scale, []
+    budget, trail = ctl.budget, []
+    scale = budget.head_level_scale
     for _ in range(LEVEL_SCALE_STEPS):
-        ctl.head_level_scale = scale
+        ctl.budget = dataclasses.replace(budget, head_level_scale=scale)
         ctl.set_sparsity(target)
         achieved = _bytes_skipped(ctl, divergence)
         trail.append(round(achieved, 5))

@@ -17,8 +17,10 @@ dense.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,8 @@ from ..errors import WinaError, one_line
 from ..progress import quiet_transformers
 from ..version import __version__
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json's wina block and the sidecar's metadata are one record (WinaRecord)
+READABLE_VERSIONS = (1, 2)  # version 1 wrote the same fields, split between the two
 WINA_MODEL_TYPE = "wina-convert"
 SIDECAR = "wina.safetensors"
 MANIFEST = "wina-manifest.json"
@@ -97,8 +100,9 @@ def read_wina_config(directory: Path, *, check_version: bool = True) -> dict[str
     wina = config.get("wina")
     if not isinstance(wina, dict):
         raise WinaError(f"{directory} is not a WINA checkpoint (config.json has no wina block): run `wina convert` on it first")
-    if check_version and wina.get("format_version") != FORMAT_VERSION:
-        raise WinaError(f"{directory} has WINA format version {wina.get('format_version')!r}; this wina-convert reads version {FORMAT_VERSION}")
+    if check_version and wina.get("format_version") not in READABLE_VERSIONS:
+        raise WinaError(f"{directory} has WINA format version {wina.get('format_version')!r}; this wina-convert reads versions "
+                        f"{', '.join(map(str, READABLE_VERSIONS))}")
     return config
 
 
@@ -116,14 +120,74 @@ def base_config(config: dict[str, Any]) -> Any:
         return AutoConfig.for_model(**raw)
 
 
+# --------------------------------------------------------------------------- the record
+
+
+@dataclass
+class WinaRecord:
+    """What a checkpoint is and how its gates read: config.json's ``wina`` block and the sidecar's metadata.
+
+    One record, written once in both places (config.json for tools that read no tensors, the sidecar beside
+    the tables it describes). docs/format.md documents each field; ``budget.py`` turns the budget
+    fields into every level the runtime, ``wina inspect``, the searches and the model card use.
+    """
+
+    # how the checkpoint was made
+    method: str = "wina"  # the gate's score: "wina" |x_i| ||W[:, i]||, or "teal" |x_i|
+    transform: bool = False  # weights rotated into column-orthogonal bases, with shortcut rotations
+    basis: str = "svd"  # the transform's bases (svd, pca, pooled)
+    center: str = "none"  # the gate reads x - c (mean, median) or x (none)
+    head_bases: str = "none"  # per-head value/output bases (pca) or none
+    lowrank: dict[str, int] = field(default_factory=dict)  # gated linear -> rank of its compensating factors
+    base_model: dict[str, Any] = field(default_factory=dict)  # id, revision, sha256 of what was converted
+    base_model_type: str | None = None
+    base_architectures: list[str] | None = None
+    license: str | None = None
+    tool_version: str = __version__
+    sidecar: str = SIDECAR
+    # the gates and the budget
+    num_layers: int = 0
+    target_sparsity: float = 0.0  # the fraction of the gated decode bytes the checkpoint is calibrated to skip
+    budget: str = "bytes"  # sparsity counts bytes ("params": version-1 checkpoints without it)
+    extra_fraction: list[float] = field(default_factory=list)  # per layer: bytes read densely beside the gated matrices
+    quantile_levels: list[float] | None = None  # the levels of the sidecar's score quantile tables
+    allocation_levels: list[float] | None = None  # the layer levels of the sidecar's allocation tables
+    allocation_scope: str = "layer"  # "model": the allocation is indexed by the model's level (the layer search)
+    head: str | None = None  # the gated output head's module, if any
+    head_sparsity: float = 0.0  # its fraction of columns skipped at the target
+    head_share: float | None = None  # in the budget: the head skips head_share * s at model sparsity s
+    head_level_scale: float = 1.0  # in the budget: the layers' level is scaled by this
+    calibration: dict[str, Any] | None = None  # how it was calibrated and what the searches chose (a report)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "the checkpoint") -> "WinaRecord":
+        """The record of ``data``; unknown fields or versions are refused in one line."""
+        version = data.get("format_version")
+        if version not in READABLE_VERSIONS:
+            raise WinaError(f"{where} has WINA format version {version!r}; this wina-convert reads versions "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}: upgrade wina-convert")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise WinaError(f"{where} has WINA fields this wina-convert does not know ({', '.join(unknown)}): upgrade wina-convert")
+        record = cls(**data)
+        record.format_version = FORMAT_VERSION
+        if version == 1 and "budget" not in data:
+            record.budget = "params"
+        return record
+
+
 # --------------------------------------------------------------------------- sidecar
 
-def write_sidecar(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    meta = {"format_version": FORMAT_VERSION, **meta}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"wina": json.dumps(meta)})
+def write_sidecar(path: Path, tensors: dict[str, torch.Tensor], record: WinaRecord) -> None:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"wina": json.dumps(record.to_dict())})
 
 
-def read_sidecar(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_sidecar(path: Path) -> tuple[dict[str, torch.Tensor], WinaRecord]:
     if not path.is_file():
         raise WinaError(f"{path.parent} has no WINA sidecar ({SIDECAR}): convert the model with `wina convert` first")
     try:
@@ -136,10 +200,7 @@ def read_sidecar(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         meta = json.loads(raw or "")
     except json.JSONDecodeError as e:
         raise WinaError(f"{path} has no readable WINA metadata") from e
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise WinaError(f"{path} has sidecar format version {version!r}; this wina-convert reads version {FORMAT_VERSION}: upgrade wina-convert")
-    return tensors, meta
+    return tensors, WinaRecord.from_dict(meta, str(path))
 
 
 # --------------------------------------------------------------------------- manifest and verifying

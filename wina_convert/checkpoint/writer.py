@@ -31,8 +31,10 @@ class ShardWriter:
     once ``n`` is known.
     """
 
-    def __init__(self, directory: Path, max_shard_bytes: int, header_reserve: int = 1 << 16):
+    def __init__(self, directory: Path, max_shard_bytes: int, header_reserve: int = 1 << 16, keep: bool = False):
         self.directory = directory
+        self.keep = keep
+        self.kept: dict[str, torch.Tensor] = {}  # with ``keep``: every tensor written, by name (CPU), to run the model
         self.max_shard_bytes = max_shard_bytes
         self.header_reserve = -(-header_reserve // 8) * 8
         self.total_bytes = 0
@@ -48,7 +50,10 @@ class ShardWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._names:
             raise ValueError(f"tensor {name!r} written twice")
+        given = tensor
         tensor = tensor.detach().cpu().contiguous()
+        if self.keep:  # a copy where the caller's tensor is the one written (the calibrator consumes it next)
+            self.kept[name] = tensor.clone() if tensor.data_ptr() == given.data_ptr() else tensor
         if tensor.dtype not in DTYPE_NAMES:
             raise WinaError(f"cannot write {name!r}: safetensors has no dtype {tensor.dtype}")
         size = tensor.numel() * tensor.element_size()

@@ -10,7 +10,8 @@ import torch
 
 from ..arch import adapter_for
 from ..checkpoint.format import INDEX, MANIFEST, SIDECAR, base_config, read_sidecar, verify_checkpoint
-from ..gate import MAX_SPARSITY, interp
+from ..budget import Budget
+from ..gate import interp
 
 
 def describe(directory: str | Path) -> dict[str, Any]:
@@ -26,7 +27,7 @@ def describe(directory: str | Path) -> dict[str, Any]:
     config_dict = json.loads((directory / "config.json").read_text())
     config = base_config(config_dict)
     adapter = adapter_for(config.model_type)
-    sidecar, meta = read_sidecar(directory / SIDECAR)
+    sidecar, record = read_sidecar(directory / SIDECAR)
     manifest = json.loads((directory / MANIFEST).read_text())["files"]
     base = wina.get("base_model") or {}
     target = float(wina.get("target_sparsity") or 0.0)
@@ -43,8 +44,8 @@ def describe(directory: str | Path) -> dict[str, Any]:
         "head_bases": wina.get("head_bases", "none"),
         "lowrank": ", ".join(f"{name}={rank}" for name, rank in (wina.get("lowrank") or {}).items()) or "none",
         "target_sparsity": target,
-        "head_sparsity": _head_level(meta, target),
-        "head_in_budget": bool(meta.get("head")) and meta.get("head_share") is not None,
+        "head_sparsity": 0.0,
+        "head_in_budget": record.head is not None and record.head_share is not None,
         "dtype": config_dict.get("dtype") or config_dict.get("torch_dtype"),
         "size": sum(entry["size"] for entry in manifest.values()),
         "files": len(manifest),
@@ -52,10 +53,9 @@ def describe(directory: str | Path) -> dict[str, Any]:
         "calibration": wina.get("calibration"),
         "layers_detail": [],
     }
-    levels = torch.tensor(meta.get("allocation_levels", [0.0, 1.0]), dtype=torch.float64)
+    levels = torch.tensor(record.allocation_levels or [0.0, 1.0], dtype=torch.float64)
     labels = [part for name in adapter.gated_linears() for part, _ in adapter.linear_outputs(name, config)]
     shapes, element = _shapes(directory)
-    extra = meta.get("extra_fraction") or [0.0] * config.num_hidden_layers
     head = shapes.get(adapter.lm_head) or shapes[adapter.embed]
     layer_sizes = []
     for layer in range(config.num_hidden_layers):
@@ -64,38 +64,21 @@ def describe(directory: str | Path) -> dict[str, Any]:
             rows, cols = shapes[f"{adapter.layer_key(layer, name)}.weight"]
             sizes += [r * cols for r in adapter.splits(name, config, rows)]
         layer_sizes.append(sizes)
-    # an in-budget head (convert --head-sparsity auto) lowers every layer's level by its saving
-    offset = info["head_sparsity"] * head[0] * head[1] / sum(map(sum, layer_sizes)) if info["head_in_budget"] else 0.0
-    scale = float(meta.get("head_level_scale") or 1.0) if info["head_in_budget"] else 1.0
+    budget = Budget.of(record, [sum(sizes) for sizes in layer_sizes], head[0] * head[1])
+    info["head_sparsity"] = budget.head_level(target)
     kept = dense = 0.0
     for layer, sizes in enumerate(layer_sizes):
         alloc = sidecar.get(f"{adapter.layers_prefix}.{layer}.allocation")
-        level = target + extra[layer]
-        if meta.get("allocation_scope") == "model":  # the whole model pays for its shortcuts together
-            level = target + sum(extra) / len(extra)  # (every layer of a family is the same size)
-        if info["head_in_budget"]:
-            level = min(max(0.0, (level - offset) * scale), MAX_SPARSITY)
-        level = level if target > 0 else 0.0
-        values = [level] * len(sizes) if alloc is None else interp(level, levels, alloc.T.to(torch.float64)).tolist()
-        if target <= 0:
-            values = [0.0] * len(sizes)
-        kept += sum((1 - v) * n for v, n in zip(values, sizes)) + extra[layer] * sum(sizes)
+        level = budget.matrix_level(layer, target)
+        values = [level] * len(sizes) if alloc is None or level <= 0 else interp(level, levels, alloc.T.to(torch.float64)).tolist()
+        kept += sum((1 - v) * n for v, n in zip(values, sizes)) + budget.extra[layer] * sum(sizes)
         dense += sum(sizes)
         if alloc is not None and target > 0:
             info["layers_detail"].append({"layer": layer, "sparsity": dict(zip(labels, values))})
-    info["kept_bytes_fraction"] = kept / dense - offset  # net of an in-budget head's saving
-    head_kept = 1.0 - (info["head_sparsity"] if target > 0 else 0.0)  # (convert --head-sparsity: the head gated too)
+    info["kept_bytes_fraction"] = kept / dense - budget.head_offset(target)  # net of an in-budget head's saving
+    head_kept = 1.0 - info["head_sparsity"]  # (convert --head-sparsity: the head gated too)
     info["bytes_per_token"] = (kept + head_kept * head[0] * head[1] + head[1]) * element
     return info
-
-
-def _head_level(meta: dict[str, Any], target: float) -> float:
-    """The output head's sparsity at the checkpoint's target (0: dense; ``control.head_level``'s rule)."""
-    if not meta.get("head") or target <= 0:
-        return 0.0
-    if meta.get("head_share") is not None:
-        return min(float(meta["head_share"]) * target, MAX_SPARSITY)
-    return float(meta.get("head_sparsity") or 0.0)
 
 
 def _shapes(directory: Path) -> tuple[dict[str, tuple[int, ...]], int]:

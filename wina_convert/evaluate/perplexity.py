@@ -76,7 +76,7 @@ def evaluate(
         raise WinaError("--seq-len must be at least 2")
     windows = eval_windows(tokenizer, texts, seq_len, max_tokens)
     target = control.target_sparsity if sparsity is None else sparsity
-    previous, previous_topk, previous_head = control.sparsity, control.topk, (control.head_sparsity, control.head_share, control.head_level_scale)
+    previous, previous_topk, previous_head = control.sparsity, control.topk, control.budget
     control.set_gate_prefill(True)
     if head_sparsity is not None:
         control.set_head_sparsity(head_sparsity)
@@ -90,7 +90,7 @@ def evaluate(
         stats = control.stats()
     finally:
         control.topk = previous_topk
-        control.head_sparsity, control.head_share, control.head_level_scale = previous_head
+        control.budget = previous_head
         control.set_sparsity(previous)
     head = net.get_output_embeddings().weight
     head_stats = stats.get("head")

@@ -1,42 +1,27 @@
 """``model.wina``: a sidecar turned into thresholds at any sparsity, the swaps that make a model sparse, counters.
 
 Sidecar tensors (all float32), for every gated linear ``M`` (full module name) with ``P`` stacked
-matrices (1, or 3 for a fused qkv_proj):
+matrices (1, or 3 for a fused qkv_proj); the record (``checkpoint/format.py``, ``WinaRecord``) names the
+levels they are tabulated at:
 
 * ``M.column_norms``  ``[P, in]``  ``||W[:, i]||`` of each matrix, the WINA weights;
-* ``M.quantiles``     ``[P, Q]``   score quantiles at ``meta["quantile_levels"]`` (after calibration);
-* ``{layer}.allocation`` ``[A, G]`` the sparsity of each of the layer's ``G`` gates when the layer
-  as a whole is at ``meta["allocation_levels"][a]`` (uniform allocation: every column equals the
-  levels).
-
-* ``M.center``        ``[in]``     the calibrated center of the gate's input (``convert --center``), if any.
-* ``lm_head.column_norms`` / ``lm_head.quantiles`` (``convert --head-sparsity``): the output head's gate, calibrated
-  on the final hidden states of the model at its target. Two ways to gate it:
-  - in the budget (``meta["head_share"] = r``, ``convert --head-sparsity auto``): at model sparsity ``s`` the head
-    skips ``r s`` of its columns and the bytes it saves count toward ``s``: the layers' level drops by the head's
-    skipped bytes over the gated sub-blocks' (``head_offset``), so the model reads what gating the layers alone at
-    ``s`` reads, and ``stats()["kept_bytes_fraction"]`` is net of the head's saving;
-  - on top (``meta["head_sparsity"]``, ``convert --head-sparsity H``, ``set_head_sparsity``): the head skips its own
-    fraction of columns whenever the model is sparse, outside the budget, its bytes reported apart.
-  Either way ``stats()["head"]`` reports the head's own sparsity and bytes.
+* ``M.quantiles``     ``[P, Q]``   score quantiles at ``record.quantile_levels`` (after calibration);
+* ``{layer}.allocation`` ``[A, G]`` the sparsity of each of the layer's ``G`` gates when the layer's matrices
+  as a whole are at ``record.allocation_levels[a]`` (the model's level, for a whole-model allocation);
+* ``M.center``        ``[in]``     the calibrated center of the gate's input (``convert --center``), if any;
+* ``lm_head.column_norms`` / ``lm_head.quantiles``: the output head's gate (``record.head``), in the budget or on top;
 * ``M.lowrank_a``     ``[out, r]`` and ``M.lowrank_b`` ``[P, r, in]``: the factors that compensate the dropped
   channels (``convert --lowrank``, ``wina_convert/lowrank.py``), if any.
 
-Sparsity counts decode *bytes* (sidecar ``meta["budget"] == "bytes"``): at model sparsity ``s > 0``
-a layer's matrices skip ``s + e`` of their columns, where ``e = meta["extra_fraction"][layer]`` is
-the extra bytes that layer reads densely (a transform's two ``d x d`` shortcut rotations) over the
-bytes of its gated matrices (a transform's two ``d x d`` shortcut rotations, low-rank factors), so every
-layer reads ``(1 - s)`` of its dense bytes whatever the setting. Sparsity 0 is dense (gates off, shortcuts still read). An allocation recorded over the
-whole model (``meta["allocation_scope"] == "model"``) is indexed by the model's level and shifted
-by the model-wide extra fraction instead. Checkpoints without ``budget`` count parameters (``e = 0``).
-
-The threshold of a matrix at its sparsity ``s`` is the ``s``-quantile ``t`` of its scores; the
-per-channel threshold is ``t / column_norms`` for WINA (``|x_i| c_i > t``) and ``t`` for TEAL
-(``gate.thresholds_at``, the rule calibration uses too).
+Which level each layer and the head sit at for a model sparsity is ``budget.py``'s rule (``Budget``). The
+threshold of a matrix at its sparsity ``s`` is the ``s``-quantile ``t`` of its scores; the per-channel threshold
+is ``t / column_norms`` for WINA (``|x_i| c_i > t``) and ``t`` for TEAL (``gate.thresholds_at``, the rule
+calibration uses too).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,8 +29,10 @@ import torch
 from torch import nn
 
 from ..arch import Adapter
+from ..budget import Budget
+from ..checkpoint.format import WinaRecord
 from ..errors import WinaError
-from ..gate import MAX_SPARSITY, interp, thresholds_at
+from ..gate import MAX_SPARSITY, fraction, interp, thresholds_at
 from .modules import GateContext, GatedLinear
 
 
@@ -97,36 +84,43 @@ class WinaControl:
     """
 
     def __init__(self, gates: dict[str, GatedLinear], tables: dict[str, GateTable], allocation: list[torch.Tensor | None],
-                 layers: list[list[str]], meta: dict[str, Any]):
+                 layers: list[list[str]], record: WinaRecord):
         self.gates = gates
         self.tables = tables
         self.allocation = allocation
         self.layers = layers
-        self.meta = meta
-        self.method = meta.get("method", "wina")
-        self.quantile_levels = torch.tensor(meta.get("quantile_levels", [0.0, 1.0]), dtype=torch.float64)
-        self.allocation_levels = torch.tensor(meta.get("allocation_levels", [0.0, 1.0]), dtype=torch.float64)
+        self.record = record
+        self.method = record.method
+        self.quantile_levels = torch.tensor(record.quantile_levels or [0.0, 1.0], dtype=torch.float64)
+        self.allocation_levels = torch.tensor(record.allocation_levels or [0.0, 1.0], dtype=torch.float64)
         self.sparsity = 0.0
         self.context = next(iter(gates.values())).context if gates else GateContext()
         self.layers_prefix = "model.layers"  # set by load (the adapter's)
         self.checkpoint_config: dict[str, Any] | None = None  # the config.json it was loaded from (for saving)
         self.topk = False
         self.gated_params = [sum(gates[n].weight.numel() for n in names) for names in layers]
-        self.extra_fraction = [float(e) for e in meta.get("extra_fraction") or [0.0] * len(layers)]
-        if len(self.extra_fraction) != len(layers):
-            raise WinaError(f"the sidecar's extra_fraction has {len(self.extra_fraction)} layers, the weights {len(layers)}")
-        self.extra_params = [e * m for e, m in zip(self.extra_fraction, self.gated_params)]
+        if record.extra_fraction and len(record.extra_fraction) != len(layers):
+            raise WinaError(f"the sidecar's extra_fraction has {len(record.extra_fraction)} layers, the weights {len(layers)}")
+        self._read_budget()
+        self.extra_params = [e * m for e, m in zip(self.budget.extra, self.gated_params)]
         # the part of extra_params that is low-rank factors (as loaded; the rest is shortcut rotations)
         self.factor_params = [sum(gates[n].lowrank_params for n in names) for names in layers]
-        self.scope = meta.get("allocation_scope", "layer")
-        self.head: str | None = meta.get("head") if meta.get("head") in gates else None  # the gated output head, if any
-        self.head_sparsity = float(meta.get("head_sparsity") or 0.0) if self.head else 0.0
-        share = meta.get("head_share") if self.head else None
-        self.head_share: float | None = None if share is None else float(share)  # in the budget: the head at share * s
-        self.head_params = gates[self.head].weight.numel() if self.head else 0
-        # in the budget: the layers' level is scaled by this (measured by the share's search: their tables were
-        # calibrated with every layer upstream at the target, a little above where they sit with the head's help)
-        self.head_level_scale = float(meta.get("head_level_scale") or 1.0)
+
+    def _read_budget(self) -> None:
+        """The gated output head (if any) and the budget, from ``self.record``."""
+        self.head: str | None = self.record.head if self.record.head in self.gates else None
+        head_params = self.gates[self.head].weight.numel() if self.head else 0
+        record = self.record if self.head else dataclasses.replace(self.record, head=None)
+        self.budget = Budget.of(record, self.gated_params, head_params)
+
+    def adopt(self, record: WinaRecord, allocation: list[torch.Tensor] | None = None) -> None:
+        """Gate by ``record`` (and ``allocation``) from now on, at the current sparsity: what ``wina convert``'s
+        searches chose, applied to the model they searched on."""
+        self.record = record
+        if allocation is not None:
+            self.allocation = list(allocation)
+        self._read_budget()
+        self.set_sparsity(self.sparsity)
 
     @property
     def epoch(self) -> int:
@@ -174,38 +168,26 @@ class WinaControl:
             gate.counting = enabled
 
     def matrix_level(self, layer: int, sparsity: float) -> float:
-        """The size-weighted sparsity of ``layer``'s matrices that reads ``1 - sparsity`` of its dense bytes
-        (of the model's, for a whole-model allocation): ``sparsity + extra``; 0 at sparsity 0 (dense)."""
-        if sparsity <= 0:
-            return 0.0
-        extra = sum(self.extra_params) / sum(self.gated_params) if self.scope == "model" else self.extra_fraction[layer]
-        if self.head_share is None:
-            return sparsity + extra
-        return min(max(0.0, (sparsity + extra - self.head_offset(sparsity)) * self.head_level_scale), MAX_SPARSITY)
+        """The size-weighted sparsity of ``layer``'s matrices at model sparsity ``sparsity`` (``Budget``)."""
+        return self.budget.matrix_level(layer, sparsity)
 
     def head_level(self, sparsity: float) -> float:
-        """The fraction of the output head's columns skipped at model sparsity ``sparsity`` (0: dense or no head gate)."""
-        if self.head is None or sparsity <= 0:
-            return 0.0
-        if self.head_share is not None:
-            return min(self.head_share * sparsity, MAX_SPARSITY)
-        return self.head_sparsity
-
-    def head_offset(self, sparsity: float) -> float:
-        """What an in-budget head saves at ``sparsity``, as a fraction of the gated sub-blocks' bytes (0: on top)."""
-        if self.head_share is None:
-            return 0.0
-        return self.head_level(sparsity) * self.head_params / sum(self.gated_params)
+        """The fraction of the output head's columns skipped at model sparsity ``sparsity`` (``Budget``)."""
+        return self.budget.head_level(sparsity)
 
     @property
     def max_sparsity(self) -> float:
         """The highest byte sparsity whose matrix levels stay within the calibrated levels."""
-        levels = [self.matrix_level(layer, 1.0) - 1.0 for layer in range(len(self.layers))]
-        return round(MAX_SPARSITY - max(levels, default=0.0), 4)
+        return self.budget.max_sparsity
+
+    def use_budget(self, budget: Budget) -> None:
+        """Gate by ``budget`` from now on (the searches try head settings this way), at the current sparsity."""
+        self.budget = budget
+        self.set_sparsity(self.sparsity)
 
     @property
     def target_sparsity(self) -> float:
-        return float(self.meta.get("target_sparsity") or 0.0)
+        return float(self.record.target_sparsity or 0.0)
 
     @property
     def calibrated(self) -> bool:
@@ -246,7 +228,7 @@ class WinaControl:
 
     def set_sparsity(self, sparsity: float | None = None) -> float:
         """Gate every linear for ``sparsity`` (None: the calibrated target). Returns it."""
-        sparsity = _fraction(self.target_sparsity if sparsity is None else sparsity, "sparsity")
+        sparsity = fraction(self.target_sparsity if sparsity is None else sparsity, "sparsity")
         if sparsity > self.max_sparsity + 1e-9:
             raise WinaError(f"sparsity {sparsity} is above this checkpoint's maximum {self.max_sparsity}: its shortcut "
                             f"rotations or low-rank factors are read too, so its matrices would have to skip more than {MAX_SPARSITY}")
@@ -265,13 +247,12 @@ class WinaControl:
         Needs a checkpoint converted with ``--head-sparsity`` (which calibrates the head's gate); 0 reads it densely.
         The head is then on top of the budget, also for a checkpoint whose head was in it (``head_share``).
         """
-        sparsity = _fraction(sparsity, "head sparsity")
+        sparsity = fraction(sparsity, "head sparsity")
         if self.head is None:
             if sparsity > 0:
                 raise WinaError("this checkpoint's output head is not calibrated: convert it with --head-sparsity")
             return 0.0
-        self.head_sparsity, self.head_share, self.head_level_scale = sparsity, None, 1.0
-        self.set_sparsity(self.sparsity)
+        self.use_budget(self.budget.with_head(sparsity=sparsity))
         return sparsity
 
     def set_topk(self, enabled: bool) -> None:
@@ -313,7 +294,7 @@ class WinaControl:
         dense_bytes = sum(g.weight.numel() * g.weight.element_size() for g in layered.values() if g.tokens > 0)
         head = self.gates[self.head] if self.head is not None else None
         saved = 0.0  # the bytes an in-budget head skips per token: they count toward the sparsity
-        if self.head_share is not None and head.tokens > 0:
+        if self.budget.in_budget and head.tokens > 0:
             saved = (head.zeroed.sum().item() / head.tokens) * head.weight.element_size() * head.out_features
         counts = {name: (gate.zeroed.tolist(), gate.tokens) for name, gate in self.gates.items()}
         for name, gate in self.gates.items():
@@ -349,19 +330,8 @@ class WinaControl:
             return None
         gate = self.gates[self.head]
         dense = gate.weight.numel() * gate.weight.element_size()
-        return {"sparsity": per_gate[self.head], "target": self.head_level(self.sparsity), "in_budget": self.head_share is not None,
+        return {"sparsity": per_gate[self.head], "target": self.head_level(self.sparsity), "in_budget": self.budget.in_budget,
                 "bytes_per_token": dense * (1.0 - per_gate[self.head]), "dense_bytes": dense}
-
-
-def _fraction(value: Any, what: str) -> float:
-    """``value`` as a float in [0, MAX_SPARSITY], else a one-line error naming ``what``."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError) as e:
-        raise WinaError(f"{what} must be a number in [0, {MAX_SPARSITY}], got {value!r}") from e
-    if not 0.0 <= number <= MAX_SPARSITY:
-        raise WinaError(f"{what} must be in [0, {MAX_SPARSITY}], got {value}")
-    return number
 
 
 def real_positions(mask: Any, ids: Any, cache_position: Any = None) -> torch.Tensor | None:

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..arch import Adapter, adapter_for
-from ..checkpoint.format import (INDEX, SIDECAR, base_config, parse_dtype, read_sidecar, read_wina_config,
+from ..checkpoint.format import (INDEX, SIDECAR, WinaRecord, base_config, parse_dtype, read_sidecar, read_wina_config,
                                  verify_checkpoint)
 from ..errors import WinaError, one_line
 from ..gate import column_norms
@@ -19,7 +19,7 @@ from ..lowrank import check_factors
 from ..progress import quiet_transformers
 from ..transform import ATTN_SHORTCUT, MLP_SHORTCUT, has_shortcuts
 from .control import GateTable, WinaControl, gate_modules, swap_gated_linears
-from .modules import GateContext, Shortcut, WinaDecoderLayer, wina_model_class
+from .modules import GateContext, GatedLinear, Shortcut, WinaDecoderLayer, wina_model_class
 
 
 def wrap_layer(layer: nn.Module, adapter: Adapter, dim: int) -> WinaDecoderLayer:
@@ -42,7 +42,7 @@ def _read_tensors(directory: Path, names: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def attach_gates(model: nn.Module, adapter: Adapter, config: Any, sidecar: dict[str, torch.Tensor], meta: dict[str, Any]) -> WinaControl:
+def attach_gates(model: nn.Module, adapter: Adapter, config: Any, sidecar: dict[str, torch.Tensor], record: WinaRecord) -> WinaControl:
     """Swap every gated linear for a ``GatedLinear`` and hang the control on ``model.wina``."""
     layers = gate_modules(adapter, config.num_hidden_layers)
     splits = {}
@@ -66,26 +66,31 @@ def attach_gates(model: nn.Module, adapter: Adapter, config: Any, sidecar: dict[
         if a is not None or b is not None:
             check_factors(name, a, b, gate.out_features, gate.in_features, len(gate.splits))
             gate.set_lowrank(a.float(), b.float())
-    head = meta.get("head")
-    if head is not None:  # the output head's gate (convert --head-sparsity)
-        norms, quantiles = sidecar.get(f"{head}.column_norms"), sidecar.get(f"{head}.quantiles")
-        module = model.get_submodule(head) if head == adapter.lm_head.removesuffix(".weight") else None
-        if module is None or norms is None or quantiles is None or tuple(norms.shape) != (1, module.in_features):
-            raise WinaError(f"the sidecar does not match the weights: the output head's gate ({head}) is missing or of the wrong shape")
-        gates.update(swap_gated_linears(model, [head], {head: [module.out_features]}, next(iter(gates.values())).context))
-        tables[head] = GateTable(head, norms.float(), quantiles)
+    if record.head is not None:  # the output head's gate (convert --head-sparsity)
+        head_gate(model, adapter, gates, tables, record.head, sidecar.get(f"{record.head}.column_norms"),
+                  sidecar.get(f"{record.head}.quantiles"))
     allocation = [sidecar.get(f"{adapter.layers_prefix}.{layer}.allocation") for layer in range(config.num_hidden_layers)]
-    control = WinaControl(gates, tables, allocation, layers, meta)
+    control = WinaControl(gates, tables, allocation, layers, record)
     control.layers_prefix = adapter.layers_prefix
     control.watch_padding(model)
     model.wina = control
     return control
 
 
-def check_sidecar(control: WinaControl, meta: dict[str, Any], num_layers: int) -> None:
+def head_gate(model: nn.Module, adapter: Adapter, gates: dict[str, GatedLinear], tables: dict[str, GateTable], head: str,
+              norms: torch.Tensor | None, quantiles: torch.Tensor | None) -> None:
+    """Swap the output head ``head`` for a ``GatedLinear`` (in ``gates``, sharing their context) with its table."""
+    module = model.get_submodule(head) if head == adapter.lm_head.removesuffix(".weight") else None
+    if module is None or norms is None or quantiles is None or tuple(norms.shape) != (1, module.in_features):
+        raise WinaError(f"the sidecar does not match the weights: the output head's gate ({head}) is missing or of the wrong shape")
+    gates.update(swap_gated_linears(model, [head], {head: [module.out_features]}, next(iter(gates.values())).context))
+    tables[head] = GateTable(head, norms.float(), quantiles)
+
+
+def check_sidecar(control: WinaControl, record: WinaRecord, num_layers: int) -> None:
     """Refuse a sidecar that was edited by hand or belongs to other weights."""
-    if meta.get("num_layers") != num_layers:
-        raise WinaError(f"the sidecar is for {meta.get('num_layers')} layers but the weights have {num_layers}")
+    if record.num_layers != num_layers:
+        raise WinaError(f"the sidecar is for {record.num_layers} layers but the weights have {num_layers}")
     for name, gate in control.gates.items():
         table = control.tables[name]
         actual = column_norms(gate.weight.detach(), gate.splits)
@@ -130,27 +135,50 @@ def load(
     directory = _resolve(model, revision, token)
     config_dict = read_wina_config(directory)
     verify_checkpoint(directory, hashes=False)  # sizes of all files, sha256 of the small ones
-    sidecar, meta = read_sidecar(directory / SIDECAR)
+    sidecar, record = read_sidecar(directory / SIDECAR)
+    hf_model = assemble(config_dict, sidecar, record, directory, dtype=dtype)
+    hf_model.wina.set_gate_prefill(gate_prefill)
+    return activate(hf_model, sparsity, device=device, kernels=kernels, compile=compile, head_sparsity=head_sparsity)
+
+
+def assemble(config_dict: dict[str, Any], sidecar: dict[str, torch.Tensor], record: WinaRecord,
+             weights: Path | dict[str, torch.Tensor], *, dtype: str | torch.dtype | None = None) -> Any:
+    """The transformers model of a WINA checkpoint, its gates attached (dense, on the CPU, in eval mode).
+
+    ``weights`` is the checkpoint's directory, or its tensors by name (``wina convert`` searches the model it
+    has just written without reading it back).
+    """
     config = base_config(config_dict)
     adapter = adapter_for(config.model_type)
     adapter.check(config)
-    if config_dict["wina"].get("transform") and adapter.transform_refusal:
-        raise WinaError(f"cannot load {directory}, a transformed checkpoint: {adapter.transform_refusal}")
+    if record.transform and adapter.transform_refusal:
+        raise WinaError(f"cannot load a transformed checkpoint: {adapter.transform_refusal}")
     causal_lm = wina_model_class(adapter.model_classes()[0])  # its save_pretrained writes a WINA checkpoint
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    in_memory = isinstance(weights, dict)
     with quiet_transformers():
         try:
-            hf_model = causal_lm.from_pretrained(directory, config=config, dtype=torch_dtype or "auto")
+            if in_memory:
+                hf_model = causal_lm.from_pretrained(None, config=config, state_dict=weights, dtype=torch_dtype or "auto")
+            else:
+                hf_model = causal_lm.from_pretrained(weights, config=config, dtype=torch_dtype or "auto")
         except (OSError, ValueError, RuntimeError) as e:
-            raise WinaError(f"cannot load the weights of {directory}: {one_line(e)[:300]}") from e
-    if has_shortcuts(config_dict["wina"]):
-        _install_shortcuts(hf_model, adapter, config, directory)
-    control = attach_gates(hf_model, adapter, config, sidecar, meta)
-    check_sidecar(control, meta, config.num_hidden_layers)
+            raise WinaError(f"cannot load the weights of {'the model' if in_memory else weights}: {one_line(e)[:300]}") from e
+    if has_shortcuts(record.to_dict()):
+        names = [f"{adapter.layers_prefix}.{i}.{s}" for i in range(config.num_hidden_layers) for s in (ATTN_SHORTCUT, MLP_SHORTCUT)]
+        _install_shortcuts(hf_model, adapter, config, {n: weights[n] for n in names} if in_memory else _read_tensors(weights, names))
+    control = attach_gates(hf_model, adapter, config, sidecar, record)
+    check_sidecar(control, record, config.num_hidden_layers)
     control.checkpoint_config = config_dict
-    hf_model.to(device)
     hf_model.eval()
-    control.set_gate_prefill(gate_prefill)
+    return hf_model
+
+
+def activate(hf_model: Any, sparsity: float | None = None, *, device: str | torch.device = "cpu", kernels: bool = True,
+             compile: bool = False, head_sparsity: float | None = None) -> Any:
+    """Move an assembled model to ``device``, gate it at ``sparsity`` and bind the GPU kernels (``load``'s options)."""
+    control = hf_model.wina
+    hf_model.to(device)
     control.set_sparsity(sparsity)
     if head_sparsity is not None:
         control.set_head_sparsity(head_sparsity)
@@ -158,7 +186,8 @@ def load(
         from .graphs import enable_decode_graphs
         from .kernels.hook import enable_kernels, fuse_shortcuts, input_groups
 
-        if enable_kernels(control, input_groups(adapter, config.num_hidden_layers)):
+        adapter = adapter_for(hf_model.config.model_type)
+        if enable_kernels(control, input_groups(adapter, hf_model.config.num_hidden_layers)):
             from .kernels.attention import enable as enable_decode_attention
 
             fuse_shortcuts(hf_model.get_submodule(adapter.layers_prefix), adapter)
@@ -167,10 +196,8 @@ def load(
     return hf_model
 
 
-def _install_shortcuts(model: nn.Module, adapter: Adapter, config: Any, directory: Path) -> None:
+def _install_shortcuts(model: nn.Module, adapter: Adapter, config: Any, tensors: dict[str, torch.Tensor]) -> None:
     layers = model.get_submodule(adapter.layers_prefix)
-    names = [f"{adapter.layers_prefix}.{i}.{s}" for i in range(config.num_hidden_layers) for s in (ATTN_SHORTCUT, MLP_SHORTCUT)]
-    tensors = _read_tensors(directory, names)
     for i in range(config.num_hidden_layers):
         wrapped = wrap_layer(layers[i], adapter, config.hidden_size)
         dtype = wrapped.attn_shortcut.weight.dtype
