@@ -34,18 +34,18 @@ def test_greedy_tokens_equal_transformers_generate(which, tiny_models, tiny_gemm
     directory = tiny_gemma3 if which == "gemma3" else tiny_models["llama"]
     model, tok = original_model(directory), AutoTokenizer.from_pretrained(directory)
     ids = prompt_ids(tok, PROMPT, chat=False)
-    result = generate(model, tok, ids, 40)
-    reference = _hf_greedy(model, ids, 40)
+    result = generate(model, tok, ids, 16)
+    reference = _hf_greedy(model, ids, 16)
     assert result.tokens == reference[:len(result.tokens)]
-    assert result.finish_reason == ("length" if len(result.tokens) == 40 else "stop")
+    assert result.finish_reason == ("length" if len(result.tokens) == 16 else "stop")
 
 
 def test_greedy_on_the_sparse_model(sparse_llama):
     model, tok = sparse_llama
     assert model.wina.sparsity == 0.5
     ids = prompt_ids(tok, PROMPT, chat=False)
-    result = generate(model, tok, ids, 40)
-    assert result.tokens == _hf_greedy(model, ids, 40)[:len(result.tokens)]
+    result = generate(model, tok, ids, 24)
+    assert result.tokens == _hf_greedy(model, ids, 24)[:len(result.tokens)]
     # the text is the decode of the tokens (an end-of-sequence token is not text)
     kept = result.tokens[:-1] if result.finish_reason == "stop" else result.tokens
     assert result.text == tok.decode(kept, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -56,9 +56,9 @@ def test_streamed_pieces_join_to_the_text(sparse_llama):
     model, tok = sparse_llama
     ids = prompt_ids(tok, PROMPT, chat=False)
     for sampling in (Sampling(), Sampling(temperature=1.2, seed=3)):
-        steps = list(stream_generate(model, tok, ids, 30, sampling=sampling))
+        steps = list(stream_generate(model, tok, ids, 16, sampling=sampling))
         assert [s.finish_reason for s in steps[:-1]] == [None] * (len(steps) - 1) and steps[-1].finish_reason
-        assert "".join(s.text for s in steps) == generate(model, tok, ids, 30, sampling=sampling).text
+        assert "".join(s.text for s in steps) == generate(model, tok, ids, 16, sampling=sampling).text
 
 
 def test_detokenizer_keeps_split_characters_whole(tiny_models):
@@ -77,13 +77,13 @@ def test_detokenizer_keeps_split_characters_whole(tiny_models):
 def test_stop_strings_cut_the_text(sparse_llama):
     model, tok = sparse_llama
     ids = prompt_ids(tok, PROMPT, chat=False)
-    whole = generate(model, tok, ids, 40).text
+    whole = generate(model, tok, ids, 24).text
     assert len(whole) > 12
     stop = whole[8:11]
     cut = whole[:whole.index(stop)]
-    result = generate(model, tok, ids, 40, stop=["never there", stop])
+    result = generate(model, tok, ids, 24, stop=["never there", stop])
     assert (result.text, result.finish_reason) == (cut, "stop")
-    assert "".join(s.text for s in stream_generate(model, tok, ids, 40, stop=[stop])) == cut
+    assert "".join(s.text for s in stream_generate(model, tok, ids, 24, stop=[stop])) == cut
 
 
 def test_stop_strings_hold_back_a_possible_start():
@@ -98,12 +98,12 @@ def test_stop_strings_hold_back_a_possible_start():
 def test_sampling_is_repeatable_by_seed(sparse_llama):
     model, tok = sparse_llama
     ids = prompt_ids(tok, PROMPT, chat=False)
-    first = generate(model, tok, ids, 20, sampling=Sampling(temperature=1.0, seed=7)).tokens
-    assert generate(model, tok, ids, 20, sampling=Sampling(temperature=1.0, seed=7)).tokens == first
-    assert generate(model, tok, ids, 20, sampling=Sampling(temperature=1.0, seed=8)).tokens != first
+    first = generate(model, tok, ids, 12, sampling=Sampling(temperature=1.0, seed=7)).tokens
+    assert generate(model, tok, ids, 12, sampling=Sampling(temperature=1.0, seed=7)).tokens == first
+    assert generate(model, tok, ids, 12, sampling=Sampling(temperature=1.0, seed=8)).tokens != first
     # a nucleus of one token is greedy, whatever the temperature
-    greedy = generate(model, tok, ids, 20).tokens
-    assert generate(model, tok, ids, 20, sampling=Sampling(temperature=1.5, top_p=0.0, seed=1)).tokens == greedy
+    greedy = generate(model, tok, ids, 12).tokens
+    assert generate(model, tok, ids, 12, sampling=Sampling(temperature=1.5, top_p=0.0, seed=1)).tokens == greedy
 
 
 def test_context_and_empty_prompt_are_errors(sparse_llama):
