@@ -112,3 +112,29 @@ def test_context_and_empty_prompt_are_errors(sparse_llama):
         generate(model, tok, [1] * 500, 13)  # the tiny models' context is 512
     with pytest.raises(WinaError, match="empty"):
         generate(model, tok, [], 5)
+
+
+@pytest.mark.gpu
+def test_cuda_decode_replays_graphs_and_keeps_greedy_tokens(tiny_models, tmp_path):
+    """On CUDA the loop decodes through the runtime's CUDA graphs (recorded on the kept static cache, replayed
+    by the next request too) and makes the tokens of transformers' ``generate`` on the same kernels.
+    Run on the device machine: ``pytest -m gpu tests/test_generate.py``."""
+    from wina_convert.generate import CacheSlot
+    from wina_convert.runtime.kernels import backend
+
+    if not (torch.cuda.is_available() and backend.triton_available("cuda")):
+        pytest.skip("needs CUDA and triton")
+    out = convert(tiny_models["llama"], tmp_path / "llama", sparsity=0.5, samples=4, seq_len=64, allocation="uniform",
+                  head_sparsity=0, quiet=True).output
+    model, tok = load(out, device="cuda"), AutoTokenizer.from_pretrained(out)
+    ids = prompt_ids(tok, PROMPT, chat=False)
+    slot = CacheSlot()
+    first = generate(model, tok, ids, 24, cache=slot)
+    replays = model.wina_decode.replays
+    assert replays > 0
+    again = generate(model, tok, ids, 24, cache=slot)
+    assert again.tokens == first.tokens and model.wina_decode.replays >= replays + len(first.tokens) - 2
+    with torch.no_grad():
+        reference = model.generate(torch.tensor([ids], device="cuda"), max_new_tokens=24, do_sample=False,
+                                   pad_token_id=0)[0, len(ids):].tolist()
+    assert first.tokens == reference[:len(first.tokens)]

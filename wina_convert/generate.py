@@ -16,12 +16,17 @@ from it) stops the generation: that is how a server drops a request whose client
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
 from .errors import WinaError
+
+# The KV cache goes to the forward as ``past_key_values``, the name the CUDA-graph runner recognizes
+# (runtime/graphs.py); transformers 5.25 renames it ``cache`` and warns about the old name at every call site.
+warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
 
 # a static KV cache is allocated in steps of this many positions, so that requests of similar lengths
 # share one cache (and the CUDA graphs recorded on it)
