@@ -43,22 +43,15 @@ try:
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
-except ImportError as e:  # pragma: no cover - exercised by test_serve's missing-extra test in a subprocess
-    _MISSING = e.name or "a dependency"
-else:
-    _MISSING = None
+except ImportError as e:  # the CLI prints this in one line (test_serve runs it without uvicorn)
+    raise WinaError(f"wina serve needs the serve extra ({e.name or 'a dependency'} is not installed): "
+                    "pip install 'wina-convert[serve]'") from e
 
 log = logging.getLogger("wina_convert.serve")
 
 DEFAULT_MAX_TOKENS = 2048
 DEFAULT_QUEUE = 16
 CHECK_DISCONNECT_S = 0.25  # how often a waiting non-streaming request looks whether its client is still there
-
-
-def require_extra() -> None:
-    """Fail in one line, before any model is loaded, when the serve extra is not installed."""
-    if _MISSING is not None:
-        raise WinaError(f"wina serve needs the serve extra ({_MISSING} is not installed): pip install 'wina-convert[serve]'")
 
 
 # --------------------------------------------------------------------------- errors
@@ -74,18 +67,18 @@ class ApiError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> "Response":
+    def response(self) -> Response:
         return JSONResponse(self.body(), status_code=self.status)
 
 
-def _http_error(request: Any, exc: Any) -> "Response":
+def _http_error(request: Request, exc: HTTPException) -> Response:
     """Starlette's own 404 (no route) and 405 (wrong method), in OpenAI's shape."""
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     message = f"{request.method} {request.url.path}: {exc.detail}"
     return ApiError(exc.status_code, message, code=code).response()
 
 
-def _api_error(request: Any, exc: ApiError) -> "Response":
+def _api_error(request: Request, exc: ApiError) -> Response:
     return exc.response()
 
 
@@ -103,98 +96,97 @@ def _validation_message(error: ValidationError) -> ApiError:
 
 # --------------------------------------------------------------------------- request bodies
 
-if _MISSING is None:
-    class _Body(BaseModel):
-        """What both endpoints accept. Fields OpenAI defines that this server cannot honour are accepted at
-        their default values only (``_unsupported``); any other field is an error."""
-
-        model_config = ConfigDict(extra="forbid")
-
-        model: Optional[str] = None
-        max_tokens: Optional[int] = None
-        temperature: float = Field(1.0, ge=0.0, le=2.0)
-        top_p: float = Field(1.0, ge=0.0, le=1.0)
-        seed: Optional[int] = Field(None, ge=-(2**63), lt=2**64)
-        stop: Optional[Union[str, list[str]]] = None
-        stream: bool = False
-        stream_options: Optional["_StreamOptions"] = None
-        n: int = 1
-        user: Optional[str] = None
-        presence_penalty: float = 0.0
-        frequency_penalty: float = 0.0
-        logit_bias: Optional[dict[str, float]] = None
-
-        def stops(self) -> list[str]:
-            stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-            if len(stops) > 16 or any(not s for s in stops):
-                raise ApiError(400, "stop takes up to 16 non-empty strings", param="stop", code="invalid_value")
-            return stops
-
-        def _unsupported(self) -> dict[str, bool]:
-            """field -> whether it asks for something this server does not do."""
-            return {"n": self.n != 1, "presence_penalty": self.presence_penalty != 0,
-                    "frequency_penalty": self.frequency_penalty != 0, "logit_bias": bool(self.logit_bias)}
-
-        def check_supported(self) -> None:
-            for name, asked in self._unsupported().items():
-                if asked:
-                    raise ApiError(400, f"'{name}' is not supported by wina serve (leave it at its default)", param=name,
-                                   code="unsupported_parameter")
-
-        def completion_tokens_asked(self) -> Optional[int]:
-            return self.max_tokens
-
-    class _StreamOptions(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        include_usage: bool = False
-
-    class CompletionBody(_Body):
-        prompt: Union[str, list[str], list[int], list[list[int]]]
-        echo: bool = False
-        logprobs: Optional[int] = None
-        best_of: Optional[int] = None
-        suffix: Optional[str] = None
-
-        def _unsupported(self) -> dict[str, bool]:
-            return {**super()._unsupported(), "echo": self.echo, "logprobs": self.logprobs is not None,
-                    "best_of": self.best_of not in (None, 1), "suffix": bool(self.suffix)}
-
-    class _TextPart(BaseModel):
-        type: Literal["text"]
-        text: str
-
-    class _Message(BaseModel):
-        role: Literal["system", "developer", "user", "assistant"]
-        content: Optional[Union[str, list[_TextPart]]] = None
-        name: Optional[str] = None
-
-        def as_template_message(self) -> dict[str, str]:
-            """role and content for a chat template (text parts joined; OpenAI's "developer" is the system role)."""
-            content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-            return {"role": "system" if self.role == "developer" else self.role, "content": content}
-
-    class ChatBody(_Body):
-        messages: list[_Message] = Field(min_length=1)
-        max_completion_tokens: Optional[int] = None
-        logprobs: bool = False
-        top_logprobs: Optional[int] = None
-        response_format: Optional[dict[str, Any]] = None
-        tools: Optional[list[Any]] = None
-        tool_choice: Optional[Any] = None
-        parallel_tool_calls: Optional[bool] = None
-
-        def _unsupported(self) -> dict[str, bool]:
-            return {**super()._unsupported(), "logprobs": self.logprobs, "top_logprobs": self.top_logprobs is not None,
-                    "response_format": (self.response_format or {"type": "text"}).get("type") != "text",
-                    "tools": bool(self.tools), "tool_choice": self.tool_choice not in (None, "none", "auto")}
-
-        def completion_tokens_asked(self) -> Optional[int]:
-            return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-    _Body.model_rebuild()
+class _StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
 
 
-async def _parse(request: "Request", body_type: type) -> Any:
+class _Body(BaseModel):
+    """What both endpoints accept. Fields OpenAI defines that this server cannot honour are accepted at
+    their default values only (``_unsupported``); any other field is an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)
+    seed: Optional[int] = Field(None, ge=-(2**63), lt=2**64)
+    stop: Optional[Union[str, list[str]]] = None
+    stream: bool = False
+    stream_options: Optional[_StreamOptions] = None
+    n: int = 1
+    user: Optional[str] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Optional[dict[str, float]] = None
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 16 or any(not s for s in stops):
+            raise ApiError(400, "stop takes up to 16 non-empty strings", param="stop", code="invalid_value")
+        return stops
+
+    def _unsupported(self) -> dict[str, bool]:
+        """field -> whether it asks for something this server does not do."""
+        return {"n": self.n != 1, "presence_penalty": self.presence_penalty != 0,
+                "frequency_penalty": self.frequency_penalty != 0, "logit_bias": bool(self.logit_bias)}
+
+    def check_supported(self) -> None:
+        for name, asked in self._unsupported().items():
+            if asked:
+                raise ApiError(400, f"'{name}' is not supported by wina serve (leave it at its default)", param=name,
+                               code="unsupported_parameter")
+
+    def completion_tokens_asked(self) -> Optional[int]:
+        return self.max_tokens
+
+class CompletionBody(_Body):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: bool = False
+    logprobs: Optional[int] = None
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+    def _unsupported(self) -> dict[str, bool]:
+        return {**super()._unsupported(), "echo": self.echo, "logprobs": self.logprobs is not None,
+                "best_of": self.best_of not in (None, 1), "suffix": bool(self.suffix)}
+
+class _TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+class _Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Optional[Union[str, list[_TextPart]]] = None
+    name: Optional[str] = None
+
+    def as_template_message(self) -> dict[str, str]:
+        """role and content for a chat template (text parts joined; OpenAI's "developer" is the system role)."""
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+class ChatBody(_Body):
+    messages: list[_Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = None
+    response_format: Optional[dict[str, Any]] = None
+    tools: Optional[list[Any]] = None
+    tool_choice: Optional[Any] = None
+    parallel_tool_calls: Optional[bool] = None
+
+    def _unsupported(self) -> dict[str, bool]:
+        return {**super()._unsupported(), "logprobs": self.logprobs, "top_logprobs": self.top_logprobs is not None,
+                "response_format": (self.response_format or {"type": "text"}).get("type") != "text",
+                "tools": bool(self.tools), "tool_choice": self.tool_choice not in (None, "none", "auto")}
+
+    def completion_tokens_asked(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+
+async def _parse(request: Request, body_type: type) -> Any:
     raw = await request.body()
     try:
         data = json.loads(raw)
@@ -252,7 +244,7 @@ class ServedModel:
             return list(prompt)
         raise ApiError(400, "wina serve takes one prompt per request", param="prompt", code="invalid_value")
 
-    def chat_ids(self, body: "ChatBody") -> list[int]:
+    def chat_ids(self, body: ChatBody) -> list[int]:
         try:
             return chat_ids(self.encoder, [m.as_template_message() for m in body.messages])
         except WinaError as e:
@@ -435,30 +427,30 @@ class Handlers:
         self.served = served
         self.queue = queue
 
-    async def health(self, request: "Request") -> "Response":
+    async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.served.id, **self.queue.status()})
 
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.served.id, "object": "model", "created": self.served.created, "owned_by": "wina-convert"}
 
-    async def models(self, request: "Request") -> "Response":
+    async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [self._model_card()]})
 
-    async def model(self, request: "Request") -> "Response":
+    async def model(self, request: Request) -> Response:
         self.served.check_model(request.path_params["name"])
         return JSONResponse(self._model_card())
 
-    async def completions(self, request: "Request") -> "Response":
+    async def completions(self, request: Request) -> Response:
         body = await _parse(request, CompletionBody)
         self.served.check_model(body.model)
         return await self._answer(request, "completion", body, self.served.completion_ids(body.prompt))
 
-    async def chat(self, request: "Request") -> "Response":
+    async def chat(self, request: Request) -> Response:
         body = await _parse(request, ChatBody)
         self.served.check_model(body.model)
         return await self._answer(request, "chat", body, self.served.chat_ids(body))
 
-    async def _answer(self, request: "Request", kind: str, body: Any, prompt: list[int]) -> "Response":
+    async def _answer(self, request: Request, kind: str, body: Any, prompt: list[int]) -> Response:
         max_tokens = self.served.completion_budget(len(prompt), body.completion_tokens_asked())
         job = Job(prompt, max_tokens, Sampling(body.temperature, body.top_p, body.seed), body.stops(),
                   request.url.path, asyncio.Queue(), asyncio.get_running_loop())
@@ -471,7 +463,7 @@ class Handlers:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._collect(request, job, kind, rid, created)
 
-    async def _collect(self, request: "Request", job: Job, kind: str, rid: str, created: int) -> "Response":
+    async def _collect(self, request: Request, job: Job, kind: str, rid: str, created: int) -> Response:
         pieces: list[str] = []
         checked = time.monotonic()
         try:
@@ -543,7 +535,6 @@ class _ApiKey:
 
 def create_app(served: ServedModel, queue: DecodeQueue, *, api_key: str | None = None) -> Any:
     """The ASGI application: the routes, OpenAI-style errors, and the key check when ``api_key`` is set."""
-    require_extra()
     h = Handlers(served, queue)
     routes = [
         Route("/health", h.health, methods=["GET"]),
@@ -602,7 +593,6 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
           device: str = "cpu", dtype: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS, queue: int = DEFAULT_QUEUE,
           api_key: str | None = None, quiet: bool = False) -> None:
     """Serve ``checkpoint`` on ``host:port`` until Ctrl-C (or SIGTERM); see the module docstring."""
-    require_extra()
     if queue < 0:
         raise WinaError(f"--queue must be at least 0, got {queue}")
     _log_to_stderr(quiet)
@@ -626,15 +616,14 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
         sock.close()
 
 
-if _MISSING is None:
-    class _Server(uvicorn.Server):
-        """uvicorn's server, which also stops the generation in progress when asked to exit (Ctrl-C), so that
-        an open stream does not hold the shutdown up."""
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also stops the generation in progress when asked to exit (Ctrl-C), so that
+    an open stream does not hold the shutdown up."""
 
-        def __init__(self, config: "uvicorn.Config", on_exit: Callable[[], None]):
-            super().__init__(config)
-            self._on_exit = on_exit
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]):
+        super().__init__(config)
+        self._on_exit = on_exit
 
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            self._on_exit()
-            super().handle_exit(sig, frame)
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
