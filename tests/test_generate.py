@@ -52,6 +52,23 @@ def test_greedy_on_the_sparse_model(sparse_llama):
     assert result.prompt_tokens == len(ids) and result.decode_tokens_per_second > 0
 
 
+def test_a_static_cache_is_kept_and_gives_the_same_tokens(tiny_models):
+    """The static-cache path (CUDA's, made to run here): the tokens of the dynamic cache, and the slot's cache
+    reset and reused by the next generation of a similar length (so CUDA graphs recorded on it replay)."""
+    from wina_convert.generate import CacheSlot
+
+    model, tok = original_model(tiny_models["llama"]), AutoTokenizer.from_pretrained(tiny_models["llama"])
+    ids = prompt_ids(tok, PROMPT, chat=False)
+    dynamic = generate(model, tok, ids, 12).tokens
+    model.generation_config.cache_implementation = "static"
+    slot = CacheSlot()
+    assert generate(model, tok, ids, 12, cache=slot).tokens == dynamic
+    kept = slot.cache
+    assert generate(model, tok, ids[:-2], 14, cache=slot).tokens == generate(model, tok, ids[:-2], 14).tokens
+    assert slot.cache is kept and slot.size == 256
+    assert generate(model, tok, ids, 256 - len(ids) + 1, cache=slot).tokens[:12] == dynamic and slot.size == 512
+
+
 def test_streamed_pieces_join_to_the_text(sparse_llama):
     model, tok = sparse_llama
     ids = prompt_ids(tok, PROMPT, chat=False)

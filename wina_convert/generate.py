@@ -205,18 +205,21 @@ class CacheSlot:
 
     def __init__(self) -> None:
         self.cache: Any = None
+        self.size = 0
 
     def get(self, model: Any, length: int) -> Any:
+        """A cache for ``length`` positions: static when the model's generation config says so (``load`` does
+        on CUDA), else dynamic."""
         from transformers import DynamicCache, StaticCache
 
         if getattr(model.generation_config, "cache_implementation", None) != "static":
             return DynamicCache(config=model.config)
         size = min(-(-length // CACHE_STEP) * CACHE_STEP, max(length, context_length(model)))
-        if self.cache is not None and self.cache.max_cache_len == size:
+        if self.cache is not None and self.size == size:
             self.cache.reset()
         else:
             self.cache = None  # free the old one first
-            self.cache = StaticCache(config=model.config, max_cache_len=size)
+            self.cache, self.size = StaticCache(config=model.config, max_cache_len=size), size
         return self.cache
 
 
