@@ -239,9 +239,10 @@ def generate(
     dtype: Optional[str] = typer.Option(None, "--dtype"),
 ) -> None:
     """Generate text from PROMPT with the sparse model."""
-    import torch
     from transformers import AutoTokenizer
 
+    from .generate import Sampling, prompt_ids
+    from .generate import generate as run_generate
     from .progress import quiet_transformers
     from .runtime.load import load
 
@@ -250,18 +251,29 @@ def generate(
     model = load(checkpoint, sparsity=_sparsity(sparsity), device=_device(device), dtype=dtype)
     with quiet_transformers():
         tok = AutoTokenizer.from_pretrained(model.name_or_path)
-    if chat and getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)
-    else:
-        ids = tok(prompt, return_tensors="pt")
-    ids = {k: v.to(model.device) for k, v in ids.items()}
-    torch.manual_seed(seed)
-    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
-    with torch.no_grad(), quiet_transformers():
-        generated = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id,
-                                   **sampling)
-    print(tok.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    result = run_generate(model, tok, prompt_ids(tok, prompt, chat=chat), max_new_tokens,
+                          sampling=Sampling(temperature=temperature, seed=seed))
+    print(result.text)
+
+
+@app.command()
+def serve(
+    checkpoint: str = typer.Argument(..., help="WINA checkpoint directory or Hub id."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback unless told otherwise)."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on (0: any free port, printed at start)."),
+    sparsity: Optional[str] = typer.Option(None, "--sparsity", "-s", help="Sparsity (default: the calibrated target)."),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    max_tokens: int = typer.Option(2048, "--max-tokens", help="The most tokens a request may generate (also what it gets when it does not say)."),
+    queue: int = typer.Option(16, "--queue", help="Requests that may wait while one decodes; beyond them a request gets 503."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="WINA_API_KEY", help="Require 'Authorization: Bearer KEY' on every request.", show_default=False),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No line per request."),
+) -> None:
+    """Serve CHECKPOINT over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions); needs the serve extra."""
+    from .serve import serve as run_serve
+
+    run_serve(checkpoint, host=host, port=port, sparsity=_sparsity(sparsity), device=device, dtype=dtype,
+              max_tokens=max_tokens, queue=queue, api_key=api_key, quiet=quiet)
 
 
 # --------------------------------------------------------------------------- inspect
