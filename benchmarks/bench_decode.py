@@ -25,6 +25,9 @@ of its columns. ``--head-share R[,R2]`` adds one per value with the head inside 
 (``convert --head-sparsity auto`` with its share fixed at ``R`` instead of searched, as random weights have
 nothing to search): at sparsity ``s`` the head skips ``R s`` of its columns and the layers fewer, the same bytes
 in all as the plain checkpoint's row.
+``--quant 4,8`` adds the no-transform checkpoint with its gated linears and head quantized (groups of 128,
+``gl.quant``; the quantized kernels) at 0 / 0.4 / 0.5 / 0.65, compile mode, and ``--int4-baseline`` dense int4
+through torch's ``_weight_int4pack_mm`` (group 128, every linear and the head; benchmarks/quant_decode.py).
 ``--hf-dense`` also measures dense through an unpacked model (``kernels=False``: transformers' weight layout),
 to check that storing q/k/v and gate/up packed as ``W^T`` costs the dense path nothing.
 
@@ -41,8 +44,11 @@ import shutil
 import time
 from pathlib import Path
 
+import sys
+
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # quant_decode.py beside this script
 from wina_convert import convert, load
 from wina_convert.calibration.text import BUNDLED
 from wina_convert.evaluate.bench import bench
@@ -203,6 +209,62 @@ def table(results: dict, hf: dict | None, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def measure_quant(path: Path, bits_list: list[int], baseline: bool, tokens: int, prompt: int, device: str) -> dict:
+    """Quantized rows (benchmarks/quant_decode.py): ours at each bits and sparsity, torch's dense int4."""
+    from quant_decode import other_bytes, quantize_model, swap_int4pack, time_rows
+
+    out = {}
+    for bits in bits_list:
+        model = load(path, sparsity=0.0, device=device)
+        t0 = time.perf_counter()
+        qbytes = quantize_model(model, bits)
+        print(f"  int{bits}: quantized in {time.perf_counter() - t0:.0f} s ({qbytes['gated'] / 1e9:.2f} GB gated)", flush=True)
+        out[f"int{bits}"] = {"bytes": qbytes, **time_rows(model, SPARSITIES, tokens, prompt, qbytes)}
+        del model
+        free()
+    if baseline:
+        model = load(path, sparsity=0.0, device=device)
+        total = swap_int4pack(model)
+        free()
+        print(f"  torch int4 g128: {total / 1e9:.2f} GB", flush=True)
+        qbytes = {"gated": 0, "rest": total + other_bytes(model)}
+        out["torch int4 g128"] = {"bytes": qbytes, **time_rows(model, (None,), tokens, prompt, qbytes)}
+        del model
+        free()
+    return out
+
+
+def quant_table(quant: dict, results: dict) -> str:
+    """The quantized rows beside the float ones: tokens/s and the ratios of issue 30's targets."""
+    base = results.get("no transform") or next(iter(results.values()))
+    mode = "compile" if "compile" in base else next(iter(base))
+    fused = _fused(base[mode])
+    ours = {k: {r["sparsity"]: r for r in v["rows"]} for k, v in quant.items() if k.startswith("int")}
+    torch4 = quant.get("torch int4 g128", {}).get("rows", [{}])[0].get("tokens_per_s")
+    int4_dense = max([t for t in (torch4, ours.get("int4", {}).get(0.0, {}).get("tokens_per_s")) if t], default=None)
+    int8_dense = ours.get("int8", {}).get(0.0, {}).get("tokens_per_s")
+    lines = [f"Quantized ({mode} mode, same run): weights of every gated linear and of the head quantized with groups of "
+             "128 (ours: int4 asymmetric / int8 symmetric along the outputs; torch: int4 asymmetric along the inputs, "
+             "_weight_int4pack_mm, every linear separate, q/k/v not fused). 'x dense int4' = over the faster of torch's "
+             "int4 and our int4 at sparsity 0; 'x own dense' = over the same precision at sparsity 0 through our kernels; "
+             "'x fused bf16' = over the bf16 fused dense row above. Byte limit: read bandwidth / the bytes a token reads "
+             "(quantized weights kept x (1 - achieved sparsity), head, KV cache, norms).", "",
+             "| weights | sparsity | achieved | tokens/s | ms/token | x fused bf16 | x dense int4 | x own dense | % of byte limit |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, v in quant.items():
+        for r in v["rows"]:
+            own = ours.get(name, {}).get(0.0, {}).get("tokens_per_s")
+            tps = r["tokens_per_s"]
+            fmt = lambda a: f"{tps / a:.2f}x" if a else ""  # noqa: E731
+            lines.append(f"| {name} | {'dense' if r['sparsity'] is None else r['sparsity']} | {r['achieved_sparsity']:.1%} "
+                         f"| {tps:.1f} | {r['latency_ms']:.2f} | {fmt(fused)} | {fmt(int4_dense) if name != 'int8' else ''} "
+                         f"| {fmt(own)} | {r.get('fraction_of_byte_limit', 0):.0%} |")
+    lines.append("")
+    lines.append(f"dense int4 = {int4_dense or 0:.1f} tokens/s; our int8 dense = {int8_dense or 0:.1f}; fused bf16 dense = "
+                 f"{fused or 0:.1f}.")
+    return "\n".join(lines) + "\n"
+
+
 def _fused(res: dict) -> float | None:
     """Tokens/s of the fused dense row (sparsity 0 through the kernels) of a bench result, if measured."""
     return next((r["tokens_per_s"] for r in res["rows"] if r["sparsity"] == 0.0), None)
@@ -233,6 +295,10 @@ def main() -> None:
     ap.add_argument("--lowrank-apart", action="store_true", help="measure those also with the term added by torch ops")
     ap.add_argument("--head-sparsity", default="", help="comma-separated: a checkpoint each with its output head gated at it")
     ap.add_argument("--head-share", default="", help="comma-separated: a checkpoint each with its head inside the budget at this share")
+    ap.add_argument("--quant", default="", help="comma-separated bits (4,8): the no-transform checkpoint's gated linears "
+                    "quantized (groups of 128), its head too, timed at 0 / 0.4 / 0.5 / 0.65 (compile mode)")
+    ap.add_argument("--int4-baseline", action="store_true",
+                    help="also dense int4 through torch's _weight_int4pack_mm, group 128, every linear and the head")
     args = ap.parse_args()
     import transformers
 
@@ -300,7 +366,16 @@ def main() -> None:
             hf = measure_hf_dense(path, modes, args.tokens, args.prompt, args.device)
         (out_dir / f"{args.name}.json").write_text(json.dumps({"meta": meta, "timings": timings, "results": results,
                                                                "hf_dense": hf}, indent=1, default=str))
+    quant = {}
+    bits_list = [int(b) for b in args.quant.split(",") if b.strip()]
+    if bits_list or args.int4_baseline:
+        quant = measure_quant(ckpts.get("no transform") or next(iter(ckpts.values())), bits_list, args.int4_baseline,
+                              args.tokens, args.prompt, args.device)
+        (out_dir / f"{args.name}.json").write_text(json.dumps({"meta": meta, "timings": timings, "results": results,
+                                                               "hf_dense": hf, "quant": quant}, indent=1, default=str))
     text = table(results, hf, meta)
+    if quant:
+        text += "\n" + quant_table(quant, results)
     (out_dir / f"{args.name}.md").write_text(text)
     print(text, flush=True)
 

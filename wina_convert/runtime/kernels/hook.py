@@ -281,8 +281,10 @@ def set_sparse_batch(control: WinaControl, rows: int) -> None:
     """
     if rows < 1:
         raise ValueError(f"sparse_batch must be at least 1, got {rows}")
+    from .quant_hook import QuantSharedInput
+
     for gate in control.gates.values():
-        if isinstance(gate.kernel, SharedInput):
+        if isinstance(gate.kernel, (SharedInput, QuantSharedInput)):
             gate.kernel.sparse_batch = int(rows)
     control.context.epoch += 1
 
@@ -323,8 +325,13 @@ def bind_kernels(control: WinaControl, groups: list[list[str]] | None = None) ->
     named = [[usable[n] for n in group if n in usable] for group in groups]
     covered = {id(g) for group in named for g in group}
     named += [[g] for g in usable.values() if id(g) not in covered]
+    # quantized gates (``GatedLinear.quant``) take the quantized kernels' launches (kernels/quant_hook.py)
+    from .quant_hook import bind_quantized
+
+    quant_groups = bind_quantized([[g for g in group if getattr(g, "quant", None) is not None] for group in named])
+    named = [[g for g in group if getattr(g, "quant", None) is None] for group in named]
     bound = []
-    widest = 0
+    widest = max([g.quant.out_features * 8 for g in quant_groups], default=0)  # up to 8 rows' partial sums
     with torch.no_grad():
         for members in named:
             if not members:
