@@ -432,8 +432,9 @@ def _search(source: Source, adapter: Adapter, plan: Plan, record: WinaRecord, si
     from .runtime.load import activate, assemble
 
     config_dict = output_config(source, adapter, dtype, plan.transform, record)
-    model = activate(assemble(config_dict, sidecar, record, weights, dtype=dtype), plan.sparsity, device=plan.device,
-                     kernels=False)
+    model = assemble(config_dict, sidecar, record, weights, dtype=dtype)
+    model.wina.set_gate_prefill(True)  # the searches judge every calibration position gated
+    model = activate(model, plan.sparsity, device=plan.device, kernels=False)
     weights.clear()  # the model holds them now
     if plan.layer_search:
         reporter.stage("layer search", 1)
