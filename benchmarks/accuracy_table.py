@@ -293,7 +293,7 @@ def plot(report: dict[str, Any], path: Path) -> bool:
 
 
 def merge(directories: list[Path], out: Path) -> None:
-    """One report from several runs of one model (e.g. the parallel processes of benchmarks/gpu_accuracy.sh)."""
+    """One report from several runs of one model (e.g. parallel processes on one GPU, one setting each)."""
     reports = [json.loads((d / "accuracy.json").read_text()) for d in directories if (d / "accuracy.json").is_file()]
     if not reports:
         raise SystemExit("--merge: none of the directories has an accuracy.json")

@@ -14,31 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import FAMILIES, ROOT, build_tiny, fetch_models_module, real_model_hf
-
-
-def _train_tokenizer(special_tokens: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    texts = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "wina_convert" / "calibration" / "data" / "train").glob("*.txt"))]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=special_tokens,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return tok
+from tests.helpers import FAMILIES, build_tiny, fetch_models_module, real_model_hf, save_tiny_tokenizer, train_tokenizer
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """A tokenizer that adds no special token by default (like SmolLM2's, Qwen's)."""
-    from transformers import PreTrainedTokenizerFast
-
-    fast = PreTrainedTokenizerFast(tokenizer_object=_train_tokenizer(["<|endoftext|>"]), eos_token="<|endoftext|>",
-                                   bos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    out = tmp_path_factory.mktemp("tiny-tokenizer")
-    fast.save_pretrained(out)
-    return out
+    return save_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +29,7 @@ def tiny_bos_tokenizer_dir(tmp_path_factory) -> Path:
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = _train_tokenizer(["<eos>", "<bos>"])
+    tok = train_tokenizer(["<eos>", "<bos>"])
     bos = tok.token_to_id("<bos>")
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
                                                        special_tokens=[("<bos>", bos)])

@@ -67,6 +67,30 @@ def fetch_models_module():
     return module
 
 
+def train_tokenizer(special_tokens: list[str]):
+    """A byte-level BPE of 512 tokens trained on the bundled calibration text (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    texts = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "wina_convert" / "calibration" / "data" / "train").glob("*.txt"))]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=special_tokens,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+def save_tiny_tokenizer(directory: Path) -> Path:
+    """The tiny models' tokenizer, which adds no special token by default (like SmolLM2's, Qwen's), saved in
+    ``directory`` (also used by ``benchmarks/exactness.py``)."""
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(["<|endoftext|>"]), eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(directory)
+    return directory
+
+
 def tiny_config(family: str, vocab_size: int, **overrides):
     from transformers import AutoConfig
 

@@ -348,7 +348,7 @@ def test_decode_logits_match_reference_at_half(converted, key):
     gate/up launches, not from the residual, so its bf16 rounding differs from the reference's, and gates
     near their threshold flip: there both are compared with float32 (the same checkpoint), and the kernels
     must be no further from it than about the reference is (SmolLM2 through the torch path, 0.124 vs 0.132
-    at 0.5: benchmarks/fused_shortcut_accuracy.py)."""
+    at 0.5: docs/results.md, exactness)."""
     from wina_convert import load
 
     fast, ref = _pair(converted[key], 0.5)
