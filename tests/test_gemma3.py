@@ -226,7 +226,7 @@ def test_gemma3_270m_hits_the_target_on_heldout_text(gemma3_converted):
     result = evaluate(model, max_tokens=4096)
     # the target is bytes: the layers' and the output head's (gated inside the budget by default) together
     assert result["head_in_budget"] and abs(1 - result["kept_bytes_fraction"] - 0.5) <= 0.02, result
-    # 18.4 dense and 48.7 sparse (2.64x) with the default 16 x 512 calibration windows (README.md)
+    # 18.4 dense and 48.7 sparse (2.64x) with the default 16 x 512 calibration windows (docs/results.md)
     assert result["dense_perplexity"] < result["perplexity"] < 4 * result["dense_perplexity"], result
 
 
