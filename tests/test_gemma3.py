@@ -239,7 +239,6 @@ def test_gemma3_270m_with_every_default(gemma3_hf, tmp_path):
     wina = json.loads((out / "config.json").read_text())["wina"]
     assert wina["target_sparsity"] == 0.5 and wina["calibration"]["allocation"] == "output"
     result = evaluate(out, max_tokens=4096)
-    print("GEMMA-DEFAULT", {k: v for k, v in result.items() if k not in ("per_layer", "by_role")})  # TEMP
     assert result["head_in_budget"] and result["head_sparsity"] > 0, result  # the search gave the head a share
     assert abs(1 - result["kept_bytes_fraction"] - 0.5) <= 0.03, result
     assert math.isfinite(result["perplexity"]), result
