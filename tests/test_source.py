@@ -67,14 +67,7 @@ def test_quantized_config_refused(model, tmp_path, capsys, scheme):
 def test_bitsandbytes_without_quant_method_is_named(model, tmp_path):
     _set_quantization_config(model, {"load_in_8bit": True})
     with pytest.raises(WinaError, match="bitsandbytes.*dequantize"):
-        out = convert(model, tmp_path / "out", calibrate=False, transform=False, quiet=True).output
-    source = load_file(str(model / "model-00001-of-00001.safetensors"))
-    written = {}
-    for shard in out.glob("model-*.safetensors"):
-        written.update(load_file(str(shard)))
-    # the index was followed to the renamed shard: every tensor it maps is read and written unchanged
-    assert set(written) == set(source)
-    assert all(torch.equal(written[n], source[n]) for n in source)
+        convert(model, tmp_path / "out", calibrate=False, quiet=True)
 
 
 @pytest.mark.parametrize("dtype, name", [(torch.float8_e4m3fn, "F8_E4M3"), (torch.float8_e5m2, "F8_E5M2"),
@@ -90,14 +83,7 @@ def test_non_float_weights_refused(model, tmp_path, capsys, dtype, name):
 
 def test_float_weights_of_every_width_still_convert(model, tmp_path):
     _store_as(model, Q, torch.bfloat16)
-    out = convert(model, tmp_path / "out", calibrate=False, transform=False, quiet=True).output
-    source = load_file(str(model / "model-00001-of-00001.safetensors"))
-    written = {}
-    for shard in out.glob("model-*.safetensors"):
-        written.update(load_file(str(shard)))
-    # the index was followed to the renamed shard: every tensor it maps is read and written unchanged
-    assert set(written) == set(source)
-    assert all(torch.equal(written[n], source[n]) for n in source)
+    convert(model, tmp_path / "out", calibrate=False, quiet=True)
     assert (tmp_path / "out" / "wina-manifest.json").is_file()
 
 
@@ -115,14 +101,7 @@ def test_revision_on_a_local_directory_is_an_error(model, tmp_path, capsys):
 
 
 def test_local_directory_records_its_sha256(model, tmp_path):
-    out = convert(model, tmp_path / "out", calibrate=False, transform=False, quiet=True).output
-    source = load_file(str(model / "model-00001-of-00001.safetensors"))
-    written = {}
-    for shard in out.glob("model-*.safetensors"):
-        written.update(load_file(str(shard)))
-    # the index was followed to the renamed shard: every tensor it maps is read and written unchanged
-    assert set(written) == set(source)
-    assert all(torch.equal(written[n], source[n]) for n in source)
+    convert(model, tmp_path / "out", calibrate=False, quiet=True)
     base = json.loads((tmp_path / "out" / "config.json").read_text())["wina"]["base_model"]
     assert base["revision"] is None and len(base["sha256"]) == 64
 
