@@ -8,7 +8,7 @@ MODEL is anything ``wina convert`` takes: a Hugging Face directory or a .gguf fi
 ~/.cache/wina-convert/smollm2-hf, or the GGUF itself on a machine that only has the GGUF). Every
 cell is a real ``wina_convert.convert`` at that sparsity (bundled calibration set, convert's
 defaults unless --samples/--seq-len) followed by ``wina_convert.evaluate`` on the bundled held-out
-text, which calibration never reads. Sparsity counts decode bytes (README, "Sparsity means bytes"):
+text, which calibration never reads. Sparsity counts decode bytes (docs/method.md, section 6, "Sparsity means bytes"):
 every setting at 0.5 reads half the dense bytes of the gated sub-blocks, shortcut rotations included.
 
 Per cell: held-out perplexity, achieved parameter-weighted sparsity, kept-bytes fraction (bytes the
@@ -293,7 +293,7 @@ def plot(report: dict[str, Any], path: Path) -> bool:
 
 
 def merge(directories: list[Path], out: Path) -> None:
-    """One report from several runs of one model (e.g. the parallel processes of benchmarks/gpu_accuracy.sh)."""
+    """One report from several runs of one model (e.g. parallel processes on one GPU, one setting each)."""
     reports = [json.loads((d / "accuracy.json").read_text()) for d in directories if (d / "accuracy.json").is_file()]
     if not reports:
         raise SystemExit("--merge: none of the directories has an accuracy.json")

@@ -1,7 +1,7 @@
 """How exact the transform is at sparsity 0: relative logit error against the original model, float32.
 
 The measurement of ``tests/test_transform.py`` (the same models, the same token windows), written down:
-each tiny random model of every supported family (3 layers, ``tests/conftest.py``'s recipe, random norm
+each tiny random model of every supported family (3 layers, ``tests/helpers.py``'s recipe, random norm
 weights so that folding them is exercised) on 96 held-out tokens, and the real SmolLM2-135M-Instruct
 (float32, dequantized from its Q4_1 GGUF) on 256. The error is ``||l' - l|| / ||l||`` over all positions'
 logits ``l`` (original) and ``l'`` (converted with ``--transform``, loaded at sparsity 0). Without the
@@ -24,24 +24,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _conftest():
-    spec = importlib.util.spec_from_file_location("wina_tests_conftest", ROOT / "tests" / "conftest.py")
+def _helpers():
+    """``tests/helpers.py`` (the tiny models' recipe and tokenizer), loaded from its file: the tests are not installed."""
+    spec = importlib.util.spec_from_file_location("wina_tests_helpers", ROOT / "tests" / "helpers.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _tokenizer_dir(root: Path) -> Path:
-    """The tests' tiny byte-level BPE tokenizer (the fixture's code, run once here)."""
-    conftest = _conftest()
-
-    class Factory:
-        def mktemp(self, name):
-            path = root / name
-            path.mkdir()
-            return path
-
-    return conftest.tiny_tokenizer_dir.__wrapped__(Factory())
 
 
 def _ids(directory: Path, tokens: int) -> torch.Tensor:
@@ -79,13 +67,13 @@ def main() -> None:
     ap.add_argument("--smollm2", default=os.path.expanduser(os.environ.get("WINA_CACHE", "~/.cache/wina-convert")) + "/smollm2-hf")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "exactness.txt"))
     args = ap.parse_args()
-    conftest = _conftest()
+    helpers = _helpers()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        tok = _tokenizer_dir(root)
-        for family in conftest.FAMILIES:
-            model_dir = conftest.build_tiny(family, root / family, tok)
+        tok = helpers.save_tiny_tokenizer(root / "tiny-tokenizer")
+        for family in helpers.FAMILIES:
+            model_dir = helpers.build_tiny(family, root / family, tok)
             rows.append((f"tiny {family}", 96, relative_error(model_dir, root, 96, True), relative_error(model_dir, root, 96, False)))
         smollm2 = Path(args.smollm2)
         if smollm2.is_dir():

@@ -4,7 +4,7 @@ programs per multiprocessor (``waves``) that fewer registers allow.
     python benchmarks/sweep_gemv.py [--out DIR] [--shapes qkv,o,gate_up,down]
 
 Why: at sparsity 0.5 the kernel streams the kept rows at 2.1 to 2.9 TB/s of the H200's ~4.2
-(benchmarks/results/h200/kernels_h200.txt). Its ``[BLOCK_K, BLOCK_N]`` fp32 accumulator takes twice the
+(the kernel table before this sweep: ``git show 974741a:benchmarks/results/h200/kernels_h200.txt``). Its ``[BLOCK_K, BLOCK_N]`` fp32 accumulator takes twice the
 registers of the weight tile, so only about two programs fit on a multiprocessor, and with half of each
 tile's rows masked off only ~32 KB of useful weight bytes are in flight per SM, short of what the
 memory's latency needs. The one-row accumulator frees those registers for more programs (or bigger tiles).

@@ -133,7 +133,7 @@ def test_unsupported_inputs_fall_back():
 def bf16_models(tiny_models, tiny_gemma3, tiny_tokenizer_dir, tmp_path_factory):
     """family -> a tiny model converted at 0.5 in bf16 (Mistral with a sliding window of 8 positions; Gemma 3
     with two sliding-window layers of 8 and its own attention scale)."""
-    from conftest import build_tiny
+    from tests.helpers import build_tiny
 
     from wina_convert import convert
 

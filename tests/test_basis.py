@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import heldout_ids as _ids, sparsity0_error
+from tests.helpers import heldout_ids as _ids, sparsity0_error
 from wina_convert import convert, load
 from wina_convert.errors import WinaError
 from wina_convert.evaluate.inspect import describe

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT
+from tests.helpers import ROOT
 from wina_convert import WinaError, convert, load
 from wina_convert.calibration.text import eval_windows, leading_bos, token_windows
 from wina_convert.gate import ALLOCATION_LEVELS

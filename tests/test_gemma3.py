@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_cli import assert_one_line_error, nothing_written, run
-from test_runtime import reference_model
+from tests.helpers import assert_one_line_error, nothing_written, run
+from tests.reference import reference_model
 from wina_convert import WinaError, convert, evaluate, load
 from wina_convert.calibration.text import HELDOUT, read_texts, token_windows
 
@@ -226,5 +226,20 @@ def test_gemma3_270m_hits_the_target_on_heldout_text(gemma3_converted):
     result = evaluate(model, max_tokens=4096)
     # the target is bytes: the layers' and the output head's (gated inside the budget by default) together
     assert result["head_in_budget"] and abs(1 - result["kept_bytes_fraction"] - 0.5) <= 0.02, result
-    # 18.4 dense and 48.7 sparse (2.64x) with the default 16 x 512 calibration windows (README.md)
+    # 18.4 dense and 48.7 sparse (2.64x) with the default 16 x 512 calibration windows (docs/results.md)
     assert result["dense_perplexity"] < result["perplexity"] < 4 * result["dense_perplexity"], result
+
+
+@pytest.mark.slow
+def test_gemma3_270m_with_every_default(gemma3_hf, tmp_path):
+    """The real Gemma-3-270M converted with every default (layer search, output head in the budget, 16 x 512
+    calibration windows), as a user's first ``wina convert`` runs it: the fixture above uses per-layer greedy.
+    On held-out text (never calibrated on) the model skips the target's bytes and stays near dense."""
+    out = convert(gemma3_hf, tmp_path / "out", quiet=True).output
+    wina = json.loads((out / "config.json").read_text())["wina"]
+    assert wina["target_sparsity"] == 0.5 and wina["calibration"]["allocation"] == "output"
+    result = evaluate(out, max_tokens=4096)
+    assert result["head_in_budget"] and result["head_sparsity"] > 0, result  # the search gave the head a share
+    assert abs(1 - result["kept_bytes_fraction"] - 0.5) <= 0.03, result
+    assert math.isfinite(result["perplexity"]), result
+    assert result["dense_perplexity"] < result["perplexity"] < 2 * result["dense_perplexity"], result

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import original_model
+from tests.helpers import original_model
 from wina_convert import WinaError, convert, load
 from wina_convert.generate import (Detokenizer, Sampling, StopStrings, generate, prompt_ids, stream_generate)
 

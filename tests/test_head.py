@@ -140,7 +140,7 @@ def test_bad_head_inputs_are_one_line_errors(headed, tmp_path, capsys):
     but lacks its table (edited, manifest rewritten) is refused at load."""
     import shutil
 
-    from test_cli import assert_one_line_error, run
+    from tests.helpers import assert_one_line_error, run
 
     from wina_convert.checkpoint.format import SIDECAR, read_sidecar, write_manifest, write_sidecar
 
@@ -268,7 +268,7 @@ def test_in_budget_head_in_inspect_card_and_round_trip(budgeted, tmp_path):
 
 def test_auto_head_without_calibration_is_dense_and_refusals(budgeted, tiny_models, tmp_path, capsys):
     """``auto`` (the default) has nothing to search without calibration text: a dense head, not an error."""
-    from test_cli import assert_one_line_error, run
+    from tests.helpers import assert_one_line_error, run
 
     path = budgeted["llama"]
     out = convert(tiny_models["llama"], tmp_path / "uncalibrated", calibrate=False, quiet=True).output

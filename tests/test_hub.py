@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fake_hub import FakeHub
+from tests.fake_hub import FakeHub
 from wina_convert.hub import card as hub_card
 from wina_convert.hub import download as hub_download
 from wina_convert.hub import push as hub_push

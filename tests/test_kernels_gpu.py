@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import gated_head
 from wina_convert.runtime.kernels import configs
 from wina_convert.runtime.kernels import backend
 from wina_convert.runtime.kernels import launch as kernels
@@ -347,7 +348,7 @@ def test_decode_logits_match_reference_at_half(converted, key):
     gate/up launches, not from the residual, so its bf16 rounding differs from the reference's, and gates
     near their threshold flip: there both are compared with float32 (the same checkpoint), and the kernels
     must be no further from it than about the reference is (SmolLM2 through the torch path, 0.124 vs 0.132
-    at 0.5: benchmarks/fused_shortcut_accuracy.py)."""
+    at 0.5: docs/results.md, exactness)."""
     from wina_convert import load
 
     fast, ref = _pair(converted[key], 0.5)
@@ -377,7 +378,9 @@ def test_decode_graph_follows_the_cache_and_fuses(converted):
     """Two caches, the static one reused by generate, and q/k/v + gate/up fused into one launch each."""
     from wina_convert.runtime.kernels import launch as kernels
 
-    fast, ref = _pair(converted[("llama", True, "float32")], 0.5)
+    path = converted[("llama", True, "float32")]
+    fast, ref = _pair(path, 0.5)
+    head = gated_head(path)  # the output head, gated by default (inside the budget): a launch of its own
     calls = []
     original = kernels.gated_linear
 
@@ -393,13 +396,17 @@ def test_decode_graph_follows_the_cache_and_fuses(converted):
         finally:
             kernels.gated_linear = original
         groups = {id(g.kernel) for g in fast.wina.gates.values()}
-        # one launch per group (q/k/v together, gate/up together) in the eager step and in the recording;
-        # none from Python in the replays
-        assert len(calls) == 2 * len(groups) == 2 * 4 * fast.config.num_hidden_layers
+        layer_groups = 4 * fast.config.num_hidden_layers  # q/k/v, o, gate/up, down
+        assert len(groups) == layer_groups + (head is not None)
+        # one launch per group (q/k/v together, gate/up together, the gated head alone) in the eager step and in
+        # the recording; none from Python in the replays
+        head_shape = None if head is None else tuple(fast.get_submodule(head).weight.shape)[::-1]  # its W^T
+        layer_calls = [tuple(shape) for shape in calls if tuple(shape) != head_shape]
+        assert len(layer_calls) == 2 * layer_groups and len(calls) == 2 * len(groups)
         # the shortcut rotations ride in the q/k/v and gate/up launches
         assert all(layer.fused is not None for layer in fast.model.layers)
         c = fast.config
-        assert max(shape[1] for shape in calls) == 2 * c.intermediate_size + c.hidden_size
+        assert max(shape[1] for shape in layer_calls) == 2 * c.intermediate_size + c.hidden_size
         first = fast.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
         second = fast.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
         want = ref.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, cache_implementation="static")
@@ -480,7 +487,9 @@ def test_lowrank_on_cuda_equal_reference(tiny_models, tmp_path, transform):
     convert(tiny_models["qwen2"], target, sparsity=0.5, lowrank="8", transform=transform, allocation="greedy",
             quiet=True, samples=4, seq_len=64)
     fast, ref = _pair(target, 0.5)
-    assert all(g.lowrank_a is not None and g.kernel is not None for g in fast.wina.gates.values())
+    head = gated_head(target)  # the output head (gated by default) has no low-rank factors: only the layers do
+    assert all(g.kernel is not None for g in fast.wina.gates.values())
+    assert all((g.lowrank_a is None) == (name == head) for name, g in fast.wina.gates.items())
     ids = _prompt(fast, n=20, seed=5)
     steps = 8
     a = _teacher_forced_logits(fast, ids, steps, fast.wina_decode)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, heldout_ids as _ids, sparsity0_error
+from tests.helpers import ROOT, heldout_ids as _ids, sparsity0_error
 from wina_convert import convert, load
 from wina_convert.evaluate.inspect import describe
 from wina_convert.evaluate.perplexity import evaluate

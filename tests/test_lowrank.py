@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import heldout_ids as _ids
+from tests.helpers import heldout_ids as _ids
 from wina_convert import convert, load
 from wina_convert.arch import adapter_for
 from wina_convert.errors import WinaError

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cli import assert_one_line_error, run, tree_hash
+from tests.helpers import assert_one_line_error, run, tree_hash
 from wina_convert import convert
 from wina_convert.errors import WinaError
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_cli import tree_hash
+from tests.helpers import tree_hash
 from wina_convert import convert, load
 from wina_convert.arch import adapter_for
 from wina_convert.checkpoint.format import verify_checkpoint
@@ -218,7 +218,7 @@ def test_generate_keeps_pad_token_id_zero(checkpoints, monkeypatch, capsys):
     """``wina generate`` passes a pad id of 0 as 0 (it used to fall back to the EOS id: ``0 or eos``)."""
     import transformers
 
-    from test_cli import run
+    from tests.helpers import run
 
     seen = {}
     real_from_pretrained = transformers.AutoTokenizer.from_pretrained

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from conftest import ROOT
+from tests.helpers import ROOT
 from wina_convert import convert, load
 from wina_convert.checkpoint.format import INDEX, verify_checkpoint
 from wina_convert.checkpoint.source import SafetensorsFile

@@ -23,7 +23,7 @@ openai = pytest.importorskip("openai")
 
 import uvicorn  # noqa: E402
 
-from conftest import ROOT, build_tiny  # noqa: E402
+from tests.helpers import ROOT, build_tiny  # noqa: E402
 from wina_convert import convert  # noqa: E402
 from wina_convert.generate import Sampling, chat_ids, generate, prompt_ids  # noqa: E402
 from wina_convert.serve import DecodeQueue, create_app, load_served  # noqa: E402

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from test_cli import assert_one_line_error, nothing_written, run
+from tests.helpers import assert_one_line_error, nothing_written, run
 from wina_convert import convert
 from wina_convert.errors import WinaError
 
@@ -145,4 +145,11 @@ def test_valid_index_converts(model, tmp_path):
     names = load_file(str(model / "model.safetensors")).keys()
     index = _shard(model)
     index.write_text(json.dumps({"metadata": {}, "weight_map": {n: "model-00001-of-00001.safetensors" for n in names}}))
-    convert(model, tmp_path / "out", calibrate=False, quiet=True)
+    out = convert(model, tmp_path / "out", calibrate=False, transform=False, quiet=True).output
+    source = load_file(str(model / "model-00001-of-00001.safetensors"))
+    written = {}
+    for shard in out.glob("model-*.safetensors"):
+        written.update(load_file(str(shard)))
+    # the index was followed to the renamed shard: every tensor it maps is read and written unchanged
+    assert set(written) == set(source)
+    assert all(torch.equal(written[n], source[n]) for n in source)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_cli import assert_one_line_error, run
+from tests.helpers import assert_one_line_error, run
 from wina_convert import WinaError, convert, load
 
 pytest.importorskip("lm_eval", reason="the [eval] extra (lm-eval) is not installed")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAMILIES, ROOT
+from tests.helpers import FAMILIES, ROOT
 from wina_convert import convert, load
 from wina_convert.transform import input_basis
 

@@ -4,7 +4,7 @@
 uploads it; each CLI command of ``wina`` is one of these functions.
 
 Importing the package is light (no torch, no transformers): the four functions are attributes
-resolved on first use. README.md ("Layout") says which module holds what.
+resolved on first use. docs/development.md ("Layout of the package") says which module holds what.
 """
 
 from __future__ import annotations

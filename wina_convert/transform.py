@@ -1,4 +1,4 @@
-"""Column orthogonalization (METHOD.md section 2), one decoder layer at a time.
+"""Column orthogonalization (docs/method.md section 2), one decoder layer at a time.
 
 Conventions: weights are ``nn.Linear`` weights ``W`` of shape ``[out, in]`` and activations are
 row vectors, so a linear computes ``y = x W^T``. A basis ``Q`` is a ``d x d`` orthogonal matrix and

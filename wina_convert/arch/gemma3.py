@@ -15,7 +15,7 @@ tied. What calibration must reproduce outside a whole model is said by the metho
 embeddings are multiplied by ``sqrt(hidden)``, and each layer has its attention type (its own
 rotary base, and a window of ``sliding_window`` positions for the sliding layers).
 
-The transform is refused (METHOD.md section 2): it stores the residual rotated, ``h Q``, and
+The transform is refused (docs/method.md section 2): it stores the residual rotated, ``h Q``, and
 relies on a norm *without weight* commuting with ``Q``. A post-sub-block norm reads only the
 sub-block's output ``y``; rotating the output linear (``Q^T W``) gives ``y Q``, and
 ``norm(y Q) * (1 + w) = (norm(y) Q) * (1 + w)``, which is not ``(norm(y) * (1 + w)) Q`` unless

@@ -1,7 +1,7 @@
 """Fast one-token decode on CUDA: a static KV cache, and the whole step replayed from a CUDA graph.
 
 Batch-1 decode is memory bound, but a decode step of an 8B model is ~1000 kernel launches, and the
-gated GEMVs cost more host time to launch than the GPU needs to run them (benchmarks/KERNELS.md). So the
+gated GEMVs cost more host time to launch than the GPU needs to run them (docs/kernels.md). So the
 step is recorded once into a CUDA graph and replayed: one launch per token.
 
 ``DecodeGraphs`` wraps a model's forward. A call qualifies when it decodes one position per sequence into

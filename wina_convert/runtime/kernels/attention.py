@@ -2,7 +2,7 @@
 
 transformers' SDPA path, compiled for a decode step with a static cache, spends about 10 us a layer on an
 H100: it repeats K and V to every query head (two copies of the cache), lays the query out for cuDNN,
-runs cuDNN's attention and transposes the result back (benchmarks/KERNELS.md). Here one launch reads
+runs cuDNN's attention and transposes the result back (docs/kernels.md). Here one launch reads
 the cache in place: the query heads that share a K/V head are one tile (``tl.dot`` against each block of
 keys), the cache length is split across programs (flash-decoding) and the last program of each head,
 found with a ticket counter, merges the partial softmaxes and writes ``[B, 1, H, D]``, the layout
@@ -139,7 +139,7 @@ if backend.HAS_TRITON:
             tl.store(o_ptr + o_offs, out.to(o_ptr.dtype.element_ty), mask=o_mask)
 
 
-# Launch shape, from two sweeps on an H100 (benchmarks/KERNELS.md; Llama-3-8B heads, CUDA-graph timings):
+# Launch shape, from two sweeps on an H100 (docs/kernels.md; Llama-3-8B heads, CUDA-graph timings):
 # keys per block (64 up to 512 cached positions, else 128), the programs to aim for when splitting the
 # cache, at most MAX_SPLITS slices per head, no software pipelining. 4.9 us at 161 cached positions, 5.5 at
 # 512, 6.6 at 1024 and 11.5 at 4096; repeat_kv + SDPA takes 15, 25, 34 and 110 us

@@ -23,7 +23,7 @@ Only one-token inputs (decode) take the kernel; prompts return ``None`` here, so
 its masking reference (masked ``F.linear``, cuBLAS). A decode step of more than ``sparse_batch`` sequences
 (``set_sparse_batch``; default 1) runs dense through the packed weight: the union of the rows' masks keeps
 73% (B=2) to 98% (B=8) of the weight rows at sparsity 0.5, so no gated path read fewer bytes than cuBLAS, and
-masking cost 10-17 us a matrix on top (benchmarks/KERNELS.md, batch > 1). Kernels are used only while a
+masking cost 10-17 us a matrix on top (docs/kernels.md, batch > 1). Kernels are used only while a
 gate's ``counting`` is off: the decode graphs (``runtime/graphs.py``) switch it off while they record.
 """
 

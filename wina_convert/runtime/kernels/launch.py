@@ -10,7 +10,7 @@ Paths (chosen by the number of rows ``M`` of ``x`` flattened to ``[M, in]``):
 * ``M == 1`` (decode): the split-K GEMV of ``gemv.py``, one launch per group of matrices.
 * ``1 < M <= BATCH_SPARSE_MAX`` (``configs.py``; off by default): the batched kernel of ``gemv.py``.
 * otherwise: a dense ``(x * mask) @ W^T`` through torch (cuBLAS), which won at every B >= 2 measured
-  (the union mask is nearly full; see benchmarks/KERNELS.md).
+  (the union mask is nearly full; see docs/kernels.md).
 
 Host cost: a launch reuses the compiled kernel's launcher with raw addresses (``launch_kernel``), but on the
 device machine one call still costs ~60 us of CPU; decode must run under CUDA graphs to see the GPU-side
