@@ -1,17 +1,17 @@
 """Defaults of ``convert`` and ``wina convert``, chosen from measurements (benchmarks/accuracy_table.py now).
 
-README.md ("What we measured and the defaults") has the table they come from. Kept free of heavy
+docs/results.md has the measurements they come from. Kept free of heavy
 imports: the CLI reads them to build ``--help``.
 """
 
-# From the H200 accuracy tables (README, "Accuracy at equal decode bytes";
+# From the H200 accuracy tables (docs/results.md, "Accuracy at equal decode bytes";
 # benchmarks/results/accuracy_h200/): at equal bytes the layer search (allocation "output") lowers
 # held-out perplexity against per-layer greedy on both real models at 0.5 and 0.65 (Qwen2.5-0.5B, WINA:
 # 26.6 -> 23.3 at 0.5; against TEAL's greedy 81.9 -> 47.8 at 0.65; SmolLM2 against TEAL's greedy: 34.5 -> 34.0, 149.8 -> 103.1) and keeps off-target
 # sparsities on target; WINA and TEAL gates tie under it (within 1.4% geometric mean, WINA ahead on
 # Qwen), so the gate stays WINA's. The transform loses at equal bytes (257 vs 34 at 0.5 on SmolLM2),
 # centering lost in a prototype, per-head bases are within 1%: all off.
-# Low-rank compensation of the dropped channels (--lowrank) is off: see README for its measurement.
+# Low-rank compensation of the dropped channels (--lowrank) is off: see docs/results.md for its measurement.
 # The output head is gated inside --sparsity's bytes (--head-sparsity auto: the head skips a searched share of the
 # target's bytes, the layers the rest) since 2026-12-03. At equal bytes it beats a dense head on both real models
 # (H200, benchmarks/results/accuracy_h200/head_budget/): Qwen2.5-0.5B 19.20 / 19.73 / 23.49 against 20.13 / 23.32 /
@@ -24,7 +24,7 @@ DEFAULTS = {"method": "wina", "transform": False, "allocation": "output", "cente
 # Calibration tokens the layer search (allocation "output") measures its divergences on. 512 (one
 # 512-token window) since 2026-12-02, for conversion time: on SmolLM2 at 0.5 it gave 32.94 at 0.488
 # achieved against 32.89 at 0.490 with 1024 (held-out perplexity, same machine) at half the search's
-# forwards. The H200 tables of README were measured with 1024 (``--search-tokens 1024``).
+# forwards. The H200 tables of docs/results.md were measured with 1024 (``--search-tokens 1024``).
 SEARCH_TOKENS = 512
 
 # Highest sparsity a checkpoint is calibrated for (the allocation levels end there): every --sparsity is in [0, MAX_SPARSITY].

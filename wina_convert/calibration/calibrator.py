@@ -1,4 +1,4 @@
-"""The calibrator (METHOD.md section 3): score quantiles and per-gate sparsity allocation, layer by layer.
+"""The calibrator (docs/method.md section 3): score quantiles and per-gate sparsity allocation, layer by layer.
 
 The calibrator receives the converted weights one decoder layer at a time and keeps only the
 calibration hidden states ``[samples, seq_len, d]`` between layers, so memory is one layer plus
