@@ -19,7 +19,7 @@ wina = json.loads((out / "config.json").read_text())["wina"]
 print({k: wina.get(k) for k in ("head_sparsity", "head_share")}, wina["calibration"]["head"])
 model = load(out)
 ctl = model.wina
-print("head params", ctl.head_params, "gated params", sum(ctl.gated_params), "layers' level", ctl.matrix_level(0, 0.5),
+print("head bytes", ctl.head_bytes, "gated bytes", sum(ctl.gated_bytes), "layers' level", ctl.matrix_level(0, 0.5),
       "head level", ctl.head_level(0.5))
 result = evaluate(model, max_tokens=4096)
 print({k: result[k] for k in ("perplexity", "dense_perplexity", "sparsity", "kept_bytes_fraction", "head_sparsity")})

@@ -101,6 +101,8 @@ def convert(
     basis: str = typer.Option(DEFAULTS["basis"], "--basis", help="With --transform, the sub-blocks' input bases: svd (right-singular vectors of k_proj / gate_proj), pca (principal axes of each sub-block's calibration inputs) or pooled (one residual basis for the whole model: no shortcut rotations, nothing added at decode)."),
     lowrank: str = typer.Option(DEFAULTS["lowrank"], "--lowrank", help="Compensate each gated matrix's dropped channels with a rank-R term A (B x_dropped) fitted on calibration text: R for every matrix, or ROLE=R pairs (down=32,qkv=16); 0: off. Exact at sparsity 0; the factors count as bytes read, so the matrices skip more."),
     head_sparsity: str = typer.Option(str(DEFAULTS["head_sparsity"]), "--head-sparsity", help="Also gate the output head (lm_head); its gate is calibrated on the final hidden states. auto (the default): inside --sparsity's bytes (the head skips a searched share of them, the layers the rest, so the model reads what the layers alone at --sparsity read); a number: skip this fraction of its columns on top of --sparsity (its bytes reported apart); 0: a dense head (the layers skip all of --sparsity's bytes); --no-calibrate: a dense head."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Store the gated matrices quantized: int4 or int8 (round to nearest per group of outputs; a GGUF's Q4_0/Q4_1/Q8_0 values are kept exactly). Calibration runs on the quantized model and --sparsity counts its bytes. Default: floats."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="With --weights: outputs per scale group (default 64)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype: float32, bfloat16 or float16 (default: the input's)."),
     device: str = typer.Option("cpu", "--device", help="Where to transform and calibrate: cpu or cuda."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) of MODEL."),
@@ -122,7 +124,8 @@ def convert(
         model, output, sparsity=_sparsity(sparsity), transform=transform, dtype=dtype, revision=revision, token=token,
         shard_size=shard_size, overwrite=overwrite, device=device, calibrate=calibrate, calibration=calibration,
         samples=samples, seq_len=seq_len, seed=seed, allocation=allocation, search_tokens=search_tokens, method=method,
-        center=center, head_bases=head_bases, basis=basis, lowrank=lowrank, head_sparsity="auto" if head_sparsity == "auto" else _sparsity(head_sparsity, "--head-sparsity"), quiet=quiet,
+        center=center, head_bases=head_bases, basis=basis, lowrank=lowrank, head_sparsity="auto" if head_sparsity == "auto" else _sparsity(head_sparsity, "--head-sparsity"),
+        weights=weights, group_size=group_size, quiet=quiet,
     )
     if not quiet:
         err.print(_convert_summary(result))

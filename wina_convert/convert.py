@@ -39,6 +39,7 @@ from .transform import (BASES, MLP_SHORTCUT, attention_basis, moment_basis, rota
                         rotate_value_heads, shortcut_rotation, transform_layer, value_head_bases)
 from .units import parse_size
 from .version import __version__
+from .weights import QUANTIZED_FORMAT_VERSION, QuantizeStage, WeightFormat, parse_weights, quantize_stage
 
 
 HEAD_TOKENS = 2048  # calibration tokens (whole windows) the output head's gate is calibrated on (--head-sparsity)
@@ -112,6 +113,7 @@ def output_config(source: Source, adapter: Adapter, out_dtype: torch.dtype, tran
     wina["base_architectures"] = config.get("architectures") or [type(source.config).__name__.replace("Config", "ForCausalLM")]
     if transform:
         config["tie_word_embeddings"] = False
+    if transform or WeightFormat.from_dict(wina.get("weights")).quantized:  # plain transformers must refuse it
         config["model_type"] = WINA_MODEL_TYPE
         config["architectures"] = ["WinaConvertForCausalLM"]
     config["wina"] = wina
@@ -155,6 +157,8 @@ def convert(
     basis: str = DEFAULTS["basis"],
     lowrank: str | int | None = DEFAULTS["lowrank"],
     head_sparsity: float | str = DEFAULTS["head_sparsity"],
+    weights: str | None = None,
+    group_size: int | None = None,
     quiet: bool = False,
     reporter: Reporter | None = None,
 ) -> ConvertResult:
@@ -178,6 +182,9 @@ def convert(
         raise WinaError("--center and --head-bases are measured on calibration text: drop --no-calibrate")
     _check_basis(basis, transform, calibrate)
     head_sparsity = _check_head_sparsity(head_sparsity, calibrate)
+    weight_format = parse_weights(weights, group_size)
+    if weight_format.quantized and basis == "pca":
+        raise WinaError("--basis pca writes each MLP output matrix a layer late, which --weights does not quantize: use --basis svd or pooled")
     head_auto = head_sparsity == "auto"
     if head_auto and sparsity <= 0:
         head_sparsity, head_auto = 0.0, False  # nothing to share at sparsity 0
@@ -191,6 +198,10 @@ def convert(
     clock = StageClock(torch_device)
 
     t0 = time.perf_counter()
+    if weight_format.quantized and local.suffix == ".gguf" and local.is_file():  # refused before it is read whole
+        from .checkpoint.quantized_source import check_gguf_types
+
+        check_gguf_types(local, weight_format.bits)
     source = open_source(model, revision=revision, token=token)
     out_dir.protect([*source.origin, *source.files.values()])  # a Hub snapshot is known only now
     config = source.config
@@ -204,6 +215,8 @@ def convert(
         if not calibrate:
             raise WinaError("--lowrank fits its factors on calibration text: drop --no-calibrate")
         check_ranks(ranks, _gated_shapes(source, adapter, config))
+    rotates = "--transform" if transform else "--head-bases pca" if head_bases == "pca" else None
+    quantize = quantize_stage(weight_format, source, adapter, config, _gated_shapes(source, adapter, config), rotates)
     fingerprint = None
     if source.base.get("sha256") is None and source.base.get("revision") is None and source.files:
         # A local directory is identified by the hash of its weights, computed while we work.
@@ -289,17 +302,21 @@ def convert(
                 del tensors
                 if head_bases == "pca":  # calibrator is set: checked above
                     final = rotate_value_heads(final, adapter, config, value_head_bases(calibrator.value_moments(layer, final)))
+                # --weights: the gated matrices quantized; final keeps their dequantized floats (what runs), packed the codes
+                packed = quantize.layer(prefix, final, adapter.gated_linears()) if quantize is not None else {}
+                byte_scale = QuantizeStage.byte_scale(final, packed)  # extras are float bytes, the matrices stored ones
                 splits = {n: adapter.splits(n, config, final[f"{n}.weight"].shape[0]) for n in adapter.gated_linears()}
                 shapes = {n: (*final[f"{n}.weight"].shape, len(splits[n])) for n in splits}
-                extra.append(extra_fraction(config, shapes, shortcuts, ranks))
+                extra.append(extra_fraction(config, shapes, shortcuts, ranks) * byte_scale)
                 for name in splits:
                     sidecar[f"{prefix}{name}.column_norms"] = column_norms(final[f"{name}.weight"], splits[name]).cpu()
             with clock("write"):
-                for name, tensor in final.items():
+                for name, tensor in QuantizeStage.stored(final, packed).items():
                     if name not in deferred:
                         writer.add(prefix + name, tensor)
             if calibrator is not None:
                 with clock("calibrate"):
+                    calibrator.byte_scale = byte_scale
                     calibrator.layer(layer, final)  # empties final: the writer is done with it
             del final
             _release_memory()
@@ -328,6 +345,8 @@ def convert(
         }
         if any(ranks.values()):
             meta["lowrank"] = {n: r for n, r in ranks.items() if r}
+        if quantize is not None:
+            meta.update(format_version=QUANTIZED_FORMAT_VERSION, weights=quantize.format.to_dict())
         if calibrator is not None:
             cal_tensors, cal_meta = calibrator.finish()
             sidecar.update(cal_tensors)
@@ -351,6 +370,8 @@ def convert(
             "license": getattr(config, "license", None),
             "sidecar": SIDECAR,
         }
+        if quantize is not None:
+            wina.update(format_version=QUANTIZED_FORMAT_VERSION, weights=quantize.format.to_dict())
         if calibrator is not None:
             wina["calibration"] = meta["calibration"]
         (tmp / "config.json").write_text(json.dumps(output_config(source, adapter, out_dtype, transform, wina), indent=2) + "\n")

@@ -134,8 +134,8 @@ def search_layer_levels(model: Any, tokens: torch.Tensor, target: float, layers_
     ctl = model.wina
     ctl.set_counting(False)
     count = len(ctl.layers)
-    weights = torch.tensor(ctl.gated_params, dtype=torch.float64)
-    level = target + sum(ctl.extra_params) / sum(ctl.gated_params)  # the model's matrix level at the target
+    weights = torch.tensor(ctl.gated_bytes, dtype=torch.float64)
+    level = target + sum(ctl.extra_bytes) / sum(ctl.gated_bytes)  # the model's matrix level at the target
     rows = max(1, min(tokens.shape[0], search_tokens // tokens.shape[1]))
     divergence = _Divergence(model, tokens[:rows], model.get_submodule(layers_prefix))
 

@@ -31,6 +31,7 @@ from ..progress import quiet_transformers
 from ..version import __version__
 
 FORMAT_VERSION = 1
+READ_VERSIONS = (1, 2)  # 2: the gated matrices are quantized (weights.py, convert --weights)
 WINA_MODEL_TYPE = "wina-convert"
 SIDECAR = "wina.safetensors"
 MANIFEST = "wina-manifest.json"
@@ -97,8 +98,8 @@ def read_wina_config(directory: Path, *, check_version: bool = True) -> dict[str
     wina = config.get("wina")
     if not isinstance(wina, dict):
         raise WinaError(f"{directory} is not a WINA checkpoint (config.json has no wina block): run `wina convert` on it first")
-    if check_version and wina.get("format_version") != FORMAT_VERSION:
-        raise WinaError(f"{directory} has WINA format version {wina.get('format_version')!r}; this wina-convert reads version {FORMAT_VERSION}")
+    if check_version and wina.get("format_version") not in READ_VERSIONS:
+        raise WinaError(f"{directory} has WINA format version {wina.get('format_version')!r}; this wina-convert reads versions {READ_VERSIONS}")
     return config
 
 
@@ -137,8 +138,8 @@ def read_sidecar(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     except json.JSONDecodeError as e:
         raise WinaError(f"{path} has no readable WINA metadata") from e
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise WinaError(f"{path} has sidecar format version {version!r}; this wina-convert reads version {FORMAT_VERSION}: upgrade wina-convert")
+    if version not in READ_VERSIONS:
+        raise WinaError(f"{path} has sidecar format version {version!r}; this wina-convert reads versions {READ_VERSIONS}: upgrade wina-convert")
     return tensors, meta
 
 

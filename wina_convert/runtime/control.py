@@ -111,19 +111,20 @@ class WinaControl:
         self.layers_prefix = "model.layers"  # set by load (the adapter's)
         self.checkpoint_config: dict[str, Any] | None = None  # the config.json it was loaded from (for saving)
         self.topk = False
-        self.gated_params = [sum(gates[n].weight.numel() for n in names) for names in layers]
+        # bytes, as stored (a quantized matrix's codes, scales and offsets: convert --weights)
+        self.gated_bytes = [sum(gates[n].weight_bytes for n in names) for names in layers]
         self.extra_fraction = [float(e) for e in meta.get("extra_fraction") or [0.0] * len(layers)]
         if len(self.extra_fraction) != len(layers):
             raise WinaError(f"the sidecar's extra_fraction has {len(self.extra_fraction)} layers, the weights {len(layers)}")
-        self.extra_params = [e * m for e, m in zip(self.extra_fraction, self.gated_params)]
-        # the part of extra_params that is low-rank factors (as loaded; the rest is shortcut rotations)
-        self.factor_params = [sum(gates[n].lowrank_params for n in names) for names in layers]
+        self.extra_bytes = [e * m for e, m in zip(self.extra_fraction, self.gated_bytes)]
+        # the part of extra_bytes that is low-rank factors (as loaded; the rest is shortcut rotations)
+        self.factor_bytes = [sum(gates[n].lowrank_params * gates[n].weight.element_size() for n in names) for names in layers]
         self.scope = meta.get("allocation_scope", "layer")
         self.head: str | None = meta.get("head") if meta.get("head") in gates else None  # the gated output head, if any
         self.head_sparsity = float(meta.get("head_sparsity") or 0.0) if self.head else 0.0
         share = meta.get("head_share") if self.head else None
         self.head_share: float | None = None if share is None else float(share)  # in the budget: the head at share * s
-        self.head_params = gates[self.head].weight.numel() if self.head else 0
+        self.head_bytes = gates[self.head].weight_bytes if self.head else 0
         # in the budget: the layers' level is scaled by this (measured by the share's search: their tables were
         # calibrated with every layer upstream at the target, a little above where they sit with the head's help)
         self.head_level_scale = float(meta.get("head_level_scale") or 1.0)
@@ -178,7 +179,7 @@ class WinaControl:
         (of the model's, for a whole-model allocation): ``sparsity + extra``; 0 at sparsity 0 (dense)."""
         if sparsity <= 0:
             return 0.0
-        extra = sum(self.extra_params) / sum(self.gated_params) if self.scope == "model" else self.extra_fraction[layer]
+        extra = sum(self.extra_bytes) / sum(self.gated_bytes) if self.scope == "model" else self.extra_fraction[layer]
         if self.head_share is None:
             return sparsity + extra
         return min(max(0.0, (sparsity + extra - self.head_offset(sparsity)) * self.head_level_scale), MAX_SPARSITY)
@@ -195,7 +196,7 @@ class WinaControl:
         """What an in-budget head saves at ``sparsity``, as a fraction of the gated sub-blocks' bytes (0: on top)."""
         if self.head_share is None:
             return 0.0
-        return self.head_level(sparsity) * self.head_params / sum(self.gated_params)
+        return self.head_level(sparsity) * self.head_bytes / sum(self.gated_bytes)
 
     @property
     def max_sparsity(self) -> float:
@@ -304,17 +305,17 @@ class WinaControl:
             if not counted:
                 continue
             kept = sum(((1 - g.zeroed.cpu().double() / (g.tokens * g.in_features)) * torch.tensor(g.splits, dtype=torch.float64)).sum().item()
-                       * g.in_features * g.weight.element_size() for g in counted)
+                       * g.weight_bytes / g.out_features for g in counted)
             # the shortcuts are read at every step; a gate's factors only while it gates (off: dense, no term)
-            shortcuts = self.extra_params[layer] - self.factor_params[layer]
-            factors = sum(g.lowrank_params for g in counted if g.active)
-            kept_bytes += kept + (shortcuts + factors) * counted[0].weight.element_size()
+            shortcuts = self.extra_bytes[layer] - self.factor_bytes[layer]
+            factors = sum(g.lowrank_params * g.weight.element_size() for g in counted if g.active)
+            kept_bytes += kept + shortcuts + factors
         layered = {name: gate for name, gate in self.gates.items() if name != self.head}
-        dense_bytes = sum(g.weight.numel() * g.weight.element_size() for g in layered.values() if g.tokens > 0)
+        dense_bytes = sum(g.weight_bytes for g in layered.values() if g.tokens > 0)
         head = self.gates[self.head] if self.head is not None else None
         saved = 0.0  # the bytes an in-budget head skips per token: they count toward the sparsity
         if self.head_share is not None and head.tokens > 0:
-            saved = (head.zeroed.sum().item() / head.tokens) * head.weight.element_size() * head.out_features
+            saved = (head.zeroed.sum().item() / (head.tokens * head.in_features)) * head.weight_bytes
         counts = {name: (gate.zeroed.tolist(), gate.tokens) for name, gate in self.gates.items()}
         for name, gate in self.gates.items():
             zeroed, tokens = counts[name]
@@ -348,7 +349,7 @@ class WinaControl:
         if self.head is None or self.head not in per_gate:
             return None
         gate = self.gates[self.head]
-        dense = gate.weight.numel() * gate.weight.element_size()
+        dense = gate.weight_bytes
         return {"sparsity": per_gate[self.head], "target": self.head_level(self.sparsity), "in_budget": self.head_share is not None,
                 "bytes_per_token": dense * (1.0 - per_gate[self.head]), "dense_bytes": dense}
 

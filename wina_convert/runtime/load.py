@@ -19,6 +19,7 @@ from ..lowrank import check_factors
 from ..progress import quiet_transformers
 from ..transform import ATTN_SHORTCUT, MLP_SHORTCUT, has_shortcuts
 from .control import GateTable, WinaControl, gate_modules, swap_gated_linears
+from .quantized import load_quantized
 from .modules import GateContext, Shortcut, WinaDecoderLayer, wina_model_class
 
 
@@ -143,6 +144,7 @@ def load(
             hf_model = causal_lm.from_pretrained(directory, config=config, dtype=torch_dtype or "auto")
         except (OSError, ValueError, RuntimeError) as e:
             raise WinaError(f"cannot load the weights of {directory}: {one_line(e)[:300]}") from e
+    load_quantized(hf_model, directory, config_dict["wina"])  # convert --weights: the dequantized weights, and gl.quant
     if has_shortcuts(config_dict["wina"]):
         _install_shortcuts(hf_model, adapter, config, directory)
     control = attach_gates(hf_model, adapter, config, sidecar, meta)

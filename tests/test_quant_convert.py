@@ -1,0 +1,202 @@
+"""``convert --weights int4|int8``: quantized gated matrices, exact at sparsity 0 against the dequantized model,
+their bytes counted as stored, a GGUF's Q4_0 / Q4_1 / Q8_0 values kept, and the bad inputs refused in one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import FAMILIES, heldout_ids, original_model, relative_error
+from test_cli import assert_one_line_error, run
+from wina_convert import convert, load
+from wina_convert.arch import adapter_for
+from wina_convert.checkpoint.format import INDEX, write_manifest
+from wina_convert.errors import WinaError
+from wina_convert.quant import QuantizedWeight, quantize_rtn, unpack_int4
+
+GROUP = 16  # divides every tiny matrix's outputs (64, 160, 32, 128, and the fused phi3 ones)
+CHEAP = dict(samples=2, seq_len=64, allocation="greedy", head_sparsity=0, quiet=True)
+
+
+def stored(directory: Path, module: str) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors whose names start with ``module.`` (read straight from the shards)."""
+    weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
+    out = {}
+    for name, shard in weight_map.items():
+        if name.startswith(module + "."):
+            with safe_open(str(directory / shard), framework="pt") as f:
+                out[name] = f.get_tensor(name)
+    return out
+
+
+def dequantized_reference(source: Path, bits: int, group: int):
+    """The original model with every gated matrix replaced by its round-to-nearest quantization, dequantized
+    element by element here (``w = s q + m`` from the codes, not through ``QuantizedWeight.dequantize``)."""
+    model = original_model(source)
+    adapter = adapter_for(model.config.model_type)
+    with torch.no_grad():
+        for layer in range(model.config.num_hidden_layers):
+            for name in adapter.gated_linears():
+                linear = model.get_submodule(adapter.layer_key(layer, name))
+                q = quantize_rtn(linear.weight, bits, group)
+                codes = (unpack_int4(q.qweight) if bits == 4 else q.qweight.to(torch.int16)).float()  # [in, out]
+                if bits == 4 and q.offsets is None:
+                    codes = codes - 8
+                s = q.scales.float().repeat_interleave(group, dim=1)
+                w = s * codes + (0 if q.offsets is None else q.offsets.float().repeat_interleave(group, dim=1))
+                linear.weight.copy_(w.t())
+    return model
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_models, tiny_gemma3, tmp_path_factory):
+    """(family, bits) -> a calibrated checkpoint with int4 / int8 gated matrices (groups of 16 outputs)."""
+    root = tmp_path_factory.mktemp("quantized")
+    sources = {**tiny_models, "gemma3_text": tiny_gemma3}
+    out = {}
+    for family, source in sources.items():
+        for bits in (4, 8):
+            out[family, bits] = (source, convert(source, root / f"{family}-{bits}", sparsity=0.5, weights=f"int{bits}",
+                                                 group_size=GROUP, **CHEAP).output)
+    return out
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("family", [*FAMILIES, "gemma3_text"])
+def test_sparsity0_equals_the_dequantized_model(quantized, family, bits):
+    source, checkpoint = quantized[family, bits]
+    reference = dequantized_reference(source, bits, GROUP)
+    model = load(checkpoint, sparsity=0)
+    ids = heldout_ids(source)
+    with torch.no_grad():
+        want, got = reference(ids).logits, model(ids).logits
+    assert relative_error(want, got) < 1e-5
+    # and it is not the float model: quantization changed the logits
+    with torch.no_grad():
+        assert relative_error(original_model(source)(ids).logits, got) > 1e-4
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_checkpoint_stores_codes_scales_offsets_not_floats(quantized, bits):
+    source, checkpoint = quantized["llama", bits]
+    wina = json.loads((checkpoint / "config.json").read_text())["wina"]
+    assert wina["format_version"] == 2 and wina["weights"]["scheme"] == f"int{bits}" and wina["weights"]["group_size"] == GROUP
+    assert json.loads((checkpoint / "config.json").read_text())["model_type"] == "wina-convert"  # plain transformers refuses it
+    module = "model.layers.1.mlp.down_proj"
+    tensors = stored(checkpoint, module)
+    assert f"{module}.weight" not in tensors
+    weight = original_model(source).get_submodule(module).weight
+    want = quantize_rtn(weight, bits, GROUP)
+    q = QuantizedWeight.from_tensors(module, tensors)
+    assert torch.equal(q.qweight, want.qweight) and torch.equal(q.scales, want.scales)
+    assert (q.offsets is None) == (bits == 8)
+    # the runtime's module carries it (the kernels' contract) and computes with its dequantization
+    gate = load(checkpoint, sparsity=0).wina.gates[module]
+    assert gate.quant is not None and torch.equal(gate.quant.qweight, want.qweight)
+    assert torch.equal(gate.weight.detach(), want.dequantize(gate.weight.dtype))
+
+
+def test_bytes_are_counted_as_stored(quantized):
+    """The gated bytes the budget counts are the codes plus the float16 scales (and offsets), counted here from
+    the shapes: int4 ``out in / 2 + 2 * 2 out in / G``, int8 ``out in + 2 out in / G``."""
+    for bits in (4, 8):
+        _, checkpoint = quantized["llama", bits]
+        model = load(checkpoint, sparsity=0.5)
+        ctl = model.wina
+        adapter = adapter_for("llama")
+        for layer, names in enumerate(ctl.layers):
+            count = 0
+            for name in names:
+                out, inp = ctl.gates[name].out_features, ctl.gates[name].in_features
+                count += out * inp // 2 + 4 * out * inp // GROUP if bits == 4 else out * inp + 2 * out * inp // GROUP
+            assert ctl.gated_bytes[layer] == count
+        ids = heldout_ids(quantized["llama", bits][0])
+        ctl.reset_stats()
+        with torch.no_grad():
+            model(ids)
+        stats = ctl.stats()
+        # each gate's kept inputs times its bytes per input row, counted from the zeroed counters
+        kept = 0.0
+        for name in (n for names in ctl.layers for n in names):
+            g = ctl.gates[name]
+            row = g.quant.nbytes / g.in_features
+            kept += sum((g.tokens * g.in_features - z) / g.tokens * row * size / g.out_features
+                        for z, size in zip(g.zeroed.tolist(), g.splits))
+        assert stats["gated_bytes_per_token"] == pytest.approx(kept, rel=1e-9)
+        assert 1 - stats["kept_bytes_fraction"] == pytest.approx(0.5, abs=0.1)
+        del adapter
+
+
+def test_save_pretrained_keeps_the_codes(quantized, tmp_path):
+    _, checkpoint = quantized["qwen2", 4]
+    model = load(checkpoint, sparsity=0)
+    model.save_pretrained(tmp_path / "again")
+    module = "model.layers.0.self_attn.k_proj"
+    assert torch.equal(stored(checkpoint, module)[f"{module}.qweight"], stored(tmp_path / "again", module)[f"{module}.qweight"])
+    again = load(tmp_path / "again", sparsity=0)
+    ids = torch.arange(20)[None]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_bad_group_size_and_scheme_are_refused_in_one_line(tiny_models, tmp_path, capsys):
+    code, _, err = run(capsys, "convert", tiny_models["llama"], "-o", tmp_path / "a", "--weights", "int4",
+                       "--group-size", "48", "--no-calibrate")
+    assert_one_line_error(code, err, "--group-size 48 does not divide")
+    assert not (tmp_path / "a").exists()
+    code, _, err = run(capsys, "convert", tiny_models["llama"], "-o", tmp_path / "b", "--weights", "int3", "--no-calibrate")
+    assert_one_line_error(code, err, "unknown --weights 'int3'")
+    code, _, err = run(capsys, "convert", tiny_models["llama"], "-o", tmp_path / "c", "--group-size", "32", "--no-calibrate")
+    assert_one_line_error(code, err, "--group-size is for quantized weights")
+
+
+def test_a_scheme_the_loader_does_not_know_is_refused_in_one_line(quantized, tmp_path, capsys):
+    _, checkpoint = quantized["llama", 4]
+    edited = tmp_path / "edited"
+    shutil.copytree(checkpoint, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["wina"]["weights"]["scheme"] = "nf4"
+    (edited / "config.json").write_text(json.dumps(config))
+    write_manifest(edited)
+    with pytest.raises(WinaError, match="weights are 'nf4', which this wina-convert cannot read"):
+        load(edited)
+    code, _, err = run(capsys, "eval", edited, "--sparsity", "0")
+    assert_one_line_error(code, err, "nf4")
+
+
+@pytest.mark.slow
+def test_smollm2_q4_1_gguf_keeps_its_values(smollm2_gguf, smollm2_hf, tmp_path):
+    """SmolLM2's GGUF (gated tensors Q4_1) with --weights int4: the codes are the file's, re-laid out, and at
+    sparsity 0 the checkpoint gives the float model's logits (transformers' dequantization of the same file)."""
+    out = convert(smollm2_gguf, tmp_path / "q", weights="int4", calibrate=False, quiet=True).output
+    wina = json.loads((out / "config.json").read_text())["wina"]
+    assert wina["weights"]["source"] == "gguf" and wina["weights"]["scheme"] == "int4"
+    q = QuantizedWeight.from_tensors("model.layers.0.self_attn.q_proj", stored(out, "model.layers.0.self_attn.q_proj"))
+    assert (q.group_in, q.group_out, q.bits) == (32, 1, 4) and q.offsets is not None
+    original = original_model(smollm2_hf)
+    model = load(out, sparsity=0)
+    ids = heldout_ids(smollm2_hf)
+    with torch.no_grad():
+        assert relative_error(original(ids).logits, model(ids).logits) < 1e-5
+    layers = model.get_submodule("model.layers")
+    assert layers[0].mlp.down_proj.quant.nbytes < original.model.layers[0].mlp.down_proj.weight.numel() * 4 / 6
+
+
+@pytest.mark.slow
+def test_a_gguf_we_cannot_keep_exactly_is_refused_in_one_line(smollm2_gguf, tmp_path, capsys):
+    """Qwen's Q4_K_M GGUF (Q5_0 / Q4_K / Q6_K layers) with --weights: refused before it is read whole; SmolLM2's
+    Q4_1 into int8 is kept exactly, never into a narrower type."""
+    qwen = Path(smollm2_gguf).parent.parent / "qwen2.5-0.5b"
+    ggufs = sorted(qwen.glob("*.gguf"))
+    if not ggufs:
+        pytest.skip("the Qwen GGUF is not cached (scripts/fetch_models.py qwen2.5-0.5b)")
+    code, _, err = run(capsys, "convert", ggufs[0], "-o", tmp_path / "q", "--weights", "int4")
+    assert_one_line_error(code, err, "keeps only Q4_0, Q4_1, Q8_0 values exactly")
+    assert not (tmp_path / "q").exists()
+    code, _, err = run(capsys, "convert", smollm2_gguf, "-o", tmp_path / "t", "--weights", "int4", "--transform", "--no-calibrate")
+    assert_one_line_error(code, err, "--transform rotates the weights")
