@@ -200,3 +200,68 @@ def test_a_gguf_we_cannot_keep_exactly_is_refused_in_one_line(smollm2_gguf, tmp_
     assert not (tmp_path / "q").exists()
     code, _, err = run(capsys, "convert", smollm2_gguf, "-o", tmp_path / "t", "--weights", "int4", "--transform", "--no-calibrate")
     assert_one_line_error(code, err, "--transform rotates the weights")
+
+
+def compressed_tensors_model(source: Path, directory: Path, bits: int, symmetric: bool, group: int = 16):
+    """``source`` quantized and written by the compressed-tensors library itself (pack-quantized, weight-only int
+    groups of ``group`` inputs, lm_head left out, as llm-compressor writes it); returns the library's own
+    decompression of it (a float model) for reference."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 apply_quantization_config)
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=group)
+    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
+                                ignore=["lm_head"], format="pack-quantized")
+    apply_quantization_config(model, config)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "weight_scale"):
+                w = module.weight.reshape(module.weight.shape[0], -1, group)
+                scale, zero = calculate_qparams(w.amin(-1), w.amax(-1), args)
+                module.weight_scale.copy_(scale.to(module.weight_scale.dtype))
+                if hasattr(module, "weight_zero_point"):
+                    module.weight_zero_point.copy_(zero.to(module.weight_zero_point.dtype))
+    compressor = ModelCompressor.from_pretrained_model(model, "pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(directory)
+    compressor.update_config(str(directory))
+    shutil.copy(source / "tokenizer.json", directory / "tokenizer.json")
+    shutil.copy(source / "tokenizer_config.json", directory / "tokenizer_config.json")
+    compressor.decompress_model(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("bits,symmetric,weights", [(4, True, "int4"), (4, False, "int4"), (8, True, "int8"), (4, False, "int8")])
+def test_compressed_tensors_values_are_kept(tiny_tokenizer_dir, tmp_path, bits, symmetric, weights):
+    """A pack-quantized checkpoint written by compressed-tensors converts by re-laying out its values: the loaded
+    model's weights are the library's decompression of them, value for value, and so are its logits at sparsity 0."""
+    from conftest import build_tiny
+
+    source = build_tiny("llama", tmp_path / "float", tiny_tokenizer_dir, dtype=torch.bfloat16)
+    reference = compressed_tensors_model(source, tmp_path / "ct", bits, symmetric)
+    out = convert(tmp_path / "ct", tmp_path / "out", sparsity=0.5, weights=weights, **CHEAP).output
+    wina = json.loads((out / "config.json").read_text())["wina"]
+    assert wina["weights"]["source"] == "compressed-tensors" and wina["weights"]["scheme"] == weights
+    model = load(out, sparsity=0)
+    for name, gate in model.wina.gates.items():
+        assert gate.quant.group_in == 16 and gate.quant.group_out == 1 and gate.quant.bits == int(weights[3])
+        assert torch.equal(gate.weight.detach(), reference.get_submodule(name).weight.detach()), name
+    ids = heldout_ids(source)
+    with torch.no_grad():
+        assert relative_error(reference.float()(ids).logits, model.float()(ids).logits) < 1e-5
+
+
+def test_compressed_tensors_we_cannot_keep_is_refused_in_one_line(tiny_tokenizer_dir, tmp_path, capsys):
+    from conftest import build_tiny
+
+    source = build_tiny("llama", tmp_path / "float", tiny_tokenizer_dir, dtype=torch.bfloat16)
+    compressed_tensors_model(source, tmp_path / "ct", 8, True)
+    code, _, err = run(capsys, "convert", tmp_path / "ct", "-o", tmp_path / "a", "--weights", "int4", "--no-calibrate")
+    assert_one_line_error(code, err, "int4 cannot hold exactly")
+    code, _, err = run(capsys, "convert", tmp_path / "ct", "-o", tmp_path / "b", "--no-calibrate")  # floats: the old refusal
+    assert_one_line_error(code, err, "quantized model (compressed-tensors")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -202,7 +202,7 @@ def convert(
         from .checkpoint.quantized_source import check_gguf_types
 
         check_gguf_types(local, weight_format.bits)
-    source = open_source(model, revision=revision, token=token)
+    source = open_source(model, revision=revision, token=token, quantized=weight_format.quantized)
     out_dir.protect([*source.origin, *source.files.values()])  # a Hub snapshot is known only now
     config = source.config
     adapter = adapter_for(config.model_type)

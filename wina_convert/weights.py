@@ -149,14 +149,16 @@ def quantize_stage(fmt: WeightFormat, source: Any, adapter: Any, config: Any, sh
         return None
     imported: dict[str, QuantizedWeight] = {}
     origin = source.origin[0] if source.origin else None
-    if origin is not None and origin.suffix == ".gguf":
-        from .checkpoint.quantized_source import gguf_quantized
+    from .checkpoint.quantized_source import CompressedSource, compressed_quantized, gguf_quantized
 
-        imported = gguf_quantized(origin, source, adapter, config, fmt.bits)
+    if isinstance(source, CompressedSource):
+        imported, kept_from = compressed_quantized(source, adapter, config, fmt.bits), "compressed-tensors"
+    elif origin is not None and origin.suffix == ".gguf":
+        imported, kept_from = gguf_quantized(origin, source, adapter, config, fmt.bits), "gguf"
     if imported and rotates:
         raise WinaError(f"{rotates} rotates the weights, so the quantized values of {origin.name} cannot be kept: drop {rotates}")
     if len(imported) < len(shapes) * config.num_hidden_layers:  # some matrices are quantized here
         check_group_size(fmt, {name: adapter.splits(name, config, out) for name, (out, _, _) in shapes.items()})
     elif imported:
-        fmt = WeightFormat(fmt.scheme, None, "gguf")
+        fmt = WeightFormat(fmt.scheme, None, kept_from)
     return QuantizeStage(fmt, imported)

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import WinaError
+from ..errors import WinaError, one_line
 from ..quant import QuantizedWeight, pack_int4
+from .source import Source
 
 GGUF_BLOCK = 32
 GGUF_EXACT = ("Q4_0", "Q4_1", "Q8_0")
@@ -140,3 +141,170 @@ def _gguf_weight(raw: np.ndarray, kind: str, bits: int, order: torch.Tensor | No
     q = QuantizedWeight(qweight, scales, offsets)
     q.check()
     return q
+
+
+# --------------------------------------------------------------------------- compressed-tensors
+
+PACKED = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+
+
+def is_compressed(directory: Path) -> bool:
+    """A directory whose config.json says compressed-tensors (what llm-compressor writes)."""
+    from .format import read_config_json
+
+    quant = read_config_json(directory, "a Hugging Face model directory").get("quantization_config")
+    return isinstance(quant, dict) and quant.get("quant_method") == "compressed-tensors"
+
+
+def _weight_args(quant: dict[str, Any], directory: Path) -> list[dict[str, Any]]:
+    """The weight arguments of each config group; anything but weight-only pack-quantized int4 / int8 in groups
+    of inputs (or per output channel) is refused in one line."""
+    groups = list((quant.get("config_groups") or {}).values())
+    refusal = (f"{directory.name} is compressed-tensors {{}}: --weights keeps only weight-only pack-quantized int4 / int8 "
+               "values (groups or channels); dequantize it first")
+    if not groups:
+        raise WinaError(refusal.format("without config groups"))
+    out = []
+    for group in groups:
+        fmt = group.get("format") or quant.get("format")
+        weights = group.get("weights") or {}
+        if fmt != "pack-quantized":
+            raise WinaError(refusal.format(f"format {fmt}"))
+        if group.get("input_activations") or group.get("output_activations"):
+            raise WinaError(refusal.format("with quantized activations"))
+        if weights.get("type") != "int" or weights.get("num_bits") not in (4, 8) or weights.get("strategy") not in ("group", "channel"):
+            raise WinaError(refusal.format(f"{weights.get('type')}{weights.get('num_bits')} by {weights.get('strategy')}"))
+        if weights.get("dynamic") or weights.get("actorder") not in (None, "static", "weight"):
+            raise WinaError(refusal.format(f"with activation order {weights.get('actorder')}"))
+        if weights.get("strategy") == "channel":
+            weights = {**weights, "group_size": None}
+        out.append(weights)
+    return out
+
+
+class CompressedSource(Source):
+    """A compressed-tensors directory read as floats (each packed linear's ``weight`` dequantized as the library
+    does: ``(q - zero_point) * scale`` in the scale's dtype) that can also give its codes as they are."""
+
+    def __init__(self, base: Source, packed: dict[str, int]):
+        super().__init__(config=base.config, base=base.base, tokenizer_source=base.tokenizer_source,
+                         generation_config=base.generation_config, files=base.files, origin=base.origin)
+        self.packed = packed  # module -> bits
+
+    @property
+    def names(self) -> list[str]:
+        hidden = {f"{m}.{p}" for m in self.packed for p in PACKED}
+        return [n for n in self.files if n not in hidden] + [f"{m}.weight" for m in self.packed]
+
+    def has(self, name: str) -> bool:
+        return name.removesuffix(".weight") in self.packed or super().has(name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module in self.packed:
+            return self.quantized(module).dequantize(self.dtype_of(name))
+        return super().tensor(name)
+
+    def numel(self, name: str) -> int:
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module in self.packed:
+            return int(super().tensor(f"{module}.weight_shape").prod())
+        return super().numel(name)
+
+    def dtype_of(self, name: str) -> torch.dtype | None:
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module in self.packed:
+            return super().dtype_of(f"{module}.weight_scale")
+        return super().dtype_of(name)
+
+    def quantized(self, module: str, bits: int | None = None) -> QuantizedWeight:
+        """The linear ``module``'s values in the input-major layout (``group_out == 1``): int4 codes as nibbles
+        ``q + 8`` (the layout's symmetric int4), or widened to int8 (``bits=8``); a zero point ``z`` becomes the
+        offset ``-s (z + 8)`` (int4 nibbles) or ``-s z`` (int8), exact in float32."""
+        own = self.packed[module]
+        bits = bits or own
+        if own == 8 and bits == 4:
+            raise WinaError(f"{module} is int8 in the compressed-tensors input, which int4 cannot hold exactly: use --weights int8")
+        packed = super().tensor(f"{module}.weight_packed")
+        scale = super().tensor(f"{module}.weight_scale")
+        out, inp = (int(v) for v in super().tensor(f"{module}.weight_shape"))
+        if scale.dim() != 2 or scale.shape[0] != out or inp % scale.shape[1] or packed.shape[0] != out:
+            raise WinaError(f"{module}: compressed-tensors scales {tuple(scale.shape)} do not fit a [{out}, {inp}] weight")
+        # dense int32 packing, element i at bit i * bits of its row (little-endian): bytes hold 2 nibbles or 1 code
+        raw = packed.contiguous().view(torch.uint8).reshape(out, -1)
+        if own == 4:
+            raw = torch.stack((raw & 0xF, raw >> 4), dim=-1).reshape(out, -1)
+        signed = raw[:, :inp].to(torch.int16) - (8 if own == 4 else 128)  # the library's signed code q  [out, in]
+        zero = None
+        if self.has_part(module, "weight_zero_point"):
+            zp = super().tensor(f"{module}.weight_zero_point").contiguous()  # packed along the outputs
+            zb = zp.t().contiguous().view(torch.uint8).reshape(zp.shape[1], -1)
+            if own == 4:
+                zb = torch.stack((zb & 0xF, zb >> 4), dim=-1).reshape(zp.shape[1], -1)
+            zero = (zb[:, :out].to(torch.int16) - (8 if own == 4 else 128)).t()  # [out, groups]
+        s = scale.t().contiguous()  # [groups, out]
+        if bits == 4:
+            qweight = pack_int4((signed + 8).t().contiguous())  # nibble n = q + 8
+            shift = 8
+        else:
+            qweight = signed.t().contiguous().to(torch.int8)
+            shift = 0
+        offsets = None if zero is None else -(s.float() * (zero.t().float() + shift))
+        q = QuantizedWeight(qweight, s, offsets)
+        q.check(module)
+        # the library's dequantization, (q - z) * s in the scale's dtype, value for value
+        groups = inp // scale.shape[1]
+        want = signed.to(scale.dtype)
+        if zero is not None:
+            want = want - zero.repeat_interleave(groups, dim=1).to(scale.dtype)
+        want = want * scale.repeat_interleave(groups, dim=1)
+        if not torch.equal(q.dequantize(scale.dtype), want):
+            raise WinaError(f"{module}: the compressed-tensors values re-laid out differ from the library's dequantization: drop --weights")
+        return q
+
+    def has_part(self, module: str, part: str) -> bool:
+        return f"{module}.{part}" in self.files
+
+
+def open_compressed(directory: Path, *, model_id: str | None = None, revision: str | None = None) -> CompressedSource:
+    """A compressed-tensors directory with weight-only pack-quantized linears, read as floats (the quantization
+    config set aside, nothing else refused) and able to give its codes as they are."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from ..arch import adapter_for
+    from .format import read_config_json
+    from .source import safetensors_files
+
+    raw = read_config_json(directory, "a Hugging Face model directory")
+    args = _weight_args(raw.pop("quantization_config"), directory)
+    bits = {a["num_bits"] for a in args}
+    if len(bits) > 1:
+        raise WinaError(f"{directory.name} mixes int4 and int8 groups; --weights keeps one width: dequantize it first")
+    adapter_for(raw.get("model_type", "<missing model_type>"))
+    raw.pop("auto_map", None)
+    try:
+        config = AutoConfig.for_model(**raw)
+    except Exception as e:  # transformers raises many types for bad configs
+        raise WinaError(f"cannot read {directory / 'config.json'}: {one_line(e)}") from e
+    try:
+        generation = GenerationConfig.from_pretrained(directory)
+    except (OSError, ValueError):
+        generation = None
+    files = safetensors_files(directory)
+    base = Source(config=config, base={"id": model_id or directory.name, "revision": revision, "sha256": None},
+                  tokenizer_source=directory, generation_config=generation, files=files, origin=[directory])
+    packed = {name.removesuffix(".weight_packed"): next(iter(bits)) for name in files if name.endswith(".weight_packed")}
+    if not packed:
+        raise WinaError(f"{directory.name} says compressed-tensors but has no packed weights")
+    return CompressedSource(base, packed)
+
+
+def compressed_quantized(source: CompressedSource, adapter: Any, config: Any, bits: int) -> dict[str, QuantizedWeight]:
+    """The packed gated linears of ``source`` kept exactly, by full module name (the unpacked ones are floats)."""
+    out = {}
+    for layer in range(config.num_hidden_layers):
+        for linear in adapter.gated_linears():
+            module = adapter.layer_key(layer, linear)
+            if module in source.packed:
+                out[module] = source.quantized(module, bits)
+    return out
