@@ -265,3 +265,33 @@ def test_compressed_tensors_we_cannot_keep_is_refused_in_one_line(tiny_tokenizer
     code, _, err = run(capsys, "convert", tmp_path / "ct", "-o", tmp_path / "b", "--no-calibrate")  # floats: the old refusal
     assert_one_line_error(code, err, "quantized model (compressed-tensors")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_inspect_eval_and_card_say_what_the_weights_are(quantized, capsys):
+    """inspect's planned bytes per token at sparsity 0 are the stored bytes of the gated matrices (codes, scales,
+    offsets, counted here from the files' tensors), the head and one embedding row; eval's measured ones agree at
+    the target; the card names the scheme."""
+    from wina_convert.evaluate.inspect import describe
+    from wina_convert.evaluate.perplexity import evaluate
+    from wina_convert.hub.card import model_card
+
+    _, checkpoint = quantized["mistral", 4]
+    weight_map = json.loads((checkpoint / INDEX).read_text())["weight_map"]
+    gated = 0
+    for name in weight_map:
+        if name.rpartition(".")[2] in ("qweight", "scales", "offsets"):
+            t = stored(checkpoint, name.rpartition(".")[0])[name]
+            gated += t.numel() * t.element_size()
+    head = stored(checkpoint, "lm_head")["lm_head.weight"]
+    embed = stored(checkpoint, "model.embed_tokens")["model.embed_tokens.weight"]
+    info = describe(checkpoint)
+    assert info["weights"] == f"int4 (groups of {GROUP} outputs)"
+    dense = gated + head.numel() * head.element_size() + embed.shape[1] * embed.element_size()
+    assert info["bytes_per_token"] == pytest.approx(dense - 0.5 * gated, rel=0.02)  # the target's planned bytes
+    result = evaluate(checkpoint, seq_len=128, max_tokens=512)
+    assert result["weights"] == info["weights"]
+    assert result["bytes_per_token"] == pytest.approx(info["bytes_per_token"], rel=0.05)
+    card = model_card(checkpoint)
+    assert "| gated weights | int4 (round to nearest, a float16 scale per 16 outputs" in card and "library_name: wina-convert" in card
+    code, out, _ = run(capsys, "inspect", checkpoint)
+    assert code == 0 and "int4 (groups of 16 outputs)" in out

@@ -202,6 +202,7 @@ def eval_(
     table.add_row("ratio", f"{result['ratio']:.3f}x", "")
     table.add_row("kept bytes", "", percent(result["kept_bytes_fraction"], missing="-"))
     table.add_row("bytes per token", "", human_size(int(result["bytes_per_token"])))
+    table.add_row("gated weights", "", str(result.get("weights", "float")))
     if result.get("head_sparsity") is not None:
         table.add_row("  head" + (" (in --sparsity's bytes)" if result.get("head_in_budget") else ""), "", percent(result["head_sparsity"], missing="-"))
     for role, value in result["by_role"].items():
@@ -277,7 +278,7 @@ def inspect(
     head = Table(title=str(checkpoint), show_header=False, title_justify="left")
     head.add_column(style="bold")
     head.add_column()
-    for key in ("base_model", "architecture", "layers", "method", "transform", "basis", "center", "head_bases", "lowrank", "target_sparsity", "head_sparsity",
+    for key in ("base_model", "architecture", "layers", "method", "transform", "basis", "center", "head_bases", "lowrank", "weights", "target_sparsity", "head_sparsity",
                 "kept_bytes_fraction", "bytes_per_token", "dtype", "size", "tool_version", "calibration"):
         value = info.get(key)
         if key == "size":

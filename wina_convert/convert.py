@@ -198,10 +198,11 @@ def convert(
     clock = StageClock(torch_device)
 
     t0 = time.perf_counter()
+    rotates = "--transform" if transform else "--head-bases pca" if head_bases == "pca" else None
     if weight_format.quantized and local.suffix == ".gguf" and local.is_file():  # refused before it is read whole
         from .checkpoint.quantized_source import check_gguf_types
 
-        check_gguf_types(local, weight_format.bits)
+        check_gguf_types(local, weight_format.bits, rotates)
     source = open_source(model, revision=revision, token=token, quantized=weight_format.quantized)
     out_dir.protect([*source.origin, *source.files.values()])  # a Hub snapshot is known only now
     config = source.config
@@ -215,7 +216,6 @@ def convert(
         if not calibrate:
             raise WinaError("--lowrank fits its factors on calibration text: drop --no-calibrate")
         check_ranks(ranks, _gated_shapes(source, adapter, config))
-    rotates = "--transform" if transform else "--head-bases pca" if head_bases == "pca" else None
     quantize = quantize_stage(weight_format, source, adapter, config, _gated_shapes(source, adapter, config), rotates)
     fingerprint = None
     if source.base.get("sha256") is None and source.base.get("revision") is None and source.files:

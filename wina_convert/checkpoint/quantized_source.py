@@ -67,9 +67,10 @@ def gguf_quantized(path: Path, source: Any, adapter: Any, config: Any, bits: int
     return out
 
 
-def check_gguf_types(path: Path, bits: int) -> None:
+def check_gguf_types(path: Path, bits: int, rotates: str | None = None) -> None:
     """Before the file is read whole: refuse (one line) a GGUF whose layers' matrices ``--weights`` cannot keep
-    exactly (a type other than Q4_0 / Q4_1 / Q8_0 or a float; Q8_0 into int4)."""
+    exactly (a type other than Q4_0 / Q4_1 / Q8_0 or a float; Q8_0 into int4; kept values that ``rotates``, the
+    option that rotates the weights, would change)."""
     from gguf import GGUFReader
 
     for tensor in GGUFReader(str(path)).tensors:
@@ -81,6 +82,8 @@ def check_gguf_types(path: Path, bits: int) -> None:
                             "(requantizing would round them twice): drop --weights to convert it to floats")
         if kind == "Q8_0" and bits == 4:
             raise WinaError(f"{path.name}: {tensor.name} is Q8_0, which int4 cannot hold exactly: use --weights int8")
+        if kind in GGUF_EXACT and rotates:
+            raise WinaError(f"{rotates} rotates the weights, so the quantized values of {path.name} cannot be kept: drop {rotates}")
 
 
 def _row_order(config: Any, gguf_name: str) -> torch.Tensor | None:
