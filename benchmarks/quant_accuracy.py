@@ -1,0 +1,126 @@
+"""Sparsity on quantized weights: float, int8 and int4 gated matrices, dense and gated, on held-out text.
+
+    python benchmarks/quant_accuracy.py MODEL --out DIR [--weights float,int8,int4] [--target 0.5]
+        [--sparsities 0.4,0.5,0.65] [--group-size 64] [--tasks piqa,arc_easy --limit N] [--max-tokens N]
+        [--work DIR --keep] [--render]
+
+For each weight format: one ``wina_convert.convert`` of MODEL at ``--target`` with convert's defaults (the
+layer search, the head in the budget; ``--weights`` for the quantized ones), then ``wina_convert.evaluate`` of
+that checkpoint dense (sparsity 0) and at each ``--sparsities`` (the levels other than the target come from the
+same checkpoint's tables, without recalibration; the table says which cells are at the target). Per cell: held-out
+perplexity (bundled held-out text, never read by calibration), kept-bytes fraction, bytes per token (the gated
+matrices as stored, codes, scales and offsets, plus the head and one embedding row) and, with ``--tasks``, the mean
+zero-shot accuracy (``--limit`` items per task). The composition check of issue 30:
+``(ppl(q @ s) / ppl(q dense)) / (ppl(float @ s) / ppl(float dense))`` per format and sparsity, at most 1.05 wanted.
+Writes DIR/quant_accuracy.json (raw) and DIR/quant_accuracy.md; ``--render`` rewrites the markdown from the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from wina_convert import convert, evaluate
+
+
+def measure(model: str, fmt: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Convert ``model`` with weights ``fmt`` at the target and evaluate it dense and at every sparsity."""
+    checkpoint = args.work / f"ckpt-{fmt}"
+    start = time.perf_counter()
+    if not checkpoint.exists():
+        convert(model, checkpoint, sparsity=args.target, weights=None if fmt == "float" else fmt,
+                group_size=None if fmt == "float" else args.group_size, quiet=True)
+    row: dict[str, Any] = {"weights": fmt, "convert_seconds": time.perf_counter() - start, "cells": {}}
+    from wina_convert import load
+
+    net = load(checkpoint, sparsity=0)
+    for s in [0.0, *args.sparsities]:
+        result = evaluate(net, sparsity=s, max_tokens=args.max_tokens)
+        cell = {key: result[key] for key in ("perplexity", "dense_perplexity", "sparsity", "kept_bytes_fraction",
+                                             "bytes_per_token", "weights", "tokens", "head_sparsity")}
+        if args.tasks:
+            from wina_convert.evaluate.tasks import evaluate_tasks
+
+            scores = evaluate_tasks(net, args.tasks, limit=args.limit, sparsity=s, dense=False)
+            cell["tasks"] = scores["sparse"]
+        row["cells"][str(s)] = cell
+        print(fmt, s, {k: cell[k] for k in ("perplexity", "kept_bytes_fraction", "bytes_per_token")},
+              (cell.get("tasks") or {}).get("mean"), flush=True)
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def render(report: dict[str, Any]) -> str:
+    rows = report["rows"]
+    sparsities = ["0.0", *[str(s) for s in report["sparsities"]]]
+    floats = next((r for r in rows if r["weights"] == "float"), None)
+    lines = [f"Model: `{report['model']}`; checkpoints converted at {report['target']} with convert's defaults "
+             f"(quantized: `--weights int4|int8 --group-size {report['group_size']}`, round to nearest); held-out text "
+             f"({rows[0]['cells']['0.0']['tokens']} tokens); other sparsities from the same checkpoint (no recalibration)."
+             + (f" Zero-shot: mean accuracy over {report['tasks']}, {report['limit']} items per task." if report.get("tasks") else ""),
+             "", "| weights | sparsity | perplexity | ppl / dense | composition vs float | zero-shot mean | kept bytes | bytes per token |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        dense = row["cells"]["0.0"]["perplexity"]
+        for s in sparsities:
+            cell = row["cells"].get(s)
+            if cell is None:
+                continue
+            ratio = cell["perplexity"] / dense
+            composition = ""
+            if floats is not None and s in floats["cells"] and float(s) > 0:
+                float_ratio = floats["cells"][s]["perplexity"] / floats["cells"]["0.0"]["perplexity"]
+                composition = f"{ratio / float_ratio:.3f}"
+            acc = ((cell.get("tasks") or {}).get("mean") or {}).get("acc")
+            label = "dense" if float(s) == 0 else f"{s}" + (" (target)" if float(s) == report["target"] else "")
+            lines.append(f"| {row['weights']} | {label} | {cell['perplexity']:.3f} | {ratio:.3f} | {composition} | "
+                         f"{'' if acc is None else f'{100 * acc:.1f}'} | {100 * cell['kept_bytes_fraction']:.1f}% | "
+                         f"{cell['bytes_per_token'] / 1e6:.2f} MB |")
+    lines += ["", "composition vs float: (ppl(w @ s) / ppl(w dense)) / (ppl(float @ s) / ppl(float dense)); issue 30 asks <= 1.05."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--weights", default="float,int8,int4")
+    parser.add_argument("--target", type=float, default=0.5)
+    parser.add_argument("--sparsities", default="0.4,0.5,0.65")
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--tasks", default=None)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--work", type=Path, default=None, help="where the checkpoints go (default: --out)")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints (default: removed once measured)")
+    parser.add_argument("--render", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work = args.work or args.out
+    path = args.out / "quant_accuracy.json"
+    if args.render:
+        (args.out / "quant_accuracy.md").write_text(render(json.loads(path.read_text())))
+        return
+    args.sparsities = [float(s) for s in args.sparsities.split(",")]
+    if args.max_tokens is None:
+        from wina_convert.evaluate.perplexity import DEFAULT_EVAL_TOKENS
+
+        args.max_tokens = DEFAULT_EVAL_TOKENS
+    report = json.loads(path.read_text()) if path.exists() else {
+        "model": args.model, "target": args.target, "sparsities": args.sparsities, "group_size": args.group_size,
+        "tasks": args.tasks, "limit": args.limit, "rows": []}
+    for fmt in args.weights.split(","):
+        report["rows"] = [r for r in report["rows"] if r["weights"] != fmt] + [measure(args.model, fmt, args, args.out)]
+        path.write_text(json.dumps(report, indent=1) + "\n")  # after each format: a long run keeps what it measured
+        (args.out / "quant_accuracy.md").write_text(render(report))
+        if not args.keep:
+            shutil.rmtree(args.work / f"ckpt-{fmt}", ignore_errors=True)
+    print(render(report))
+
+
+if __name__ == "__main__":
+    main()
