@@ -295,3 +295,40 @@ def test_inspect_eval_and_card_say_what_the_weights_are(quantized, capsys):
     assert "| gated weights | int4 (round to nearest, a float16 scale per 16 outputs" in card and "library_name: wina-convert" in card
     code, out, _ = run(capsys, "inspect", checkpoint)
     assert code == 0 and "int4 (groups of 16 outputs)" in out
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_input_channel_scaling_is_absorbed_by_the_row_groups(bits):
+    """Why an activation-aware per-input-channel scaling (AWQ's) cannot help this layout: a group lies within one
+    input row, so scaling input channel i by s_i scales its row's groups, and round to nearest gives s_i times the
+    same codes; only the float16 rounding of the stored scales differs. ``Q(W diag(s)) diag(1/s) == Q(W)``."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(64, 48, generator=g)
+    s = torch.exp2(torch.randint(-3, 4, (48,), generator=g).float())  # powers of two: float16 scales scale exactly
+    plain = quantize_rtn(w, bits, 16)
+    scaled = quantize_rtn(w * s, bits, 16)
+    assert torch.equal(plain.qweight, scaled.qweight)
+    assert torch.equal(scaled.dequantize() / s, plain.dequantize())
+    s = 0.5 + torch.rand(48, generator=g)  # any scale: the same codes but where float16 scales move a tie
+    scaled = quantize_rtn(w * s, bits, 16)
+    flips = (scaled.codes() - plain.codes()).abs()
+    assert flips.max() <= 1 and flips.float().mean() < 0.01
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_is_rtn_for_uncorrelated_inputs_and_better_for_correlated_ones(bits):
+    """quantize_gptq: with a diagonal Hessian (independent inputs) no error has anywhere to go and it is round to
+    nearest, code for code; with correlated inputs its output error ``sum_t ||(W - Q) x_t||^2`` is below RTN's."""
+    from wina_convert.quant import quantize_gptq
+
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(32, 80, generator=g)
+    diagonal = torch.diag(torch.rand(80, generator=g, dtype=torch.float64) + 0.5)
+    rtn = quantize_rtn(w, bits, 16)
+    same = quantize_gptq(w, bits, 16, diagonal, block=24)
+    assert torch.equal(same.qweight, rtn.qweight) and torch.equal(same.scales, rtn.scales)
+    x = torch.randn(4000, 80, generator=g) @ torch.randn(80, 80, generator=g) * 0.3 + torch.randn(4000, 80, generator=g)
+    gptq = quantize_gptq(w, bits, 16, x.double().T @ x.double(), block=24)
+    error = lambda q: float(((x @ (w - q.dequantize()).T) ** 2).sum())
+    assert error(gptq) < 0.8 * error(rtn)
+    assert (gptq.group_in, gptq.group_out, gptq.bits) == (1, 16, bits)
