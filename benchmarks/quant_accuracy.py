@@ -2,10 +2,11 @@
 
     python benchmarks/quant_accuracy.py MODEL --out DIR [--weights float,int8,int4] [--target 0.5]
         [--sparsities 0.4,0.5,0.65] [--group-size 64] [--tasks piqa,arc_easy --limit N] [--max-tokens N]
-        [--work DIR --keep] [--render]
+        [--samples N --seq-len N --allocation A --head-sparsity H] [--work DIR --keep] [--render]
 
 For each weight format: one ``wina_convert.convert`` of MODEL at ``--target`` with convert's defaults (the
-layer search, the head in the budget; ``--weights`` for the quantized ones), then ``wina_convert.evaluate`` of
+layer search, the head in the budget; ``--weights`` for the quantized ones; ``--samples`` etc. override them where
+CPU time is short, and the table says so), then ``wina_convert.evaluate`` of
 that checkpoint dense (sparsity 0) and at each ``--sparsities`` (the levels other than the target come from the
 same checkpoint's tables, without recalibration; the table says which cells are at the target). Per cell: held-out
 perplexity (bundled held-out text, never read by calibration), kept-bytes fraction, bytes per token (the gated
@@ -32,8 +33,10 @@ def measure(model: str, fmt: str, args: argparse.Namespace, out: Path) -> dict[s
     checkpoint = args.work / f"ckpt-{fmt}"
     start = time.perf_counter()
     if not checkpoint.exists():
+        options = {k: v for k, v in (("samples", args.samples), ("seq_len", args.seq_len), ("allocation", args.allocation),
+                                     ("head_sparsity", None if args.head_sparsity is None else (args.head_sparsity if args.head_sparsity == "auto" else float(args.head_sparsity)))) if v is not None}
         convert(model, checkpoint, sparsity=args.target, weights=None if fmt == "float" else fmt,
-                group_size=None if fmt == "float" else args.group_size, quiet=True)
+                group_size=None if fmt == "float" else args.group_size, quiet=True, **options)
     row: dict[str, Any] = {"weights": fmt, "convert_seconds": time.perf_counter() - start, "cells": {}}
     from wina_convert import load
 
@@ -58,7 +61,10 @@ def render(report: dict[str, Any]) -> str:
     rows = report["rows"]
     sparsities = ["0.0", *[str(s) for s in report["sparsities"]]]
     floats = next((r for r in rows if r["weights"] == "float"), None)
-    lines = [f"Model: `{report['model']}`; checkpoints converted at {report['target']} with convert's defaults "
+    options = {k: v for k, v in (report.get("convert") or {}).items() if v is not None}
+    settings = ("convert's defaults" if not options else
+                "convert's defaults but " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in options.items()))
+    lines = [f"Model: `{report['model']}`; checkpoints converted at {report['target']} with {settings} "
              f"(quantized: `--weights int4|int8 --group-size {report['group_size']}`, round to nearest); held-out text "
              f"({rows[0]['cells']['0.0']['tokens']} tokens); other sparsities from the same checkpoint (no recalibration)."
              + (f" Zero-shot: mean accuracy over {report['tasks']}, {report['limit']} items per task." if report.get("tasks") else ""),
@@ -95,6 +101,10 @@ def main() -> None:
     parser.add_argument("--tasks", default=None)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--samples", type=int, default=None, help="calibration windows (default: convert's)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per calibration window (default: convert's)")
+    parser.add_argument("--allocation", default=None, help="convert's --allocation (default: convert's)")
+    parser.add_argument("--head-sparsity", default=None, help="convert's --head-sparsity (default: convert's)")
     parser.add_argument("--work", type=Path, default=None, help="where the checkpoints go (default: --out)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints (default: removed once measured)")
     parser.add_argument("--render", action="store_true")
@@ -112,7 +122,9 @@ def main() -> None:
         args.max_tokens = DEFAULT_EVAL_TOKENS
     report = json.loads(path.read_text()) if path.exists() else {
         "model": args.model, "target": args.target, "sparsities": args.sparsities, "group_size": args.group_size,
-        "tasks": args.tasks, "limit": args.limit, "rows": []}
+        "tasks": args.tasks, "limit": args.limit, "rows": [],
+        "convert": {"samples": args.samples, "seq_len": args.seq_len, "allocation": args.allocation,
+                    "head_sparsity": args.head_sparsity}}
     for fmt in args.weights.split(","):
         report["rows"] = [r for r in report["rows"] if r["weights"] != fmt] + [measure(args.model, fmt, args, args.out)]
         path.write_text(json.dumps(report, indent=1) + "\n")  # after each format: a long run keeps what it measured

@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=8192)
     parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--float-perplexity", type=float, default=None,
+                        help="the float model's, measured by an earlier run on the same windows (not measured again)")
     parser.add_argument("--seq-len", type=int, default=512)
     args = parser.parse_args()
 
@@ -50,9 +52,10 @@ def main() -> None:
                for n in adapter.gated_linears()]
     floats = [linear.weight.detach().clone() for linear in linears]
     start = time.perf_counter()
-    base = perplexity(model, windows)
+    base = args.float_perplexity or perplexity(model, windows)
     print(json.dumps({"model": args.model, "weights": "float", "perplexity": base, "tokens": int(windows[:, 1:].numel()),
-                      "text": name, "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+                      "text": name, "seconds": round(time.perf_counter() - start, 1),
+                      "given": args.float_perplexity is not None}), flush=True)
     hessians = None
     for fmt in args.weights.split(","):
         bits = int(fmt.removeprefix("int").removesuffix("-gptq"))

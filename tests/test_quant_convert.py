@@ -332,3 +332,27 @@ def test_gptq_is_rtn_for_uncorrelated_inputs_and_better_for_correlated_ones(bits
     error = lambda q: float(((x @ (w - q.dequantize()).T) ** 2).sum())
     assert error(gptq) < 0.8 * error(rtn)
     assert (gptq.group_in, gptq.group_out, gptq.bits) == (1, 16, bits)
+
+
+@pytest.mark.slow
+def test_smollm2_int4_sparsity0_equals_its_dequantized_model(smollm2_hf, tmp_path):
+    out = convert(smollm2_hf, tmp_path / "q", weights="int4", calibrate=False, quiet=True).output
+    reference = dequantized_reference(smollm2_hf, 4, 64)
+    model = load(out, sparsity=0)
+    ids = heldout_ids(smollm2_hf)
+    with torch.no_grad():
+        assert relative_error(reference(ids).logits, model(ids).logits) < 1e-5
+
+
+def test_bench_counts_the_stored_bytes(quantized):
+    """wina bench's dense bytes per token count a quantized gate's codes, scales and offsets, not its float copy,
+    and a gated row skips its share of them."""
+    from wina_convert.evaluate.bench import bench
+
+    _, checkpoint = quantized["qwen2", 4]
+    model = load(checkpoint, sparsity=0, kernels=False)
+    result = bench(model, sparsities=(0.5,), tokens=4, prompt_tokens=4)
+    gates = [g for n, g in model.wina.gates.items() if n != model.wina.head]
+    assert result["bytes"]["gated"] == sum(g.quant.nbytes for g in gates)
+    row = result["rows"][0]
+    assert 0 < result["bytes"]["dense_per_token"] - row["bytes_per_token"] < result["bytes"]["gated"]
