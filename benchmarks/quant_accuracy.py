@@ -28,7 +28,7 @@ from typing import Any
 from wina_convert import convert, evaluate
 
 
-def measure(model: str, fmt: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def measure(model: str, fmt: str, args: argparse.Namespace, out: Path, on_cell=None) -> dict[str, Any]:
     """Convert ``model`` with weights ``fmt`` at the target and evaluate it dense and at every sparsity."""
     checkpoint = args.work / f"ckpt-{fmt}"
     start = time.perf_counter()
@@ -38,13 +38,30 @@ def measure(model: str, fmt: str, args: argparse.Namespace, out: Path) -> dict[s
         convert(model, checkpoint, sparsity=args.target, weights=None if fmt == "float" else fmt,
                 group_size=None if fmt == "float" else args.group_size, quiet=True, **options)
     row: dict[str, Any] = {"weights": fmt, "convert_seconds": time.perf_counter() - start, "cells": {}}
+    from transformers import AutoTokenizer
+
     from wina_convert import load
+    from wina_convert.calibration.text import eval_windows, heldout_texts
+    from wina_convert.evaluate.perplexity import _weights, perplexity
 
     net = load(checkpoint, sparsity=0)
-    for s in [0.0, *args.sparsities]:
-        result = evaluate(net, sparsity=s, max_tokens=args.max_tokens)
-        cell = {key: result[key] for key in ("perplexity", "dense_perplexity", "sparsity", "kept_bytes_fraction",
-                                             "bytes_per_token", "weights", "tokens", "head_sparsity")}
+    ctl = net.wina
+    texts, _ = heldout_texts(None)
+    windows = eval_windows(AutoTokenizer.from_pretrained(checkpoint), texts, 512, args.max_tokens)
+    ctl.set_gate_prefill(True)
+    dense = None
+    for s in [0.0, *args.sparsities]:  # the dense pass once; each sparsity as `wina eval` measures it
+        ctl.set_sparsity(s)
+        ctl.reset_stats()
+        ppl = perplexity(net, windows)
+        dense = ppl if dense is None else dense
+        stats = ctl.stats()
+        head = net.get_output_embeddings().weight
+        head_bytes = head.numel() * head.element_size() if stats.get("head") is None else stats["head"]["bytes_per_token"]
+        cell = {"perplexity": ppl, "dense_perplexity": dense, "sparsity": stats["sparsity"],
+                "kept_bytes_fraction": stats["kept_bytes_fraction"], "weights": _weights(ctl),
+                "bytes_per_token": stats["gated_bytes_per_token"] + head_bytes + head.shape[-1] * head.element_size(),
+                "tokens": int(windows[:, 1:].numel()), "head_sparsity": None if stats.get("head") is None else stats["head"]["sparsity"]}
         if args.tasks:
             from wina_convert.evaluate.tasks import evaluate_tasks
 
@@ -53,12 +70,16 @@ def measure(model: str, fmt: str, args: argparse.Namespace, out: Path) -> dict[s
         row["cells"][str(s)] = cell
         print(fmt, s, {k: cell[k] for k in ("perplexity", "kept_bytes_fraction", "bytes_per_token")},
               (cell.get("tasks") or {}).get("mean"), flush=True)
+        if on_cell is not None:
+            on_cell(row)
     row["seconds"] = time.perf_counter() - start
     return row
 
 
 def render(report: dict[str, Any]) -> str:
-    rows = report["rows"]
+    rows = [r for r in report["rows"] if "0.0" in r["cells"]]
+    if not rows:
+        return "nothing measured yet\n"
     sparsities = ["0.0", *[str(s) for s in report["sparsities"]]]
     floats = next((r for r in rows if r["weights"] == "float"), None)
     options = {k: v for k, v in (report.get("convert") or {}).items() if v is not None}
@@ -126,9 +147,12 @@ def main() -> None:
         "convert": {"samples": args.samples, "seq_len": args.seq_len, "allocation": args.allocation,
                     "head_sparsity": args.head_sparsity}}
     for fmt in args.weights.split(","):
-        report["rows"] = [r for r in report["rows"] if r["weights"] != fmt] + [measure(args.model, fmt, args, args.out)]
-        path.write_text(json.dumps(report, indent=1) + "\n")  # after each format: a long run keeps what it measured
-        (args.out / "quant_accuracy.md").write_text(render(report))
+        def save(row: dict[str, Any], fmt: str = fmt) -> None:  # after each cell: a long run keeps what it measured
+            report["rows"] = [r for r in report["rows"] if r["weights"] != fmt] + [row]
+            path.write_text(json.dumps(report, indent=1) + "\n")
+            (args.out / "quant_accuracy.md").write_text(render(report))
+
+        save(measure(args.model, fmt, args, args.out, save))
         if not args.keep:
             shutil.rmtree(args.work / f"ckpt-{fmt}", ignore_errors=True)
     print(render(report))

@@ -53,17 +53,25 @@ def dequantized_reference(source: Path, bits: int, group: int):
     return model
 
 
+class Quantized(dict):
+    """(family, bits) -> (source, checkpoint): a calibrated checkpoint with int4 / int8 gated matrices (groups of 16
+    outputs), converted the first time a test asks for it."""
+
+    def __init__(self, sources: dict[str, Path], root: Path):
+        super().__init__()
+        self.sources, self.root = sources, root
+
+    def __missing__(self, key: tuple[str, int]) -> tuple[Path, Path]:
+        family, bits = key
+        source = self.sources[family]
+        self[key] = (source, convert(source, self.root / f"{family}-{bits}", sparsity=0.5, weights=f"int{bits}",
+                                     group_size=GROUP, **CHEAP).output)
+        return self[key]
+
+
 @pytest.fixture(scope="module")
-def quantized(tiny_models, tiny_gemma3, tmp_path_factory):
-    """(family, bits) -> a calibrated checkpoint with int4 / int8 gated matrices (groups of 16 outputs)."""
-    root = tmp_path_factory.mktemp("quantized")
-    sources = {**tiny_models, "gemma3_text": tiny_gemma3}
-    out = {}
-    for family, source in sources.items():
-        for bits in (4, 8):
-            out[family, bits] = (source, convert(source, root / f"{family}-{bits}", sparsity=0.5, weights=f"int{bits}",
-                                                 group_size=GROUP, **CHEAP).output)
-    return out
+def quantized(tiny_models, tiny_gemma3, tmp_path_factory) -> Quantized:
+    return Quantized({**tiny_models, "gemma3_text": tiny_gemma3}, tmp_path_factory.mktemp("quantized"))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
