@@ -2,7 +2,8 @@
 
     python benchmarks/quant_accuracy.py MODEL --out DIR [--weights float,int8,int4] [--target 0.5]
         [--sparsities 0.4,0.5,0.65] [--group-size 64] [--tasks piqa,arc_easy --limit N] [--max-tokens N]
-        [--samples N --seq-len N --allocation A --head-sparsity H] [--work DIR --keep] [--render]
+        [--samples N --seq-len N --allocation A --head-sparsity H] [--work DIR --keep]
+    python benchmarks/quant_accuracy.py MODEL --out DIR --render [--merge RUN_DIR ...]
 
 For each weight format: one ``wina_convert.convert`` of MODEL at ``--target`` with convert's defaults (the
 layer search, the head in the budget; ``--weights`` for the quantized ones; ``--samples`` etc. override them where
@@ -129,11 +130,17 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="where the checkpoints go (default: --out)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints (default: removed once measured)")
     parser.add_argument("--render", action="store_true")
+    parser.add_argument("--merge", type=Path, nargs="*", default=None,
+                        help="with --render: take the rows of these runs' DIR/quant_accuracy.json (one format each, same settings)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work = args.work or args.out
     path = args.out / "quant_accuracy.json"
     if args.render:
+        if args.merge:
+            parts = [json.loads((d / "quant_accuracy.json").read_text()) for d in args.merge]
+            report = {**parts[0], "rows": [row for part in parts for row in part["rows"]]}
+            path.write_text(json.dumps(report, indent=1) + "\n")
         (args.out / "quant_accuracy.md").write_text(render(json.loads(path.read_text())))
         return
     args.sparsities = [float(s) for s in args.sparsities.split(",")]
