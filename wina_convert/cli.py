@@ -94,6 +94,8 @@ def convert(
     model: str = typer.Argument(..., help="Hub id (org/name), local Hugging Face directory, or .gguf file."),
     output: Path = typer.Option(..., "--output", "-o", help="Output directory (must not exist or be empty, unless --overwrite)."),
     sparsity: str = typer.Option("0.5", "--sparsity", "-s", help="Target sparsity: the fraction of the gated matrices' decode bytes skipped per token (the output head, gated inside the budget, saves part of them)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Store the gated matrices quantized: int4 or int8 (round to nearest per group of outputs; a GGUF's Q4_0/Q4_1/Q8_0 and a compressed-tensors checkpoint's values are kept exactly). Calibration runs on the quantized model and --sparsity counts its bytes. Default: floats."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="With --weights: outputs per scale group (default 64)."),
     transform: bool = typer.Option(DEFAULTS["transform"], "--transform/--no-transform", help="Rotate the weights into per-layer column-orthogonal bases (WINA's transform; exact at sparsity 0, its shortcut rotations paid out of --sparsity's bytes)."),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Calibrate thresholds (without it only sparsity 0 is available)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype: float32, bfloat16 or float16 (default: the input's)."),
@@ -129,7 +131,8 @@ def convert(
         model, output, sparsity=sparsity, transform=transform, dtype=dtype, revision=revision, token=token,
         shard_size=shard_size, overwrite=overwrite, device=device, calibrate=calibrate, calibration=calibration,
         samples=samples, seq_len=seq_len, seed=seed, allocation=allocation, search_tokens=search_tokens, method=method,
-        center=center, head_bases=head_bases, basis=basis, lowrank=lowrank, head_sparsity=head_sparsity, quiet=quiet,
+        center=center, head_bases=head_bases, basis=basis, lowrank=lowrank, head_sparsity=head_sparsity,
+        weights=weights, group_size=group_size, quiet=quiet,
     )
     if not quiet:
         err.print(_convert_summary(result))
@@ -206,6 +209,7 @@ def eval_(
     table.add_row("ratio", f"{result['ratio']:.3f}x", "")
     table.add_row("kept bytes", "", percent(result["kept_bytes_fraction"], missing="-"))
     table.add_row("bytes per token", "", human_size(int(result["bytes_per_token"])))
+    table.add_row("gated weights", "", str(result.get("weights", "float")))
     if result.get("head_sparsity") is not None:
         table.add_row("  head" + (" (in --sparsity's bytes)" if result.get("head_in_budget") else ""), "", percent(result["head_sparsity"], missing="-"))
     for role, value in result["by_role"].items():
@@ -293,7 +297,7 @@ def inspect(
     head = Table(title=str(checkpoint), show_header=False, title_justify="left")
     head.add_column(style="bold")
     head.add_column()
-    for key in ("base_model", "architecture", "layers", "method", "transform", "basis", "center", "head_bases", "lowrank", "target_sparsity", "head_sparsity",
+    for key in ("base_model", "architecture", "layers", "method", "transform", "basis", "center", "head_bases", "lowrank", "weights", "target_sparsity", "head_sparsity",
                 "kept_bytes_fraction", "bytes_per_token", "dtype", "size", "tool_version", "calibration"):
         value = info.get(key)
         if key == "size":

@@ -42,6 +42,7 @@ from .progress import Reporter
 from .transform import (BASES, MLP_SHORTCUT, attention_basis, moment_basis, rotate_embedding, rotate_head, rotate_outputs,
                         rotate_value_heads, shortcut_rotation, transform_layer, value_head_bases)
 from .units import parse_size
+from .weights import QuantizeStage, WeightFormat, parse_weights, quantize_stage
 
 
 @dataclass
@@ -112,6 +113,7 @@ def output_config(source: Source, adapter: Adapter, out_dtype: torch.dtype, tran
     config["dtype"] = str(out_dtype).removeprefix("torch.")
     if transform:
         config["tie_word_embeddings"] = False
+    if transform or WeightFormat.from_dict(wina.get("weights")).quantized:  # plain transformers must refuse it
         config["model_type"] = WINA_MODEL_TYPE
         config["architectures"] = ["WinaConvertForCausalLM"]
     config["wina"] = record.to_dict()
@@ -146,6 +148,7 @@ class Plan:
     ranks: dict[str, int]
     head_sparsity: float | str  # a fraction, or "auto": inside the budget, its share searched
     device: torch.device
+    weights: WeightFormat  # how the gated matrices are stored (--weights, --group-size)
 
     @property
     def shortcuts(self) -> bool:
@@ -167,7 +170,8 @@ class Plan:
 
     @classmethod
     def check(cls, *, sparsity: Any, transform: bool, calibrate: bool, method: str, allocation: str, search_tokens: Any,
-              center: str, head_bases: str, basis: str, lowrank: Any, head_sparsity: Any, device: str | None) -> "Plan":
+              center: str, head_bases: str, basis: str, lowrank: Any, head_sparsity: Any, device: str | None,
+              weights: str | None = None, group_size: int | None = None) -> "Plan":
         sparsity = fraction(sparsity, "--sparsity")
         if method not in ("wina", "teal"):
             raise WinaError(f"unknown method {method!r}: use wina or teal")
@@ -193,8 +197,16 @@ class Plan:
             raise WinaError(f"{measured[0]} is measured on calibration text: drop --no-calibrate")
         if not calibrate or sparsity <= 0:  # auto: nothing to search without calibration, nothing to share at 0
             head_sparsity = 0.0 if head_sparsity == "auto" else head_sparsity
+        weight_format = parse_weights(weights, group_size)
+        if weight_format.quantized and basis == "pca":
+            raise WinaError("--basis pca writes each MLP output matrix a layer late, which --weights does not quantize: use --basis svd or pooled")
         return cls(sparsity, transform, calibrate, method, allocation, search_tokens, center, head_bases, basis,
-                   {}, head_sparsity, _device(device))
+                   {}, head_sparsity, _device(device), weight_format)
+
+    @property
+    def rotates(self) -> str | None:
+        """The option that rotates the weights (a quantized input's values cannot be kept then), or None."""
+        return "--transform" if self.transform else "--head-bases pca" if self.head_bases == "pca" else None
 
 
 def convert(
@@ -222,6 +234,8 @@ def convert(
     basis: str = DEFAULTS["basis"],
     lowrank: str | int | None = DEFAULTS["lowrank"],
     head_sparsity: float | str = DEFAULTS["head_sparsity"],
+    weights: str | None = None,
+    group_size: int | None = None,
     quiet: bool = False,
     reporter: Reporter | None = None,
 ) -> ConvertResult:
@@ -235,7 +249,7 @@ def convert(
     start = time.perf_counter()
     plan = Plan.check(sparsity=sparsity, transform=transform, calibrate=calibrate, method=method, allocation=allocation,
                       search_tokens=search_tokens, center=center, head_bases=head_bases, basis=basis, lowrank=lowrank,
-                      head_sparsity=head_sparsity, device=device)
+                      head_sparsity=head_sparsity, device=device, weights=weights, group_size=group_size)
     target = Path(output).expanduser()
     local = Path(os.path.expanduser(str(model)))
     out_dir = OutputDir(target, overwrite=overwrite, protected=[local] if local.exists() else [])
@@ -244,9 +258,14 @@ def convert(
     clock = StageClock(plan.device)
 
     t0 = time.perf_counter()
-    source = open_source(model, revision=revision, token=token)
+    if plan.weights.quantized and local.suffix == ".gguf" and local.is_file():  # refused before it is read whole
+        from .checkpoint.quantized_source import check_gguf_types
+
+        check_gguf_types(local, plan.weights.bits, plan.rotates)
+    source = open_source(model, revision=revision, token=token, quantized=plan.weights.quantized)
     out_dir.protect([*source.origin, *source.files.values()])  # a Hub snapshot is known only now
     adapter, config = _checked_model(source, plan, lowrank)
+    quantize = quantize_stage(plan.weights, source, adapter, config, _gated_shapes(source, adapter, config), plan.rotates)
     fingerprint = _fingerprint(source)
     out_dtype = parse_dtype(dtype) or source.dtype
     calibrator = tokens = None
@@ -263,10 +282,10 @@ def convert(
 
     with reporter.running(), out_dir as tmp:
         writer = ShardWriter(tmp, shard_bytes, keep=plan.searches)
-        sidecar, extra = _stream_layers(source, adapter, config, plan, out_dtype, writer, calibrator, clock, reporter)
+        sidecar, extra = _stream_layers(source, adapter, config, plan, out_dtype, writer, calibrator, quantize, clock, reporter)
         with clock("write"):
             writer.finish()
-        record = _record(source, plan, extra, calibrator, sidecar)
+        record = _record(source, plan, extra, calibrator, sidecar, quantize)
         if plan.searches:
             record = _search(source, adapter, plan, record, sidecar, writer.kept, tokens, out_dtype, clock, reporter)
         if fingerprint is not None:
@@ -304,8 +323,11 @@ def _fingerprint(source: Source) -> Any:
 
 
 def _stream_layers(source: Source, adapter: Adapter, config: Any, plan: Plan, out_dtype: torch.dtype, writer: ShardWriter,
-                   calibrator: Calibrator | None, clock: StageClock, reporter: Reporter) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """Read, transform, write and calibrate one layer at a time (the embedding first, the final norm and head last).
+                   calibrator: Calibrator | None, quantize: QuantizeStage | None, clock: StageClock,
+                   reporter: Reporter) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Read, transform, (quantize,) write and calibrate one layer at a time (the embedding first, the final norm and
+    head last). With ``--weights`` the gated matrices are quantized right after the transform and the layer keeps
+    their dequantized floats: column norms and calibration see the model that runs.
 
     Returns the sidecar's tensors so far (column norms; the calibrator's come with ``finish``) and, per layer, the
     bytes read densely beside the gated matrices over theirs (``extra_fraction``).
@@ -374,17 +396,20 @@ def _stream_layers(source: Source, adapter: Adapter, config: Any, plan: Plan, ou
             del tensors
             if plan.head_bases == "pca":  # calibrator is set: checked by the plan
                 final = rotate_value_heads(final, adapter, config, value_head_bases(calibrator.value_moments(layer, final)))
+            packed = quantize.layer(prefix, final, adapter.gated_linears()) if quantize is not None else {}
+            byte_scale = QuantizeStage.byte_scale(final, packed)  # extras are float bytes, the matrices stored ones
             splits = {n: adapter.splits(n, config, final[f"{n}.weight"].shape[0]) for n in adapter.gated_linears()}
             shapes = {n: (*final[f"{n}.weight"].shape, len(splits[n])) for n in splits}
-            extra.append(extra_fraction(config, shapes, plan.shortcuts, ranks))
+            extra.append(extra_fraction(config, shapes, plan.shortcuts, ranks) * byte_scale)
             for name in splits:
                 sidecar[f"{prefix}{name}.column_norms"] = column_norms(final[f"{name}.weight"], splits[name]).cpu()
         with clock("write"):
-            for name, tensor in final.items():
+            for name, tensor in QuantizeStage.stored(final, packed).items():
                 if name not in deferred:
                     writer.add(prefix + name, tensor)
         if calibrator is not None:
             with clock("calibrate"):
+                calibrator.byte_scale = byte_scale
                 calibrator.layer(layer, final)  # empties final: the writer is done with it
         del final
         _release_memory()
@@ -405,7 +430,7 @@ def _stream_layers(source: Source, adapter: Adapter, config: Any, plan: Plan, ou
 
 
 def _record(source: Source, plan: Plan, extra: list[float], calibrator: Calibrator | None,
-            sidecar: dict[str, torch.Tensor]) -> WinaRecord:
+            sidecar: dict[str, torch.Tensor], quantize: QuantizeStage | None) -> WinaRecord:
     """The checkpoint's record as streamed (before the searches); the calibrator's tables join ``sidecar``."""
     config = source.config
     record = WinaRecord(
@@ -415,6 +440,7 @@ def _record(source: Source, plan: Plan, extra: list[float], calibrator: Calibrat
         base_architectures=getattr(config, "architectures", None) or [type(config).__name__.replace("Config", "ForCausalLM")],
         license=getattr(config, "license", None), num_layers=config.num_hidden_layers,
         target_sparsity=plan.sparsity if calibrator is not None else 0.0, extra_fraction=extra,
+        weights=quantize.format.to_dict() if quantize is not None else None,
     )
     if calibrator is not None:
         tables, calibrated = calibrator.finish()

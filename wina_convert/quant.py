@@ -169,3 +169,37 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bo
     codes = codes.reshape(n_in, out)
     qweight = pack_int4(codes.to(torch.int16)) if bits == 4 else codes.to(torch.int8)
     return QuantizedWeight(qweight.contiguous(), scales.contiguous(), None if offsets is None else offsets.contiguous())
+
+
+def quantize_gptq(weight: torch.Tensor, bits: int, group_size: int, hessian: torch.Tensor, damp: float = 0.01,
+                  block: int = 128) -> QuantizedWeight:
+    """Activation-aware quantization for this layout (GPTQ's error feedback): input rows are quantized one at a
+    time, round to nearest per group of outputs as :func:`quantize_rtn` does, and each row's rounding error is
+    pushed onto the rows not yet quantized through the inverse of ``hessian`` (``[in, in]``, ``sum_t x_t x_t^T`` of
+    the layer's calibration inputs), which minimizes ``sum_t ||(W - Q) x_t||^2`` greedily.
+
+    A per-input-channel scaling (AWQ's) cannot help here: a group lies within one input row, so scaling the row
+    scales its groups and round to nearest returns the same codes. What an input row can still gain from the
+    activations is the correlated rows' compensation, which is what this does. ``damp`` is added to the diagonal,
+    relative to its mean; channels never active get a unit diagonal (their row is quantized as it is).
+    """
+    out, n_in = weight.shape
+    w = weight.detach().t().double().clone()  # [in, out]: row i is input channel i
+    h = hessian.detach().double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    h += damp * h.diagonal().mean() * torch.eye(n_in, dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # H^-1 = U^T U
+    rows: list[QuantizedWeight] = []
+    for start in range(0, n_in, block):
+        stop = min(start + block, n_in)
+        errors = torch.zeros(stop - start, out, dtype=torch.float64)
+        for i in range(start, stop):
+            q = quantize_rtn(w[i][:, None].float(), bits, group_size)  # one input row, groups along the outputs
+            rows.append(q)
+            err = (w[i] - q.dequantize()[:, 0].double()) / u[i, i]
+            w[i + 1 : stop] -= u[i, i + 1 : stop, None] * err[None, :]
+            errors[i - start] = err
+        w[stop:] -= u[start:stop, stop:].T @ errors
+    offsets = None if rows[0].offsets is None else torch.cat([r.offsets for r in rows])
+    return QuantizedWeight(torch.cat([r.qweight for r in rows]), torch.cat([r.scales for r in rows]), offsets)

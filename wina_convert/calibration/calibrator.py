@@ -142,6 +142,7 @@ class Calibrator:
         if self.lowrank:
             self.info["lowrank"] = dict(self.lowrank)
         self.extra_fraction: list[float] = []
+        self.byte_scale = 1.0  # the layer's gated bytes as floats over as stored (convert --weights sets it per layer)
         self.curves: list[tuple[list[list[tuple[float, float]]], torch.Tensor, torch.Tensor]] = []  # global allocation
         self.generator = torch.Generator().manual_seed(info.get("seed", 0))
         self.hidden: torch.Tensor | None = None
@@ -435,7 +436,7 @@ class Calibrator:
         shortcut rotations of a transformed layer and the low-rank factors (a center's bias ``W c`` is one
         vector, not counted)."""
         shapes = {name: (g.out_features, g.in_features, len(g.splits)) for name, g in gates.items()}
-        return extra_fraction(self.config, shapes, self.transform, self.lowrank)
+        return extra_fraction(self.config, shapes, self.transform, self.lowrank) * self.byte_scale
 
     def _fit_lowrank(self, name: str, gate: GatedLinear, x: torch.Tensor) -> None:
         """Fit ``gate``'s factors on its input ``x`` at its current thresholds (nothing without ``--lowrank``)."""

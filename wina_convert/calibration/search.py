@@ -135,7 +135,7 @@ def search_layer_levels(model: Any, tokens: torch.Tensor, target: float, layers_
     ctl = model.wina
     ctl.set_counting(False)
     count = len(ctl.layers)
-    weights = torch.tensor(ctl.gated_params, dtype=torch.float64)
+    weights = torch.tensor(ctl.gated_bytes, dtype=torch.float64)
     level = target + dataclasses.replace(ctl.budget, scope="model").extra_at(0)  # the model's matrix level at the target
     rows = max(1, min(tokens.shape[0], search_tokens // tokens.shape[1]))
     divergence = _Divergence(model, tokens[:rows], model.get_submodule(layers_prefix))

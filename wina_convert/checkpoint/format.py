@@ -158,6 +158,7 @@ class WinaRecord:
     head_share: float | None = None  # in the budget: the head skips head_share * s at model sparsity s
     head_level_scale: float = 1.0  # in the budget: the layers' level is scaled by this
     calibration: dict[str, Any] | None = None  # how it was calibrated and what the searches chose (a report)
+    weights: dict[str, Any] | None = None  # how the gated matrices are stored (weights.WeightFormat; None: float)
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:

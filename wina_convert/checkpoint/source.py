@@ -231,9 +231,17 @@ def safetensors_files(directory: Path) -> dict[str, Path]:
     return files
 
 
-def open_directory(directory: Path, *, model_id: str | None = None, revision: str | None = None) -> Source:
-    """A local Hugging Face directory (safetensors, sharded or not)."""
+def open_directory(directory: Path, *, model_id: str | None = None, revision: str | None = None,
+                   quantized: bool = False) -> Source:
+    """A local Hugging Face directory (safetensors, sharded or not); with ``quantized`` (``convert --weights``) a
+    compressed-tensors one too, its packed values kept (``quantized_source.py``)."""
     from transformers import GenerationConfig
+
+    if quantized:
+        from .quantized_source import is_compressed, open_compressed
+
+        if is_compressed(directory):
+            return open_compressed(directory, model_id=model_id, revision=revision)
 
     config = read_model_config(directory)
     files = safetensors_files(directory)
@@ -289,7 +297,8 @@ def open_gguf(path: Path) -> Source:
                   origin=[path])
 
 
-def open_source(model: str | os.PathLike, *, revision: str | None = None, token: str | None = None) -> Source:
+def open_source(model: str | os.PathLike, *, revision: str | None = None, token: str | None = None,
+                quantized: bool = False) -> Source:
     """A Hub id, a local Hugging Face directory or a .gguf file."""
     path = Path(os.path.expanduser(str(model)))
     if revision is not None and (path.exists() or path.suffix == ".gguf"):
@@ -300,7 +309,7 @@ def open_source(model: str | os.PathLike, *, revision: str | None = None, token:
             raise WinaError(f"no such file: {model}")
         return open_gguf(path)
     if path.is_dir():
-        return open_directory(path)
+        return open_directory(path, quantized=quantized)
     if path.exists():
         raise WinaError(f"{model} is neither a model directory nor a .gguf file")
     from ..hub.download import hub_revision, resolve_model
@@ -308,4 +317,4 @@ def open_source(model: str | os.PathLike, *, revision: str | None = None, token:
     local = resolve_model(str(model), revision=revision, token=token, purpose="convert")
     if local.is_file():
         return open_gguf(local)
-    return open_directory(local, model_id=str(model), revision=hub_revision(local) or revision)
+    return open_directory(local, model_id=str(model), revision=hub_revision(local) or revision, quantized=quantized)

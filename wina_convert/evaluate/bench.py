@@ -245,7 +245,7 @@ def _achieved(model: Any, control: Any, prompt: torch.Tensor, generated: torch.T
         fractions = ((g.zeroed - z0) / (steps * g.in_features)).tolist()
         for fraction, size in zip(fractions, g.splits):
             params = size * g.in_features
-            skipped += fraction * params * g.weight.element_size()  # the gated head's skipped columns too
+            skipped += fraction * g.weight_bytes * size / g.out_features  # as stored (quantized: codes, scales); the head's too
             if g is not head:  # the sparsity is the gated sub-blocks' (the head's is reported apart)
                 zero += fraction * params
             else:
@@ -268,7 +268,13 @@ def _bytes_per_token(model: Any, control: Any, cache: Any) -> dict[str, int]:
         seen.add(key)
         return t.numel() * t.element_size()
 
-    gated = sum(size(g.weight) for n, g in control.gates.items() if n != control.head)
+    def stored(g: Any) -> int:
+        """A gate's weight as read: a quantized one's codes, scales and offsets (its float weight, the reference's
+        copy, is marked counted so that it is not counted again below)."""
+        dense = size(g.weight)
+        return g.weight_bytes if g.quant is not None else dense
+
+    gated = sum(stored(g) for n, g in control.gates.items() if n != control.head)
     shortcuts = sum(size(p) for n, p in model.named_parameters() if "shortcut" in n)
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()

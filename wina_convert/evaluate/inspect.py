@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,11 @@ from ..arch import adapter_for
 from ..checkpoint.format import INDEX, MANIFEST, SIDECAR, base_config, read_sidecar, verify_checkpoint
 from ..budget import Budget
 from ..gate import interp
+from ..quant import OFFSETS, QWEIGHT, SCALES
+from ..weights import WeightFormat
+
+QUANT_PARTS = (QWEIGHT, SCALES, OFFSETS)
+ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def describe(directory: str | Path) -> dict[str, Any]:
@@ -43,6 +49,7 @@ def describe(directory: str | Path) -> dict[str, Any]:
         "center": wina.get("center", "none"),
         "head_bases": wina.get("head_bases", "none"),
         "lowrank": ", ".join(f"{name}={rank}" for name, rank in (wina.get("lowrank") or {}).items()) or "none",
+        "weights": WeightFormat.from_dict(wina.get("weights")).describe(),
         "target_sparsity": target,
         "head_sparsity": 0.0,
         "head_in_budget": record.head is not None and record.head_share is not None,
@@ -55,16 +62,20 @@ def describe(directory: str | Path) -> dict[str, Any]:
     }
     levels = torch.tensor(record.allocation_levels or [0.0, 1.0], dtype=torch.float64)
     labels = [part for name in adapter.gated_linears() for part, _ in adapter.linear_outputs(name, config)]
-    shapes, element = _shapes(directory)
-    head = shapes.get(adapter.lm_head) or shapes[adapter.embed]
-    layer_sizes = []
+    shapes, nbytes, dtypes = _shapes(directory)
+    head = adapter.lm_head if adapter.lm_head in shapes else adapter.embed
+    layer_sizes = []  # bytes of each stacked gated matrix as stored (a quantized one's codes, scales and offsets)
     for layer in range(config.num_hidden_layers):
         sizes = []
         for name in adapter.gated_linears():
-            rows, cols = shapes[f"{adapter.layer_key(layer, name)}.weight"]
-            sizes += [r * cols for r in adapter.splits(name, config, rows)]
+            module = adapter.layer_key(layer, name)
+            stored = sum(n for t, n in nbytes.items() if t.rpartition(".")[0] == module and t.rpartition(".")[2] in ("weight", *QUANT_PARTS))
+            qweight = f"{module}.{QWEIGHT}"  # int4 codes are uint8 [in, out / 2], int8 ones int8 [in, out]
+            rows = shapes[f"{module}.weight"][0] if qweight not in shapes else shapes[qweight][1] * (2 if dtypes[qweight] == "U8" else 1)
+            sizes += [stored * r / rows for r in adapter.splits(name, config, rows)]
         layer_sizes.append(sizes)
-    budget = Budget.of(record, [sum(sizes) for sizes in layer_sizes], head[0] * head[1])
+    head_bytes, row_bytes = nbytes[head], nbytes[adapter.embed] / shapes[adapter.embed][0]
+    budget = Budget.of(record, [sum(sizes) for sizes in layer_sizes], head_bytes)
     info["head_sparsity"] = budget.head_level(target)
     kept = dense = 0.0
     for layer, sizes in enumerate(layer_sizes):
@@ -77,20 +88,21 @@ def describe(directory: str | Path) -> dict[str, Any]:
             info["layers_detail"].append({"layer": layer, "sparsity": dict(zip(labels, values))})
     info["kept_bytes_fraction"] = kept / dense - budget.head_offset(target)  # net of an in-budget head's saving
     head_kept = 1.0 - info["head_sparsity"]  # (convert --head-sparsity: the head gated too)
-    info["bytes_per_token"] = (kept + head_kept * head[0] * head[1] + head[1]) * element
+    info["bytes_per_token"] = kept + head_kept * head_bytes + row_bytes
     return info
 
 
-def _shapes(directory: Path) -> tuple[dict[str, tuple[int, ...]], int]:
-    """Every weight's shape, read from the safetensors headers (no data), and the bytes of one element."""
+def _shapes(directory: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, int], dict[str, str]]:
+    """Every tensor's shape, bytes and dtype name, read from the safetensors headers (no data)."""
     from safetensors import safe_open
 
     weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
-    shapes, element = {}, 4
+    shapes, nbytes, dtypes = {}, {}, {}
     for shard in sorted(set(weight_map.values())):
         with safe_open(str(directory / shard), framework="pt") as f:
             for name in f.keys():
                 piece = f.get_slice(name)
                 shapes[name] = tuple(piece.get_shape())
-                element = {"F32": 4, "F16": 2, "BF16": 2}.get(piece.get_dtype(), element)
-    return shapes, element
+                dtypes[name] = piece.get_dtype()
+                nbytes[name] = math.prod(shapes[name]) * ELEMENT_BYTES[dtypes[name]]
+    return shapes, nbytes, dtypes

@@ -117,4 +117,13 @@ def evaluate(
         "bytes_per_token": stats["gated_bytes_per_token"] + ungated,
         "head_sparsity": None if head_stats is None else head_stats["sparsity"],
         "head_in_budget": bool(head_stats and head_stats["in_budget"]),
+        "weights": _weights(control),
     }
+
+
+def _weights(control) -> str:
+    """What the gated matrices are stored as (``convert --weights``): ``float``, ``int4 (groups of 64 outputs)``, ..."""
+    from ..weights import WeightFormat
+
+    config = control.checkpoint_config or {}
+    return WeightFormat.from_dict(config.get("wina", {}).get("weights")).describe()

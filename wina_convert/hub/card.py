@@ -48,6 +48,8 @@ def model_card(path: str | os.PathLike, repo_id: str | None = None) -> str:
     base_revision = base.get("revision") if isinstance(base, dict) else None
     base_type = wina.get("base_model_type") or config.get("model_type")
     transform = bool(wina.get("transform"))
+    weights = wina.get("weights") if isinstance(wina.get("weights"), dict) else {}
+    quantized = weights.get("scheme") not in (None, "float")  # model_type wina-convert too: plain transformers refuses it
     tags = ["wina", "activation-sparsity", "sparsity", "text-generation", "wina-convert"]
     if base_type and base_type not in tags and base_type != "wina-convert":
         tags.append(str(base_type))
@@ -58,7 +60,7 @@ def model_card(path: str | os.PathLike, repo_id: str | None = None) -> str:
     # base model type and plain transformers loads it (dense, ignoring the sidecar), so
     # `transformers` is true and gets the Hub's working snippet and widgets.
     data = ModelCardData(
-        library_name="wina-convert" if transform else "transformers",
+        library_name="wina-convert" if transform or quantized else "transformers",
         pipeline_tag="text-generation",
         tags=tags,
     )
@@ -97,6 +99,7 @@ def model_card(path: str | os.PathLike, repo_id: str | None = None) -> str:
         f"| method | {wina.get('method', 'wina')} |",
         f"| transform | {transform_text} |",
         f"| target sparsity | {percent(wina.get('target_sparsity'), space=True)} |",
+        *([_weights_row(weights)] if quantized else []),
         *([_head_row(wina)] if wina.get("head_sparsity") else []),
         f"| base model | {base_link}{f' @ `{base_revision}`' if base_revision else ''} |",
     ]
@@ -184,3 +187,12 @@ def _head_row(wina: dict) -> str:
     if wina.get("head_share") is not None:
         return f"| output head | gated inside the target's bytes: {skipped} of its columns skipped, the layers skip the rest |"
     return f"| output head | gated too: {skipped} of its columns skipped |"
+
+
+def _weights_row(weights: dict[str, Any]) -> str:
+    """The model card's line for quantized gated matrices (``convert --weights``)."""
+    source = weights.get("source")
+    how = (f"kept exactly from the {source} input" if source and source != "rtn"
+           else f"round to nearest, a float16 scale per {weights.get('group_size')} outputs of an input channel")
+    return (f"| gated weights | {weights.get('scheme')} ({how}); input-major, so a skipped channel's codes and scales are never read; "
+            "`--sparsity` counts these bytes |")

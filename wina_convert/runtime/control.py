@@ -98,20 +98,21 @@ class WinaControl:
         self.layers_prefix = "model.layers"  # set by load (the adapter's)
         self.checkpoint_config: dict[str, Any] | None = None  # the config.json it was loaded from (for saving)
         self.topk = False
-        self.gated_params = [sum(gates[n].weight.numel() for n in names) for names in layers]
+        # bytes, as stored (a quantized matrix's codes, scales and offsets: convert --weights)
+        self.gated_bytes = [sum(gates[n].weight_bytes for n in names) for names in layers]
         if record.extra_fraction and len(record.extra_fraction) != len(layers):
             raise WinaError(f"the sidecar's extra_fraction has {len(record.extra_fraction)} layers, the weights {len(layers)}")
         self._read_budget()
-        self.extra_params = [e * m for e, m in zip(self.budget.extra, self.gated_params)]
-        # the part of extra_params that is low-rank factors (as loaded; the rest is shortcut rotations)
-        self.factor_params = [sum(gates[n].lowrank_params for n in names) for names in layers]
+        self.extra_bytes = [e * m for e, m in zip(self.budget.extra, self.gated_bytes)]
+        # the part of extra_bytes that is low-rank factors (as loaded; the rest is shortcut rotations)
+        self.factor_bytes = [sum(gates[n].lowrank_params * gates[n].weight.element_size() for n in names) for names in layers]
 
     def _read_budget(self) -> None:
         """The gated output head (if any) and the budget, from ``self.record``."""
         self.head: str | None = self.record.head if self.record.head in self.gates else None
-        head_params = self.gates[self.head].weight.numel() if self.head else 0
+        head_bytes = self.gates[self.head].weight_bytes if self.head else 0
         record = self.record if self.head else dataclasses.replace(self.record, head=None)
-        self.budget = Budget.of(record, self.gated_params, head_params)
+        self.budget = Budget.of(record, self.gated_bytes, head_bytes)
 
     def adopt(self, record: WinaRecord, allocation: list[torch.Tensor] | None = None) -> None:
         """Gate by ``record`` (and ``allocation``) from now on, at the current sparsity: what ``wina convert``'s
@@ -285,17 +286,17 @@ class WinaControl:
             if not counted:
                 continue
             kept = sum(((1 - g.zeroed.cpu().double() / (g.tokens * g.in_features)) * torch.tensor(g.splits, dtype=torch.float64)).sum().item()
-                       * g.in_features * g.weight.element_size() for g in counted)
+                       * g.weight_bytes / g.out_features for g in counted)
             # the shortcuts are read at every step; a gate's factors only while it gates (off: dense, no term)
-            shortcuts = self.extra_params[layer] - self.factor_params[layer]
-            factors = sum(g.lowrank_params for g in counted if g.active)
-            kept_bytes += kept + (shortcuts + factors) * counted[0].weight.element_size()
+            shortcuts = self.extra_bytes[layer] - self.factor_bytes[layer]
+            factors = sum(g.lowrank_params * g.weight.element_size() for g in counted if g.active)
+            kept_bytes += kept + shortcuts + factors
         layered = {name: gate for name, gate in self.gates.items() if name != self.head}
-        dense_bytes = sum(g.weight.numel() * g.weight.element_size() for g in layered.values() if g.tokens > 0)
+        dense_bytes = sum(g.weight_bytes for g in layered.values() if g.tokens > 0)
         head = self.gates[self.head] if self.head is not None else None
         saved = 0.0  # the bytes an in-budget head skips per token: they count toward the sparsity
         if self.budget.in_budget and head.tokens > 0:
-            saved = (head.zeroed.sum().item() / head.tokens) * head.weight.element_size() * head.out_features
+            saved = (head.zeroed.sum().item() / (head.tokens * head.in_features)) * head.weight_bytes
         counts = {name: (gate.zeroed.tolist(), gate.tokens) for name, gate in self.gates.items()}
         for name, gate in self.gates.items():
             zeroed, tokens = counts[name]
@@ -329,7 +330,7 @@ class WinaControl:
         if self.head is None or self.head not in per_gate:
             return None
         gate = self.gates[self.head]
-        dense = gate.weight.numel() * gate.weight.element_size()
+        dense = gate.weight_bytes
         return {"sparsity": per_gate[self.head], "target": self.head_level(self.sparsity), "in_budget": self.budget.in_budget,
                 "bytes_per_token": dense * (1.0 - per_gate[self.head]), "dense_bytes": dense}
 

@@ -20,6 +20,7 @@ from ..progress import quiet_transformers
 from ..transform import ATTN_SHORTCUT, MLP_SHORTCUT, has_shortcuts
 from .control import GateTable, WinaControl, gate_modules, swap_gated_linears
 from .modules import GateContext, GatedLinear, Shortcut, WinaDecoderLayer, wina_model_class
+from .quantized import load_quantized
 
 
 def wrap_layer(layer: nn.Module, adapter: Adapter, dim: int) -> WinaDecoderLayer:
@@ -164,6 +165,7 @@ def assemble(config_dict: dict[str, Any], sidecar: dict[str, torch.Tensor], reco
                 hf_model = causal_lm.from_pretrained(weights, config=config, dtype=torch_dtype or "auto")
         except (OSError, ValueError, RuntimeError) as e:
             raise WinaError(f"cannot load the weights of {'the model' if in_memory else weights}: {one_line(e)[:300]}") from e
+    load_quantized(hf_model, weights, record)  # convert --weights: the dequantized weights, and gl.quant
     if has_shortcuts(record.to_dict()):
         names = [f"{adapter.layers_prefix}.{i}.{s}" for i in range(config.num_hidden_layers) for s in (ATTN_SHORTCUT, MLP_SHORTCUT)]
         _install_shortcuts(hf_model, adapter, config, {n: weights[n] for n in names} if in_memory else _read_tensors(weights, names))

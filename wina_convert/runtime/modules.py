@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..quant import QuantizedWeight
 
 # Signature of a fast kernel: (x, gated_linear) -> y, or None to fall back to the reference.
 Kernel = Callable[[torch.Tensor, "GatedLinear"], "torch.Tensor | None"]
@@ -78,6 +81,9 @@ class GatedLinear(nn.Module):
         self.score_weights: torch.Tensor | None = None  # [P, in] the top-k scores' channel weights
         self.lowrank_a: torch.Tensor | None = None  # [out, r] (the stacked matrices' rows), weight dtype, or None
         self.lowrank_b: torch.Tensor | None = None  # [P, r, in]
+        # the quantized weight (convert --weights; runtime/quantized.py hangs it on the linear), on the weight's device;
+        # ``weight`` is then its dequantization, which the reference path computes with. None: a float weight.
+        self.quant: "QuantizedWeight | None" = getattr(linear, "quant", None)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, splits={self.splits}, active={self.active}"
@@ -88,6 +94,11 @@ class GatedLinear(nn.Module):
         self.active = bool((self.thresholds > 0).any())
         self.drops = self.active  # stays False when the decode graphs force a dense gate onto its kernel
         self.context.epoch += 1
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes a dense read of the weight moves as stored (codes, scales and offsets when quantized)."""
+        return self.quant.nbytes if self.quant is not None else self.weight.numel() * self.weight.element_size()
 
     @property
     def tokens(self) -> int:
@@ -177,6 +188,9 @@ class GatedLinear(nn.Module):
         if self.lowrank_a is not None:
             self.lowrank_a = self.lowrank_a.to(device=self.weight.device, dtype=self.weight.dtype)
             self.lowrank_b = self.lowrank_b.to(device=self.weight.device, dtype=self.weight.dtype)
+        if self.quant is not None:  # codes, scales and offsets follow the weight's device, never its dtype
+            q, dev = self.quant, self.weight.device
+            self.quant = type(q)(q.qweight.to(dev), q.scales.to(dev), None if q.offsets is None else q.offsets.to(dev))
         return self
 
     def count(self, keep: torch.Tensor) -> None:

@@ -38,7 +38,12 @@ def save_checkpoint(model: Any, target: Path, *, shard_size: str | int = "5GB") 
     with out as tmp:
         writer = ShardWriter(tmp, parse_size(shard_size))
         seen = set()
+        quantized = {f"{n}.weight": g.quant for n, g in control.gates.items() if g.quant is not None}  # convert --weights
         for name, tensor in model.state_dict().items():
+            if name in quantized:  # its codes, scales and offsets, as loaded (the weight is their dequantization)
+                for key, part in quantized[name].tensors(name.removesuffix(".weight")).items():
+                    writer.add(key, part)
+                continue
             key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
             if key in seen:  # a tied lm_head: stored once, as the checkpoint had it
                 continue
