@@ -402,7 +402,7 @@ def _search_allocation(directory: Path, tokens: torch.Tensor, sparsity: float, d
     from .calibration.search import search_layer_levels
     from .runtime.load import load
 
-    model = load(directory, sparsity, device=device, kernels=False)
+    model = load(directory, sparsity, device=device, kernels=False, gate_prefill=True)
     prefix = model.wina.layers_prefix
     allocation, report = search_layer_levels(model, tokens, sparsity, prefix, search_tokens)
     del model
@@ -424,7 +424,7 @@ def _calibrate_head(directory: Path, tokens: torch.Tensor, sparsity: float, devi
     from .gate import score_quantiles
     from .runtime.load import load
 
-    model = load(directory, sparsity, device=device, kernels=False)
+    model = load(directory, sparsity, device=device, kernels=False, gate_prefill=True)
     weight = model.get_submodule(head).weight
     norms = column_norms(weight.detach(), [weight.shape[0]]).cpu()
     rows = max(1, min(len(tokens), -(-max_tokens // tokens.shape[1])))
@@ -449,7 +449,7 @@ def _search_head_share(directory: Path, tokens: torch.Tensor, sparsity: float, d
     from .calibration.search import search_head_share
     from .runtime.load import load
 
-    model = load(directory, sparsity, device=device, kernels=False)
+    model = load(directory, sparsity, device=device, kernels=False, gate_prefill=True)
     share, report = search_head_share(model, tokens, sparsity, model.wina.layers_prefix, search_tokens)
     del model
     meta = {**meta, "head_share": share, "head_sparsity": min(share * sparsity, MAX_SPARSITY), "head_level_scale": report["level_scale"],
@@ -465,7 +465,7 @@ def _fit_head_scale(directory: Path, tokens: torch.Tensor, sparsity: float, devi
     from .calibration.search import fit_head_level_scale
     from .runtime.load import load
 
-    model = load(directory, sparsity, device=device, kernels=False)
+    model = load(directory, sparsity, device=device, kernels=False, gate_prefill=True)
     scale, trail = fit_head_level_scale(model, tokens, sparsity, model.wina.layers_prefix, search_tokens)
     del model
     report = {**meta["calibration"]["head"], "level_scale": round(scale, 5), "skipped_final_gate": trail}
