@@ -137,3 +137,90 @@ def test_bench_counts_decode_tokens_with_prompts_dense(checkpoints):
     assert {g.tokens for g in model.wina.gates.values()} == {5}
     assert sparsity == pytest.approx(model.wina.stats()["sparsity"], rel=1e-6)
     assert all(not g.gate_prefill for g in model.wina.gates.values())  # left as it was
+
+
+def test_prompt_forward_is_dense_including_the_head(checkpoints):
+    """With prompts dense (the default), the first generated token comes from a dense forward: the gated output
+    head too, although ``generate`` computes the prompt's logits at its last position only (one row, like a
+    decode step); the second token's step is gated."""
+    directory = checkpoints["llama"]
+    model, dense = load(directory, sparsity=0.5), load(directory, sparsity=0)
+    assert model.wina.head is not None and model.wina.head_level(0.5) > 0  # the default: a gated head in the budget
+    ids = heldout_ids(directory, 20)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        out, ref = model.generate(ids, **kw), dense.generate(ids, **kw)
+    assert relative_error(ref.logits[0], out.logits[0]) < 1e-6
+    assert relative_error(ref.logits[1], out.logits[1]) > 1e-3
+
+
+@torch.no_grad()
+def deployed_loglikelihood(model, tok, context: str, continuation: str) -> float:
+    """log p(continuation | context) as a generation computes it: the context into a KV cache (dense), the
+    continuation's tokens fed one at a time (gated), tokenized as lm-eval does (context+continuation as one text)."""
+    context_ids = tok(context)["input_ids"]
+    whole = torch.tensor([tok(context + continuation)["input_ids"]])
+    n = len(context_ids)
+    first = model(whole[:, :n]).logits[:, -1:]
+    logits = torch.cat([first, step_by_step(model, whole[:, : -1], n)], dim=1) if whole.shape[1] - 1 > n else first
+    logprobs = torch.log_softmax(logits[0].double(), dim=-1)
+    return float(logprobs[torch.arange(whole.shape[1] - n), whole[0, n:]].sum())
+
+
+def test_deployed_task_scores_equal_a_real_generation(checkpoints, tmp_path):
+    """``evaluate_tasks(protocol="deployed")``: each choice's log-likelihood is that of a dense context and a
+    continuation decoded token by token through the KV cache (computed here, without the position mask)."""
+    pytest.importorskip("lm_eval", reason="the [eval] extra (lm-eval) is not installed")
+    from transformers import AutoTokenizer
+
+    from test_tasks import PIQA, WINO, write_tiny_taskdata
+    from wina_convert.evaluate.tasks import evaluate_tasks
+
+    directory = checkpoints["llama"]
+    data = write_tiny_taskdata(tmp_path / "eval-data")
+    model = load(directory, sparsity=0)
+    tok = AutoTokenizer.from_pretrained(directory)
+    result = evaluate_tasks(model, "piqa,winogrande", data=data, loglikelihoods=True, batch_size=3)
+    assert result["protocol"] == "deployed"
+    model.wina.set_sparsity(0.5)
+    piqa = [[deployed_loglikelihood(model, tok, f"Question: {goal}\nAnswer:", " " + c)
+             for c in ([right, wrong] if i % 2 == 0 else [wrong, right])] for i, (goal, right, wrong) in enumerate(PIQA)]
+    wino = []
+    for sentence, a, b, _ in WINO:
+        cut = sentence.index("_")
+        wino.append([deployed_loglikelihood(model, tok, sentence[:cut] + option, " " + sentence[cut + 1:].strip())
+                     for option in (a, b)])
+    for task, ours in (("piqa", piqa), ("winogrande", wino)):
+        got = torch.tensor(result["sparse"][task]["loglikelihoods"], dtype=torch.float64)
+        assert torch.allclose(got, torch.tensor(ours, dtype=torch.float64), rtol=1e-4, atol=1e-4), task
+    # the context is dense, so a one-token continuation scores as dense; longer ones differ
+    dense = torch.tensor(result["dense"]["piqa"]["loglikelihoods"], dtype=torch.float64)
+    assert not torch.allclose(dense, torch.tensor(piqa, dtype=torch.float64), atol=1e-3)
+    assert abs(result["sparsity"] - 0.5) < 0.2
+
+
+def test_gsm8k_runs_generation_with_the_prompt_dense(checkpoints, tmp_path):
+    """The generative task end to end on a tiny local GSM8K split (lm-eval's stock gsm8k-cot config: 8 exemplars in
+    the config, greedy until a stop sequence), under both protocols: scores and counts are well formed, and under
+    ``deployed`` only generated tokens are counted (fewer than the prompts' positions)."""
+    pytest.importorskip("lm_eval", reason="the [eval] extra (lm-eval) is not installed")
+    import datasets
+
+    from wina_convert.evaluate.tasks import evaluate_tasks
+
+    root = tmp_path / "eval-data"
+    datasets.Dataset.from_dict({"question": ["Tom has 3 apples and buys 2 more. How many apples does he have?",
+                                             "A box holds 4 pens. How many pens are in 2 boxes?"],
+                                "answer": ["3 + 2 = 5\n#### 5", "4 * 2 = 8\n#### 8"]}).save_to_disk(str(root / "gsm8k_cot" / "test"))
+    (root / "manifest.json").write_text('{"version": 2}')
+    model = load(checkpoints["llama"], sparsity=0)
+    counted = {}
+    for protocol in ("deployed", "all-tokens"):
+        result = evaluate_tasks(model, "gsm8k_cot", data=root, protocol=protocol, dense=False)
+        row = result["sparse"]["gsm8k_cot"]
+        assert row["samples"] == 2 and 0 <= row["acc"] <= 1 and 0 <= row["flexible"] <= 1
+        assert result["protocol"] == protocol and 0.2 < result["sparsity"] < 0.8
+        counted[protocol] = next(iter(model.wina.gates.values())).tokens
+    assert 0 < counted["deployed"] < counted["all-tokens"]
+    assert not any(g.gate_prefill for g in model.wina.gates.values())  # restored

@@ -105,10 +105,11 @@ def accuracy(lls: list[list[float]], gold: list[int], lengths: list[list[int]] |
 def test_runner_matches_our_own_loglikelihoods(tiny_checkpoint, tiny_data):
     from transformers import AutoTokenizer
 
-    model = load(tiny_checkpoint, sparsity=0)
+    model = load(tiny_checkpoint, sparsity=0, gate_prefill=True)  # every token gated: the papers' protocol
     tok = AutoTokenizer.from_pretrained(tiny_checkpoint)
-    result = evaluate_tasks(model, "piqa,winogrande", data=tiny_data, loglikelihoods=True)
+    result = evaluate_tasks(model, "piqa,winogrande", data=tiny_data, loglikelihoods=True, protocol="all-tokens")
     assert result["tasks"] == ["piqa", "winogrande"] and result["target_sparsity"] == pytest.approx(0.5)
+    assert result["protocol"] == "all-tokens"
     assert model.wina.sparsity == 0  # restored
     expected = {}
     for side, sparsity in (("dense", 0.0), ("sparse", 0.5)):

@@ -40,7 +40,10 @@ class GateContext:
     ``epoch`` is bumped whenever one of the model's gates changes its thresholds: the model's recorded
     decode graphs (``runtime/graphs.py``) are stale then; another model's are not. ``valid`` is the
     ``[batch, positions]`` mask of the real (not padded) positions of the forward being run, set from
-    its attention mask (``WinaControl``'s forward hook), so that the counters skip padding.
+    its attention mask (``WinaControl``'s forward hook), so that the counters skip padding; ``prefill``
+    says that forward feeds a prompt (several positions a sequence), so that a gate that does not gate
+    prompts stays dense in all of it, the output head of a forward that keeps only the last position's
+    logits included: the first generated token comes from a dense prompt.
 
     ``gated`` (set with ``gating``) is a ``[batch, positions]`` mask of the positions the gates act on in the
     forwards run meanwhile; the others run dense, uncounted. One forward over a prompt of ``P`` tokens and
@@ -51,6 +54,7 @@ class GateContext:
     def __init__(self) -> None:
         self.epoch = 0
         self.valid: torch.Tensor | None = None
+        self.prefill = False  # the forward being run feeds several positions a sequence: a prompt (set with ``valid``)
         self.gated: torch.Tensor | None = None
 
     @contextlib.contextmanager
@@ -234,7 +238,8 @@ class GatedLinear(nn.Module):
                 n = x.numel() // self.in_features
                 self.counted += valid.sum().to(self.counted.device) if valid is not None and valid.numel() == n else n
             return F.linear(x, self.weight, self.bias)
-        if x.dim() > 2 and x.shape[-2] > 1 and not self.gate_prefill:  # an ungated prompt: not counted
+        if not self.gate_prefill and (self.context.prefill or (x.dim() > 2 and x.shape[-2] > 1)):
+            # an ungated prompt, not counted; the output head too where the forward keeps the last position only
             return F.linear(x, self.weight, self.bias)
         # (a centered gate never takes the kernel: kernels/hook.py binds no centered gate; see set_center)
         if self.kernel is not None and not self.counting and self.topk is None and self.center is None:
