@@ -31,14 +31,15 @@ from wina_convert import convert, evaluate, load  # noqa: E402
 PROTOCOLS = ("deployed", "all-tokens")
 
 
-def checkpoint(model: str, setting: str, sparsity: float, work: Path, device: str) -> tuple[Path, float | None]:
+def checkpoint(model: str, setting: str, sparsity: float, work: Path, device: str,
+               samples: int | None = None) -> tuple[Path, float | None]:
     """The converted checkpoint of ``setting`` at ``sparsity`` in ``work`` (converted now if missing), and the
     seconds the conversion took (None: reused)."""
-    target = work / f"{Path(model).name}-{setting}-{sparsity}"
+    target = work / f"{Path(model).name}-{setting}-{sparsity}" if samples is None else work / f"{Path(model).name}-{setting}-{sparsity}-{samples}x512"
     if (target / "wina.safetensors").is_file():
         return target, None
     t0 = time.perf_counter()
-    convert(model, target, sparsity=sparsity, device=device, quiet=True, **options(SETTINGS[setting]))
+    convert(model, target, sparsity=sparsity, device=device, quiet=True, samples=samples, **options(SETTINGS[setting]))
     return target, time.perf_counter() - t0
 
 
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--gsm8k-limit", type=int, default=None, help="also GSM8K (greedy generation), this many items")
     parser.add_argument("--no-perplexity", action="store_true")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--samples", type=int, default=None, help="calibration windows of 512 tokens (default: convert's, 16)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/wina-deployed-table"))
     parser.add_argument("--render", action="store_true", help="only render DIR/deployed.md from DIR/deployed.json")
     args = parser.parse_args()
@@ -95,9 +97,9 @@ def main() -> None:
     for setting in args.settings.split(","):
         for sparsity in sparsities:
             at = sparsity if args.calibrate_at == "each" else float(args.calibrate_at)
-            directory, convert_s = checkpoint(args.model, setting, at, args.work, args.device)
+            directory, convert_s = checkpoint(args.model, setting, at, args.work, args.device, args.samples)
             net = load(directory, sparsity=0, device=args.device)
-            base = {"setting": setting, "sparsity": sparsity, "calibrated_at": at, "checkpoint": str(directory),
+            base = {"setting": setting, "sparsity": sparsity, "calibrated_at": at, "checkpoint": str(directory), "samples": args.samples,
                     "convert_s": convert_s}
             for protocol in protocols:
                 if not args.no_perplexity:
