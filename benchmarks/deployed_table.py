@@ -94,8 +94,9 @@ def main() -> None:
         (args.out / "deployed.md").write_text(markdown(report))
         print(json.dumps({k: cell[k] for k in ("setting", "sparsity", "protocol", "kind")} | cell.get("summary", {})), flush=True)
 
-    for setting in args.settings.split(","):
-        for sparsity in sparsities:
+    dense_ppl: dict[str, float] = {c["protocol"]: c["dense"] for c in report["cells"] if c["kind"] == "perplexity"}
+    for sparsity in sparsities:  # every setting at the first sparsity first: a run stopped early has comparisons
+        for setting in args.settings.split(","):
             at = sparsity if args.calibrate_at == "each" else float(args.calibrate_at)
             directory, convert_s = checkpoint(args.model, setting, at, args.work, args.device, args.samples)
             net = load(directory, sparsity=0, device=args.device)
@@ -104,8 +105,10 @@ def main() -> None:
             for protocol in protocols:
                 if not args.no_perplexity:
                     t0 = time.perf_counter()
+                    # the dense model is the same for every setting (no transform among them): measured once
                     ev = evaluate(net, sparsity=sparsity, max_tokens=args.max_tokens, seq_len=args.seq_len, protocol=protocol,
-                                  device=args.device)
+                                  device=args.device, dense_perplexity=dense_ppl.get(protocol))
+                    dense_ppl[protocol] = ev["dense_perplexity"]
                     save({**base, "protocol": protocol, "kind": "perplexity", "dense": ev["dense_perplexity"],
                           "sparse": ev["perplexity"], "achieved": ev["sparsity"], "kept_bytes_fraction": ev["kept_bytes_fraction"],
                           "tokens": ev["tokens"], "prompt_tokens": ev["prompt_tokens"], "text": ev["text"],

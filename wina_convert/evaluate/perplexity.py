@@ -59,6 +59,7 @@ def evaluate(
     head_sparsity: float | None = None,
     protocol: str = DEPLOYED,
     prompt_tokens: int | None = None,
+    dense_perplexity: float | None = None,
 ) -> dict[str, Any]:
     """Dense and sparse perplexity of a WINA checkpoint (path, Hub id, or a loaded model).
 
@@ -74,6 +75,7 @@ def evaluate(
     ``topk`` gates each token's top-k channels per matrix (the paper's protocol) instead of thresholds.
     ``head_sparsity`` gates the output head at that fraction of its columns (None: the checkpoint's; needs
     ``convert --head-sparsity``); ``head_sparsity`` in the result is what it achieved (None: a dense head).
+    ``dense_perplexity``: the dense model's, measured before on the same text and protocol (its pass is skipped).
     """
     from transformers import AutoTokenizer
 
@@ -107,7 +109,7 @@ def evaluate(
         control.set_head_sparsity(head_sparsity)
     try:
         control.set_sparsity(0.0)
-        dense = perplexity(net, windows, prompt=prompt)
+        dense = perplexity(net, windows, prompt=prompt) if dense_perplexity is None else dense_perplexity
         control.topk = topk
         control.set_sparsity(target)
         control.reset_stats()
