@@ -125,13 +125,13 @@ def main() -> None:
                           "summary": {"mean": scores["sparse"]["mean"]["acc"]}})
                 if args.gsm8k_limit:
                     with_dense = (protocol, "gsm8k") not in dense_done
-                    scores = task_scores(net, ["gsm8k"], args.gsm8k_limit, sparsity, protocol, args.device, with_dense)
+                    scores = task_scores(net, ["gsm8k_cot"], args.gsm8k_limit, sparsity, protocol, args.device, with_dense)
                     if with_dense:
                         report.setdefault("dense_gsm8k", {})[protocol] = scores["dense"]
                         dense_done.add((protocol, "gsm8k"))
                     save({**base, "protocol": protocol, "kind": "gsm8k", "limit": args.gsm8k_limit, "dense": scores["dense"],
                           "sparse": scores["sparse"], "achieved": scores["sparsity"], "seconds": scores["seconds"],
-                          "summary": {"gsm8k": scores["sparse"]["gsm8k"]["acc"]}})
+                          "summary": {"gsm8k": scores["sparse"]["gsm8k_cot"]["acc"]}})
             del net
     print(markdown(report))
 
@@ -187,10 +187,10 @@ def markdown(report: dict[str, Any]) -> str:
                 continue
             entries = [("dense", dense)] + [(f"{c['setting']} @{c['sparsity']}", c["sparse"])
                                            for c in sorted(rows, key=lambda c: (c["setting"], c["sparsity"])) if c["protocol"] == protocol]
-            base = dense["mean"]["acc"] if kind == "tasks" else dense["gsm8k"]["acc"]
+            base = dense["mean"]["acc"] if kind == "tasks" else dense["gsm8k_cot"]["acc"]
             for name, scores in entries:
                 accs = [_pct((scores.get(t) or {}).get("acc"), (scores.get(t) or {}).get("acc_stderr")) for t in tasks]
-                value = scores["mean"]["acc"] if kind == "tasks" else scores["gsm8k"]["acc"]
+                value = scores["mean"]["acc"] if kind == "tasks" else scores["gsm8k_cot"]["acc"]
                 drop = "" if name == "dense" else f"{100 * (base - value):+.1f}"
                 tail = f" | **{_pct(value, _mean_se(scores, tasks))}** | {drop} |" if kind == "tasks" else f" | {drop} |"
                 lines.append(f"| {protocol} | {name} | " + " | ".join(accs) + tail)
