@@ -138,7 +138,7 @@ def measure(directory: Path, sparsity: float, setting: dict[str, Any], args: arg
 
     model = load(directory, sparsity=0, device=args.device)
     ev = evaluate(model, sparsity=sparsity, device=args.device, max_tokens=args.max_tokens, seq_len=args.eval_seq_len,
-                  topk=bool(setting.get("topk")))
+                  topk=bool(setting.get("topk")), protocol=args.protocol)
     row = {"perplexity": ev["perplexity"], "dense_perplexity": ev["dense_perplexity"], "sparsity": ev["sparsity"],
            "kept_bytes_fraction": ev["kept_bytes_fraction"], "bytes_per_token": ev["bytes_per_token"],
            "tokens_per_s": speed_at(curve, ev["kept_bytes_fraction"]), "by_role": ev["by_role"],
@@ -171,7 +171,7 @@ def run_task_groups(model: Any, sparsity: float, args: argparse.Namespace) -> di
             continue
         key = ",".join(group)
         out = evaluate_tasks(model, group, limit=limit, sparsity=sparsity, device=args.device,
-                             batch_size=args.batch_size, dense=key not in DENSE_TASKS)
+                             batch_size=args.batch_size, dense=key not in DENSE_TASKS, protocol=args.protocol)
         if out["dense"] is not None:
             DENSE_TASKS[key] = out["dense"]
         dense.update({k: v for k, v in DENSE_TASKS[key].items() if k != "mean"})
@@ -192,7 +192,7 @@ def markdown(report: dict[str, Any]) -> str:
     sparsities = report["sparsities"]
     dense = report.get("dense_perplexity")
     lines = [f"Model: `{report['model']}`, device {report['device']}; calibration {report['calibration']}; "
-             f"held-out: {report.get('heldout', '?')}.",
+             f"held-out: {report.get('heldout', '?')}; protocol {report.get('protocol', 'all-tokens')} (gated tokens).",
              f"Dense perplexity: **{dense:.2f}**." if dense else "",
              "Each cell: perplexity (ratio to dense) / achieved parameter-weighted sparsity / kept-bytes fraction"
              + (" / tokens/s" if report.get("speed_curve") else "") + ". Sparsity counts bytes: every cell of a column "
@@ -349,6 +349,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per calibration window (default: convert's)")
     parser.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens to evaluate")
     parser.add_argument("--eval-seq-len", type=int, default=512, help="tokens per held-out window")
+    parser.add_argument("--protocol", default="all-tokens", choices=["all-tokens", "deployed"],
+                        help="which tokens are gated (wina eval --protocol); all-tokens, the papers' and this table's "
+                             "published protocol (benchmarks/deployed_table.py compares both)")
     parser.add_argument("--speed-curve", type=Path, default=None)
     parser.add_argument("--tasks", default=None, help="zero-shot tasks, e.g. piqa,arc_easy (needs the [eval] extra and data)")
     parser.add_argument("--limit", type=int, default=None, help="items per task")
@@ -383,7 +386,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     import sys
 
-    report: dict[str, Any] = {"model": str(args.model), "device": args.device, "sparsities": sparsities,
+    report: dict[str, Any] = {"model": str(args.model), "device": args.device, "sparsities": sparsities, "protocol": args.protocol,
                               "defaults": DEFAULTS, "rows": [], "speed_curve": curve, "tasks": args.tasks, "limit": args.limit, "mmlu_limit": args.mmlu_limit,
                               "calibration": f"bundled set, {args.samples or 'default'} x {args.seq_len or 'default'} tokens",
                               "command": "python benchmarks/accuracy_table.py " + " ".join(sys.argv[1:])}

@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import os
 import sys
+import json
 from pathlib import Path
 
 import torch
@@ -176,3 +177,38 @@ def gated_head(directory: Path) -> str | None:
         heads = [k.removesuffix(".column_norms") for k in f.keys()
                  if k.endswith(".column_norms") and not k.startswith("model.layers.")]
     return heads[0] if heads else None
+
+
+# a tiny local task set (lm-eval task runner tests: tests/test_tasks.py, tests/test_protocol.py)
+PIQA = [
+    ("How do you boil an egg?", "Put it in boiling water for ten minutes.", "Put it in the freezer overnight."),
+    ("How can I keep bread fresh?", "Store it in a sealed bag.", "Leave it open in the sun."),
+    ("How do I sharpen a pencil?", "Turn it inside a sharpener.", "Soak it in a cup of milk."),
+    ("How should you water a plant?", "Pour water on the soil around it.", "Pour sand on its leaves."),
+    ("How to cool a hot drink?", "Let it sit for a few minutes.", "Put it in the oven."),
+    ("How can you light a dark room?", "Switch on a lamp.", "Close all the curtains."),
+    ("How to clean a dirty plate?", "Wash it with soap and water.", "Rub it with mud."),
+    ("How do you open a locked door?", "Use the key.", "Whisper to the handle."),
+]
+WINO = [
+    ("The cup fell off the table because _ was slippery.", "the cup", "the table", "1"),
+    ("Anna gave Maria a book because _ had finished reading it.", "Anna", "Maria", "1"),
+    ("The trophy did not fit in the case because _ was too big.", "the trophy", "the case", "1"),
+    ("Tom thanked Bill because _ had helped him move.", "Tom", "Bill", "2"),
+    ("The dog chased the cat until _ climbed a tree.", "the dog", "the cat", "2"),
+]
+
+
+def write_tiny_taskdata(root: Path) -> Path:
+    """The on-disk layout of ``taskdata.py``: save_to_disk folders per task/split, manifest.json last."""
+    piqa = datasets.Dataset.from_dict(
+        {"goal": [g for g, _, _ in PIQA], "sol1": [a if i % 2 == 0 else b for i, (_, a, b) in enumerate(PIQA)],
+         "sol2": [b if i % 2 == 0 else a for i, (_, a, b) in enumerate(PIQA)], "label": [i % 2 for i in range(len(PIQA))]},
+        features=datasets.Features({"goal": datasets.Value("string"), "sol1": datasets.Value("string"),
+                                    "sol2": datasets.Value("string"), "label": datasets.ClassLabel(names=["0", "1"])}))
+    piqa.save_to_disk(str(root / "piqa" / "validation"))
+    wino = datasets.Dataset.from_dict({"sentence": [w[0] for w in WINO], "option1": [w[1] for w in WINO],
+                                       "option2": [w[2] for w in WINO], "answer": [w[3] for w in WINO]})
+    wino.save_to_disk(str(root / "winogrande" / "validation"))
+    (root / "manifest.json").write_text(json.dumps({"version": 1, "source": "test"}))
+    return root

@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import FAMILIES, heldout_ids, original_model, relative_error
-from test_cli import assert_one_line_error, run
+from tests.helpers import FAMILIES, assert_one_line_error, heldout_ids, original_model, relative_error, run
 from wina_convert import convert, load
 from wina_convert.arch import adapter_for
 from wina_convert.checkpoint.format import INDEX, write_manifest
@@ -247,7 +246,7 @@ def compressed_tensors_model(source: Path, directory: Path, bits: int, symmetric
 def test_compressed_tensors_values_are_kept(tiny_tokenizer_dir, tmp_path, bits, symmetric, weights):
     """A pack-quantized checkpoint written by compressed-tensors converts by re-laying out its values: the loaded
     model's weights are the library's decompression of them, value for value, and so are its logits at sparsity 0."""
-    from conftest import build_tiny
+    from tests.helpers import build_tiny
 
     source = build_tiny("llama", tmp_path / "float", tiny_tokenizer_dir, dtype=torch.bfloat16)
     reference = compressed_tensors_model(source, tmp_path / "ct", bits, symmetric)
@@ -264,7 +263,7 @@ def test_compressed_tensors_values_are_kept(tiny_tokenizer_dir, tmp_path, bits, 
 
 
 def test_compressed_tensors_we_cannot_keep_is_refused_in_one_line(tiny_tokenizer_dir, tmp_path, capsys):
-    from conftest import build_tiny
+    from tests.helpers import build_tiny
 
     source = build_tiny("llama", tmp_path / "float", tiny_tokenizer_dir, dtype=torch.bfloat16)
     compressed_tensors_model(source, tmp_path / "ct", 8, True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import assert_one_line_error, run
+from tests.helpers import PIQA, WINO, assert_one_line_error, run, write_tiny_taskdata
 from wina_convert import WinaError, convert, load
 
 pytest.importorskip("lm_eval", reason="the [eval] extra (lm-eval) is not installed")
@@ -20,40 +20,6 @@ datasets = pytest.importorskip("datasets")
 from wina_convert.evaluate.tasks import evaluate_tasks  # noqa: E402
 
 # PIQA-shaped items (goal, sol1, sol2, label) and WinoGrande-shaped ones (sentence with "_", two options, answer)
-PIQA = [
-    ("How do you boil an egg?", "Put it in boiling water for ten minutes.", "Put it in the freezer overnight."),
-    ("How can I keep bread fresh?", "Store it in a sealed bag.", "Leave it open in the sun."),
-    ("How do I sharpen a pencil?", "Turn it inside a sharpener.", "Soak it in a cup of milk."),
-    ("How should you water a plant?", "Pour water on the soil around it.", "Pour sand on its leaves."),
-    ("How to cool a hot drink?", "Let it sit for a few minutes.", "Put it in the oven."),
-    ("How can you light a dark room?", "Switch on a lamp.", "Close all the curtains."),
-    ("How to clean a dirty plate?", "Wash it with soap and water.", "Rub it with mud."),
-    ("How do you open a locked door?", "Use the key.", "Whisper to the handle."),
-]
-WINO = [
-    ("The cup fell off the table because _ was slippery.", "the cup", "the table", "1"),
-    ("Anna gave Maria a book because _ had finished reading it.", "Anna", "Maria", "1"),
-    ("The trophy did not fit in the case because _ was too big.", "the trophy", "the case", "1"),
-    ("Tom thanked Bill because _ had helped him move.", "Tom", "Bill", "2"),
-    ("The dog chased the cat until _ climbed a tree.", "the dog", "the cat", "2"),
-]
-
-
-def write_tiny_taskdata(root: Path) -> Path:
-    """The on-disk layout of ``taskdata.py``: save_to_disk folders per task/split, manifest.json last."""
-    piqa = datasets.Dataset.from_dict(
-        {"goal": [g for g, _, _ in PIQA], "sol1": [a if i % 2 == 0 else b for i, (_, a, b) in enumerate(PIQA)],
-         "sol2": [b if i % 2 == 0 else a for i, (_, a, b) in enumerate(PIQA)], "label": [i % 2 for i in range(len(PIQA))]},
-        features=datasets.Features({"goal": datasets.Value("string"), "sol1": datasets.Value("string"),
-                                    "sol2": datasets.Value("string"), "label": datasets.ClassLabel(names=["0", "1"])}))
-    piqa.save_to_disk(str(root / "piqa" / "validation"))
-    wino = datasets.Dataset.from_dict({"sentence": [w[0] for w in WINO], "option1": [w[1] for w in WINO],
-                                       "option2": [w[2] for w in WINO], "answer": [w[3] for w in WINO]})
-    wino.save_to_disk(str(root / "winogrande" / "validation"))
-    (root / "manifest.json").write_text(json.dumps({"version": 1, "source": "test"}))
-    return root
-
-
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tiny_models, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tasks") / "llama"
@@ -105,10 +71,11 @@ def accuracy(lls: list[list[float]], gold: list[int], lengths: list[list[int]] |
 def test_runner_matches_our_own_loglikelihoods(tiny_checkpoint, tiny_data):
     from transformers import AutoTokenizer
 
-    model = load(tiny_checkpoint, sparsity=0)
+    model = load(tiny_checkpoint, sparsity=0, gate_prefill=True)  # every token gated: the papers' protocol
     tok = AutoTokenizer.from_pretrained(tiny_checkpoint)
-    result = evaluate_tasks(model, "piqa,winogrande", data=tiny_data, loglikelihoods=True)
+    result = evaluate_tasks(model, "piqa,winogrande", data=tiny_data, loglikelihoods=True, protocol="all-tokens")
     assert result["tasks"] == ["piqa", "winogrande"] and result["target_sparsity"] == pytest.approx(0.5)
+    assert result["protocol"] == "all-tokens"
     assert model.wina.sparsity == 0  # restored
     expected = {}
     for side, sparsity in (("dense", 0.0), ("sparse", 0.5)):

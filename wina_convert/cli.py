@@ -183,23 +183,30 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Zero-shot accuracy on these lm-eval tasks instead of perplexity, e.g. piqa,arc_easy (needs the eval extra and `wina fetch-data`)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="With --tasks: at most this many items per task."),
+    protocol: str = typer.Option("deployed", "--protocol", help="deployed: gate what a generation gates (prompt and context dense, generated or scored tokens sparse), as the runtime runs; all-tokens: gate every token (the papers' protocol)."),
 ) -> None:
     """Dense vs sparse perplexity (or, with --tasks, zero-shot accuracy), the achieved sparsity and bytes per token."""
+    from .evaluate.protocol import check_protocol
+
+    check_protocol(protocol)
     if tasks is not None:
         from .evaluate.report import print_task_report
 
         return print_task_report(checkpoint, tasks, limit=limit, sparsity=_sparsity(sparsity), device=_device(device),
-                                 dtype=dtype, as_json=as_json)
+                                 dtype=dtype, as_json=as_json, protocol=protocol)
     if limit is not None:
         raise WinaError("--limit applies to --tasks only")
     from .evaluate.perplexity import evaluate
 
     result = evaluate(checkpoint, text=text, sparsity=_sparsity(sparsity), seq_len=seq_len, max_tokens=max_tokens,
-                      device=_device(device), dtype=dtype, topk=topk, head_sparsity=_sparsity(head_sparsity, "--head-sparsity"))
+                      device=_device(device), dtype=dtype, topk=topk, head_sparsity=_sparsity(head_sparsity, "--head-sparsity"),
+                      protocol=protocol)
     if as_json:
         print(json.dumps(result, default=str))
         return
-    table = Table(title=f"{checkpoint}: {result['tokens']} tokens of {result['text']}", title_justify="left")
+    scored = (f"protocol deployed: {result['prompt_tokens']}-token prompts dense, {result['tokens']} tokens gated and scored"
+              if result["protocol"] == "deployed" else f"protocol all-tokens: {result['tokens']} tokens, all gated")
+    table = Table(title=f"{checkpoint}: {result['text']}, {scored}", title_justify="left")
     table.add_column("")
     table.add_column("perplexity", justify="right")
     table.add_column("sparsity", justify="right")

@@ -219,19 +219,26 @@ def _achieved(model: Any, control: Any, prompt: torch.Tensor, generated: torch.T
     skipped or None without a head gate) on the decoded tokens.
 
     Counted by the masking reference: a forward over prompt + decoded tokens minus one over the
-    prompt alone (a causal model computes the prompt positions identically in both).
+    prompt alone (a causal model computes the prompt positions identically in both), each with the
+    positions the runtime gates marked (``GateContext.gating``): the decoded ones, and the prompt's
+    only if its gates' ``gate_prefill`` is on.
     """
+    from .protocol import decode_positions
+
     gates = list(control.gates.values())
     counting = [g.counting for g in gates]
+    prefill = any(g.gate_prefill for g in gates)
+    whole = torch.cat([prompt, generated[:, :-1]], dim=1)  # the positions that fed each decode step
     for g in gates:
         g.counting = True
-        g.gate_prefill = True
     try:
         control.reset_stats()
-        model(prompt)
+        with control.context.gating(decode_positions(prompt.shape, 0 if prefill else prompt.shape[1], prompt.device)):
+            model(prompt)
         before = [(g.zeroed.clone(), g.tokens) for g in gates]
         control.reset_stats()
-        model(torch.cat([prompt, generated[:, :-1]], dim=1))  # the positions that fed each decode step
+        with control.context.gating(decode_positions(whole.shape, 0 if prefill else prompt.shape[1], whole.device)):
+            model(whole)
     finally:
         for g, c in zip(gates, counting):
             g.counting = c

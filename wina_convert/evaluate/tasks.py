@@ -15,10 +15,18 @@ which ``argmax_i ll_i`` is the gold choice, ``acc_norm`` the same with ``ll_i / 
 continuation. Standard errors are lm-eval's: ``sqrt(p(1-p)/(n-1))`` for a task, pooled by size
 for MMLU's 57 subjects (whose ``acc`` is the size-weighted mean, as lm-eval's ``mmlu`` group).
 
-Dense and sparse are the same loaded model: ``model.wina.set_sparsity(0)``, then the target, with
-every token gated (prompt tokens too, as the papers measure). The achieved sparsity is counted
-over the sparse pass. With ``batch_size > 1`` lm-eval right-pads a batch, and the padded positions
-are gated and counted too (the scores are unaffected: attention is causal), so the default is 1.
+GSM8K (``gsm8k_cot``) is generative: lm-eval's stock ``gsm8k-cot`` config (the 8 chain-of-thought
+exemplars are in the config, so only the test split is needed), greedy until a stop sequence;
+``acc`` is its ``exact_match`` after the ``strict-match`` filter ("The answer is N."), and
+``flexible`` the one after ``flexible-extract`` (the last number).
+
+Dense and sparse are the same loaded model: ``model.wina.set_sparsity(0)``, then the target. Which
+positions are gated is the ``protocol`` (``protocol.py``): ``deployed`` (the default) gates what a
+generation would gate (an item's context dense, its continuation tokens gated; a generated answer's
+prompt dense, its tokens gated), ``all-tokens`` gates every token, prompts too, as the papers measure.
+The achieved sparsity is counted over the gated positions of the sparse pass. With ``batch_size > 1``
+under ``all-tokens`` lm-eval right-pads a batch, and the padded positions are gated and counted too
+(the scores are unaffected: attention is causal), so the default is 1.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WinaError
+from .protocol import ALL_TOKENS, DEPLOYED, check_protocol, deployed_lm_class
 from .taskdata import TASKS, data_root, load_task_splits, missing_data_error, mmlu_subjects
 
 EXTRA_HINT = "pip install 'wina-convert[eval]'"
@@ -46,7 +55,11 @@ STOCK_CONFIGS = {
     "boolq": "super_glue/boolq/default.yaml",
     "lambada_openai": "lambada/lambada_openai.yaml",
     "mmlu": "mmlu/default/mmlu_{subject}.yaml",
+    "gsm8k_cot": "gsm8k/gsm8k-cot.yaml",
 }
+# generative tasks whose few-shot exemplars are part of the stock config: their num_fewshot is kept
+FEWSHOT_IN_CONFIG = {"gsm8k_cot"}
+GENERATIVE = {"gsm8k_cot": "exact_match"}  # task -> its metric (per filter: strict-match -> acc, flexible-extract)
 
 
 def parse_tasks(spec: str | list[str]) -> list[str]:
@@ -94,7 +107,8 @@ def stock_config(task: str, root: Path, subject: str | None = None) -> dict[str,
     config["custom_dataset"] = functools.partial(_splits, local, root)
     config["dataset_path"] = str(root / local)  # informational: custom_dataset does the reading
     config["dataset_name"] = None
-    config["num_fewshot"] = 0
+    if task not in FEWSHOT_IN_CONFIG:
+        config["num_fewshot"] = 0
     return config
 
 
@@ -130,7 +144,12 @@ def _mmlu_scores(results: dict[str, Any], samples: dict[str, int]) -> dict[str, 
 def _scores(results: dict[str, Any], task: str, samples: dict[str, int]) -> dict[str, Any]:
     """acc, acc_norm (None where the task has none), their stderrs, and the sample count of one task."""
     row = results[task]
-    get = lambda key: (None if (v := row.get(f"{key},none")) in (None, "N/A") else float(v))  # noqa: E731
+    get = lambda key, f="none": (None if (v := row.get(f"{key},{f}")) in (None, "N/A") else float(v))  # noqa: E731
+    if task in GENERATIVE:
+        metric = GENERATIVE[task]
+        return {"acc": get(metric, "strict-match"), "acc_stderr": get(f"{metric}_stderr", "strict-match"),
+                "acc_norm": None, "acc_norm_stderr": None, "flexible": get(metric, "flexible-extract"),
+                "flexible_stderr": get(f"{metric}_stderr", "flexible-extract"), "samples": samples.get(task)}
     out = {key: get(key) for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")}
     if task == "lambada_openai":
         out["perplexity"] = get("perplexity")
@@ -182,6 +201,7 @@ def evaluate_tasks(
     data: str | os.PathLike | None = None,
     loglikelihoods: bool = False,
     dense: bool = True,
+    protocol: str = DEPLOYED,
 ) -> dict[str, Any]:
     """Zero-shot accuracy of a WINA checkpoint (path, Hub id, or loaded model), dense and sparse.
 
@@ -190,8 +210,10 @@ def evaluate_tasks(
     ``acc_norm``, ``acc_norm_stderr`` (None where the task has no acc_norm) and ``samples``
     (plus per-item choice ``loglikelihoods`` with ``loglikelihoods=True``). ``data``: the task
     tree (default ``$WINA_CACHE/eval-data``). ``dense=False`` skips the dense pass (``"dense"`` is None).
+    ``protocol``: ``deployed`` or ``all-tokens`` (the module's docstring); the result names it.
     """
     names = parse_tasks(tasks)
+    check_protocol(protocol)
     if limit is not None and limit < 1:
         raise WinaError(f"--limit must be at least 1, got {limit}")
     if batch_size < 1:
@@ -213,10 +235,12 @@ def evaluate_tasks(
     target = control.target_sparsity if sparsity is None else sparsity
     start = time.perf_counter()
     previous, loggers = control.sparsity, _quiet_lm_eval()
+    previous_prefill = {name: gate.gate_prefill for name, gate in control.gates.items()}
+    lm_class = deployed_lm_class() if protocol == DEPLOYED else HFLM
     try:
         with quiet_transformers():
-            lm = HFLM(pretrained=net, tokenizer=tokenizer, batch_size=batch_size, device=str(net.device))
-        control.set_gate_prefill(True)
+            lm = lm_class(pretrained=net, tokenizer=tokenizer, batch_size=batch_size, device=str(net.device))
+        control.set_gate_prefill(protocol == ALL_TOKENS)  # deployed: a generation's prompt dense
         control.set_sparsity(0.0)
         dense_scores = run_tasks(lm, names, root, limit, loglikelihoods) if dense else None
         control.set_sparsity(target)
@@ -225,9 +249,11 @@ def evaluate_tasks(
         stats = control.stats()
     finally:
         control.set_sparsity(previous)
+        for name, gate in control.gates.items():
+            gate.gate_prefill = previous_prefill[name]
         for logger, level in loggers:
             logger.setLevel(level)
-    return {"tasks": names, "limit": limit, "target_sparsity": target, "dense": dense_scores, "sparse": sparse,
+    return {"tasks": names, "limit": limit, "protocol": protocol, "target_sparsity": target, "dense": dense_scores, "sparse": sparse,
             "sparsity": stats["sparsity"], "by_role": stats["by_role"], "seconds": time.perf_counter() - start,
             "data": str(root)}
 

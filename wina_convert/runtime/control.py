@@ -159,9 +159,11 @@ class WinaControl:
             ids = kwargs.get("inputs_embeds")
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         self.context.valid = real_positions(mask, ids, kwargs.get("cache_position"))
+        self.context.prefill = isinstance(ids, torch.Tensor) and ids.dim() >= 2 and ids.shape[1] > 1
 
     def _forget_positions(self, *args: Any) -> None:
         self.context.valid = None
+        self.context.prefill = False
 
     def set_counting(self, enabled: bool) -> None:
         """Count dropped inputs (``stats``) or not; benchmarks of decode speed switch it off."""

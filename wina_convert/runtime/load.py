@@ -111,7 +111,7 @@ def load(
     *,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
-    gate_prefill: bool = True,
+    gate_prefill: bool = False,
     revision: str | None = None,
     token: str | None = None,
     kernels: bool = True,
@@ -122,7 +122,9 @@ def load(
 
     ``sparsity=None`` uses the calibrated target; any value in [0, 0.9] is derived from the
     sidecar's quantile tables; 0 runs dense. ``gate_prefill`` decides whether prompt tokens are
-    gated too (decode tokens always are). On CUDA with triton the gated linears use the sparse
+    gated too (decode tokens always are); off by default: a prompt is one compute-bound forward, where
+    skipping columns saves no time (benchmarks/results/prefill_cpu.md), and a dense prompt keeps its keys
+    and values exact. On CUDA with triton the gated linears use the sparse
     kernels for one-token decode steps, which ``model.generate`` replays from CUDA graphs with a
     static KV cache (``runtime/graphs.py``; the weights of q/k/v and gate/up are then stored once,
     packed as ``W^T``, a transformed model's shortcut rotations are packed into those launches, and a

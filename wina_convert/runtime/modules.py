@@ -21,9 +21,10 @@ two shortcut rotations that move the residual stream between the attention and M
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -42,12 +43,31 @@ class GateContext:
     ``epoch`` is bumped whenever one of the model's gates changes its thresholds: the model's recorded
     decode graphs (``runtime/graphs.py``) are stale then; another model's are not. ``valid`` is the
     ``[batch, positions]`` mask of the real (not padded) positions of the forward being run, set from
-    its attention mask (``WinaControl``'s forward hook), so that the counters skip padding.
+    its attention mask (``WinaControl``'s forward hook), so that the counters skip padding; ``prefill``
+    says that forward feeds a prompt (several positions a sequence), so that a gate that does not gate
+    prompts stays dense in all of it, the output head of a forward that keeps only the last position's
+    logits included: the first generated token comes from a dense prompt.
+
+    ``gated`` (set with ``gating``) is a ``[batch, positions]`` mask of the positions the gates act on in the
+    forwards run meanwhile; the others run dense, uncounted. One forward over a prompt of ``P`` tokens and
+    ``T`` more with positions ``>= P`` gated computes what a dense prefill and ``T`` gated decode steps
+    compute (attention is causal): how ``wina eval --protocol deployed`` scores a generation in one pass.
     """
 
     def __init__(self) -> None:
         self.epoch = 0
         self.valid: torch.Tensor | None = None
+        self.prefill = False  # the forward being run feeds several positions a sequence: a prompt (set with ``valid``)
+        self.gated: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def gating(self, positions: torch.Tensor) -> Iterator[None]:
+        """Gate only ``positions`` (``[batch, positions]`` bool) in the forwards run inside the block."""
+        previous, self.gated = self.gated, positions.bool()
+        try:
+            yield
+        finally:
+            self.gated = previous
 
 
 class GatedLinear(nn.Module):
@@ -55,7 +75,8 @@ class GatedLinear(nn.Module):
 
     ``splits`` are the output sizes of the stacked matrices (one entry for a plain linear);
     ``thresholds`` has one row per matrix. Prompt tokens (more than one position per sequence)
-    are gated only when ``gate_prefill`` is set.
+    are gated only when ``gate_prefill`` is set; a position mask (``GateContext.gating``) overrides
+    that rule for the inputs whose positions it covers.
     """
 
     def __init__(self, linear: nn.Linear, splits: list[int], context: GateContext | None = None):
@@ -67,7 +88,7 @@ class GatedLinear(nn.Module):
         self.register_buffer("thresholds", torch.zeros(len(splits), self.in_features, device=linear.weight.device), persistent=False)
         self.active = False
         self.drops = False  # its thresholds drop something (the low-rank term is needed on the kernel path)
-        self.gate_prefill = True
+        self.gate_prefill = True  # calibration gates whole windows; ``load`` turns it off (prompts dense)
         self.counting = True  # count with the masking reference (off: the kernel, if bound, runs)
         self.tally = False  # count on the kernel path too (set by the decode graphs for counting gates)
         self.context = context or GateContext()
@@ -193,13 +214,18 @@ class GatedLinear(nn.Module):
             self.quant = type(q)(q.qweight.to(dev), q.scales.to(dev), None if q.offsets is None else q.offsets.to(dev))
         return self
 
-    def count(self, keep: torch.Tensor) -> None:
-        """Add the dropped inputs of ``keep`` ``[..., n_mats, in]`` to the counters, real positions only.
+    def count(self, keep: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        """Add the dropped inputs of ``keep`` ``[..., n_mats, in]`` to the counters, real positions only
+        (and of those, only ``positions``, a mask of ``keep``'s leading shape, when given).
 
         Only device tensors change (no host sync), so a CUDA graph replay counts too.
         """
         flat = keep.reshape(-1, len(self.splits), self.in_features)
         valid = self.context.valid
+        if valid is None or valid.numel() != flat.shape[0]:
+            valid = positions
+        elif positions is not None:
+            valid = valid.reshape(positions.shape).to(positions.device) & positions
         if valid is not None and valid.numel() == flat.shape[0]:
             weight = valid.reshape(-1, 1, 1).to(device=flat.device)
             self.zeroed += ((~flat) & weight).sum(dim=(0, 2))
@@ -208,14 +234,26 @@ class GatedLinear(nn.Module):
             self.zeroed += (~flat).sum(dim=(0, 2))
             self.counted += flat.shape[0]
 
+    def gated_positions(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The context's position mask shaped like ``x``'s positions, or None (no mask, or one for other inputs:
+        e.g. the output head of a forward that keeps only the last position's logits)."""
+        gated = self.context.gated
+        if gated is None or gated.numel() * self.in_features != x.numel():
+            return None
+        return gated.reshape(x.shape[:-1]).to(x.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        positions = self.gated_positions(x)
+        if positions is not None:
+            return self._forward_positions(x, positions)
         if not self.active:
             if self.counting:  # a dense gate reads every column: counted (real positions), nothing zeroed
                 valid = self.context.valid
                 n = x.numel() // self.in_features
                 self.counted += valid.sum().to(self.counted.device) if valid is not None and valid.numel() == n else n
             return F.linear(x, self.weight, self.bias)
-        if x.dim() > 2 and x.shape[-2] > 1 and not self.gate_prefill:  # an ungated prompt: not counted
+        if not self.gate_prefill and (self.context.prefill or (x.dim() > 2 and x.shape[-2] > 1)):
+            # an ungated prompt, not counted; the output head too where the forward keeps the last position only
             return F.linear(x, self.weight, self.bias)
         # (a centered gate never takes the kernel: kernels/hook.py binds no centered gate; see set_center)
         if self.kernel is not None and not self.counting and self.topk is None and self.center is None:
@@ -224,13 +262,30 @@ class GatedLinear(nn.Module):
                 if self.tally:
                     self.count(x.abs().unsqueeze(-2) > self.thresholds)
                 return y
+        return self._reference(x)
+
+    def _forward_positions(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Gated at ``positions`` (the masking reference), dense elsewhere; only gated positions are counted."""
+        dense = F.linear(x, self.weight, self.bias)
+        if not self.active:
+            if self.counting:  # a dense gate at the gated positions: counted (real ones), nothing zeroed
+                valid = self.context.valid
+                real = positions if valid is None or valid.numel() != positions.numel() else positions & valid.reshape(positions.shape).to(positions.device)
+                self.counted += real.sum().to(self.counted.device)
+            return dense
+        if not bool(positions.any()):
+            return dense
+        return torch.where(positions.unsqueeze(-1), self._reference(x, positions), dense)
+
+    def _reference(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The masking reference: masked ``F.linear`` (counting the positions in ``positions`` if given, else all)."""
         bias = self.bias
         if self.center is not None:
             x = x - self.center
             bias = self.center_bias if bias is None else bias + self.center_bias
         keep = self._topk_keep(x) if self.topk is not None else x.abs().unsqueeze(-2) > self.thresholds  # [..., n_mats, in]
         if self.counting:
-            self.count(keep)
+            self.count(keep, positions)
         if len(self.splits) == 1:
             y = F.linear(x * keep[..., 0, :], self.weight, bias)
         else:
