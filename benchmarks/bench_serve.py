@@ -3,8 +3,8 @@
 Both run the same decode loop (``wina_convert.generate``); what the server adds is HTTP, JSON, the request's
 tokenization and chat template, the hop to its decode thread, and (streaming) one server-sent event per token.
 
-1. The checkpoint: ``--checkpoint PATH``, else SmolLM2-135M-Instruct converted with the defaults at
-   ``--sparsity`` into ``$WINA_CACHE/smollm2-wina-serve-bench`` (reused when it is there).
+1. The checkpoint: ``--checkpoint PATH``, else SmolLM2-135M-Instruct converted by ``wina convert`` (defaults)
+   at ``--sparsity`` into ``$WINA_CACHE/smollm2-wina-serve-bench`` (reused when it is there).
 2. ``wina generate``: the function the command runs (``generate.generate`` after ``prompt_ids(chat=True)``,
    on a model from ``wina_convert.load``), in this process, timed from the prompt's token ids to the text.
 3. ``wina serve``: the real command in a subprocess (its own copy of the model), on a free loopback port;
@@ -48,13 +48,13 @@ def checkpoint(path: str | None, sparsity: float) -> Path:
         return Path(path)
     out = CACHE / "smollm2-wina-serve-bench"
     if not (out / "config.json").is_file():
-        from wina_convert import convert
-
         source = CACHE / "smollm2-hf"
         if not (source / "config.json").is_file():
             sys.exit(f"{source} is missing: run scripts/fetch_models.py smollm2 --hf {source} first")
+        # in a process of its own: what a conversion leaves behind must not slow the timed generations down
         started = time.perf_counter()
-        convert(source, out, sparsity=sparsity, quiet=True)
+        subprocess.run([sys.executable, "-m", "wina_convert", "convert", str(source), "-o", str(out), "--sparsity",
+                        str(sparsity), "-q"], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         print(f"converted {source} -> {out} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return out
 
