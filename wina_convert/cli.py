@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .defaults import DEFAULTS, MAX_SPARSITY, SEARCH_TOKENS
+from .defaults import DEFAULTS, SEARCH_TOKENS
 from .errors import WinaError, one_line
 from .units import human_size, percent
 from .version import __version__

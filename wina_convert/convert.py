@@ -113,7 +113,7 @@ def output_config(source: Source, adapter: Adapter, out_dtype: torch.dtype, tran
     config["dtype"] = str(out_dtype).removeprefix("torch.")
     if transform:
         config["tie_word_embeddings"] = False
-    if transform or WeightFormat.from_dict(wina.get("weights")).quantized:  # plain transformers must refuse it
+    if transform or WeightFormat.from_dict(record.weights).quantized:  # plain transformers must refuse it
         config["model_type"] = WINA_MODEL_TYPE
         config["architectures"] = ["WinaConvertForCausalLM"]
     config["wina"] = record.to_dict()
