@@ -201,6 +201,8 @@ WINO = [
 
 def write_tiny_taskdata(root: Path) -> Path:
     """The on-disk layout of ``taskdata.py``: save_to_disk folders per task/split, manifest.json last."""
+    import datasets
+
     piqa = datasets.Dataset.from_dict(
         {"goal": [g for g, _, _ in PIQA], "sol1": [a if i % 2 == 0 else b for i, (_, a, b) in enumerate(PIQA)],
          "sol2": [b if i % 2 == 0 else a for i, (_, a, b) in enumerate(PIQA)], "label": [i % 2 for i in range(len(PIQA))]},

@@ -123,6 +123,7 @@ def test_bytes_are_counted_as_stored(quantized):
                 count += out * inp // 2 + 4 * out * inp // GROUP if bits == 4 else out * inp + 2 * out * inp // GROUP
             assert ctl.gated_bytes[layer] == count
         ids = heldout_ids(quantized["llama", bits][0])
+        ctl.set_gate_prefill(True)  # one forward over every position, each gated and counted
         ctl.reset_stats()
         with torch.no_grad():
             model(ids)

@@ -21,6 +21,7 @@ from ..transform import ATTN_SHORTCUT, MLP_SHORTCUT, has_shortcuts
 from .control import GateTable, WinaControl, gate_modules, swap_gated_linears
 from .modules import GateContext, GatedLinear, Shortcut, WinaDecoderLayer, wina_model_class
 from .quantized import load_quantized
+from ..weights import WeightFormat
 
 
 def wrap_layer(layer: nn.Module, adapter: Adapter, dim: int) -> WinaDecoderLayer:
@@ -139,6 +140,8 @@ def load(
     config_dict = read_wina_config(directory)
     verify_checkpoint(directory, hashes=False)  # sizes of all files, sha256 of the small ones
     sidecar, record = read_sidecar(directory / SIDECAR)
+    for written in (WinaRecord.from_dict(config_dict["wina"], f"{directory}/config.json"), record):
+        WeightFormat.from_dict(written.weights)  # a weight scheme this version does not know, in either place: refused
     hf_model = assemble(config_dict, sidecar, record, directory, dtype=dtype)
     hf_model.wina.set_gate_prefill(gate_prefill)
     return activate(hf_model, sparsity, device=device, kernels=kernels, compile=compile, head_sparsity=head_sparsity)
