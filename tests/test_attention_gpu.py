@@ -159,8 +159,8 @@ def test_model_decode_uses_the_kernel_and_matches_sdpa(bf16_models, family, comp
 
     from wina_convert import load
 
-    fast = load(bf16_models[family], sparsity=0.5, device=DEV)
-    sdpa = load(bf16_models[family], sparsity=0.5, device=DEV)
+    fast = load(bf16_models[family], sparsity=0.5, device=DEV, gate_prefill=True)
+    sdpa = load(bf16_models[family], sparsity=0.5, device=DEV, gate_prefill=True)
     sdpa.set_attn_implementation("sdpa")
     assert fast.config._attn_implementation == attention.IMPLEMENTATION
     calls = []

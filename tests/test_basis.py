@@ -88,7 +88,7 @@ def test_pooled_stores_and_charges_no_shortcut(bases):
     assert not [name for name in _weights(directory) if "shortcut" in name]
     meta = json.loads((directory / "config.json").read_text())["wina"]
     assert (meta["transform"], meta["basis"]) == (True, "pooled")
-    model = load(directory, sparsity=0.5)
+    model = load(directory, sparsity=0.5, gate_prefill=True)
     assert not any(isinstance(layer, WinaDecoderLayer) for layer in model.model.layers)
     assert list(model.wina.budget.extra) == [0.0] * model.config.num_hidden_layers
     info = describe(directory)
@@ -97,7 +97,7 @@ def test_pooled_stores_and_charges_no_shortcut(bases):
     result = evaluate(model, sparsity=0.5, max_tokens=1024, seq_len=128)
     assert result["kept_bytes_fraction"] == pytest.approx(0.5, abs=0.06)
     # pca keeps the shortcuts and pays for them
-    pca = load(bases["llama-pca"], sparsity=0.5)
+    pca = load(bases["llama-pca"], sparsity=0.5, gate_prefill=True)
     assert all(isinstance(layer, WinaDecoderLayer) for layer in pca.model.layers)
     d = pca.config.hidden_size
     gated = sum(pca.wina.gates[n].weight.numel() for n in pca.wina.layers[0])
@@ -116,7 +116,7 @@ def test_thresholds_are_calibrated_in_the_final_bases(case, bases, tiny_models):
     family = case.split("-")[0]
     tokens, _ = load_calibration_tokens(open_source(tiny_models[family]), None, samples=CAL["samples"],
                                         seq_len=CAL["seq_len"], seed=CAL["seed"], device=torch.device("cpu"))
-    model = load(bases[case], sparsity=0.5)
+    model = load(bases[case], sparsity=0.5, gate_prefill=True)
     control = model.wina
     control.set_counting(True)
     control.reset_stats()
@@ -132,10 +132,10 @@ def test_thresholds_are_calibrated_in_the_final_bases(case, bases, tiny_models):
 def test_pooled_round_trip(bases, tiny_models, tmp_path):
     """save_pretrained of a loaded pooled model writes a checkpoint that loads to the same logits, still
     without shortcut tensors."""
-    model = load(bases["qwen2-pooled"], sparsity=0.5)
+    model = load(bases["qwen2-pooled"], sparsity=0.5, gate_prefill=True)
     ids = _ids(tiny_models["qwen2"], 48)
     model.save_pretrained(tmp_path / "saved")
-    again = load(tmp_path / "saved", sparsity=0.5)
+    again = load(tmp_path / "saved", sparsity=0.5, gate_prefill=True)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)
     assert not [name for name in _weights(tmp_path / "saved") if "shortcut" in name]

@@ -98,7 +98,7 @@ def test_format_bench(result):
 
 
 def test_loaded_model_without_transform_and_restored_state(tiny_checkpoints):
-    model = load(tiny_checkpoints[False], sparsity=0.25)
+    model = load(tiny_checkpoints[False], sparsity=0.25, gate_prefill=True)
     res = bench(model, sparsities=(0.5,), tokens=3, prompt_tokens=2)
     assert res["transform"] is False and res["bytes"]["shortcuts"] == 0 and len(res["rows"]) == 1
     assert model.wina.sparsity == 0.25  # the model is left as it was found

@@ -115,7 +115,7 @@ def test_self_calibration_is_offline_and_recorded(tiny_models, tmp_path, monkeyp
     out = _convert(tiny_models["qwen3"], tmp_path / "out", calibration="self", samples=2, seq_len=32).output
     meta = _calibration_meta(out)
     assert meta["dataset"] == "self" and meta["samples"] == 2 and meta["seq_len"] == 32
-    model = load(out)
+    model = load(out, gate_prefill=True)
     assert model.wina.sparsity == pytest.approx(0.5)
 
 
@@ -140,7 +140,7 @@ def _weighted(model, per_gate: dict[str, torch.Tensor], layer: int) -> float:
 @pytest.mark.parametrize("case", ["greedy", "uniform"])
 @pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.65, 0.9])
 def test_every_layer_is_at_the_parameter_weighted_target(calibrated, case, sparsity):
-    model = load(calibrated[case])
+    model = load(calibrated[case], gate_prefill=True)
     per_gate = model.wina.gate_sparsities(sparsity)
     for layer in range(model.config.num_hidden_layers):
         assert _weighted(model, per_gate, layer) == pytest.approx(sparsity, abs=0.01)
@@ -163,7 +163,7 @@ def test_allocation_table_is_monotone(calibrated):
 
 def test_wina_thresholds_scale_with_column_norms_teal_ones_do_not(calibrated):
     for case, wina in (("uniform", True), ("teal", False)):
-        model = load(calibrated[case], sparsity=0.5)
+        model = load(calibrated[case], sparsity=0.5, gate_prefill=True)
         gate = model.wina.gates["model.layers.1.mlp.down_proj"]
         norms = model.wina.tables["model.layers.1.mlp.down_proj"].column_norms[0]
         t = gate.thresholds[0]
@@ -176,7 +176,7 @@ def test_quantile_tables_give_any_sparsity_on_the_calibration_text(calibrated, t
     """On text of the kind calibrated on, the achieved sparsity follows the requested one."""
     from transformers import AutoTokenizer
 
-    model = load(calibrated["uniform"])
+    model = load(calibrated["uniform"], gate_prefill=True)
     tok = AutoTokenizer.from_pretrained(calibrated["uniform"])
     text = (ROOT / "wina_convert" / "calibration" / "data" / "train" / "technical.txt").read_text(encoding="utf-8")
     ids = tok(text, return_tensors="pt")["input_ids"][:, : 4 * SEQ].reshape(4, SEQ)

@@ -47,7 +47,7 @@ def test_convert_eval_inspect_generate(model, tmp_path, capsys):
     assert code == 0, err
     result = json.loads(stdout)
     assert {"dense_perplexity", "perplexity", "sparsity", "tokens"} <= set(result)
-    assert result["tokens"] == 508 and 0.3 < result["sparsity"] < 0.7
+    assert result["protocol"] == "deployed" and result["tokens"] == 4 * 64 and 0.3 < result["sparsity"] < 0.7  # second halves scored
 
     code, stdout, err = run(capsys, "eval", out, "--max-tokens", "256", "--seq-len", "128", "--sparsity", "0.25")
     assert code == 0 and "perplexity" in stdout and "ratio" in stdout, err

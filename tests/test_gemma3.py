@@ -57,7 +57,7 @@ def gemma_calibrated(tiny_gemma3, tmp_path_factory) -> Path:
 
 def test_no_transform_is_exact_at_sparsity_0(tiny_gemma3, tmp_path):
     out = convert(tiny_gemma3, tmp_path / "out", calibrate=False, transform=False, quiet=True).output
-    original, model = _original(tiny_gemma3), load(out, sparsity=0)
+    original, model = _original(tiny_gemma3), load(out, sparsity=0, gate_prefill=True)
     ids = _heldout_ids(tiny_gemma3, 96)  # longer than the sliding window (8)
     with torch.no_grad():
         assert _rel(original(ids).logits, model(ids).logits) <= 1e-6
@@ -76,7 +76,7 @@ def test_calibration_propagates_through_the_post_norms(gemma_calibrated):
     propagation puts gates 0.018 off; leaving out the window, 0.05."""
     from transformers import AutoTokenizer
 
-    model = load(gemma_calibrated)
+    model = load(gemma_calibrated, gate_prefill=True)
     texts, _ = read_texts(None)
     windows = token_windows(AutoTokenizer.from_pretrained(gemma_calibrated), texts, SAMPLES, SEQ, seed=0)
     model.wina.reset_stats()
@@ -91,12 +91,12 @@ def test_calibration_propagates_through_the_post_norms(gemma_calibrated):
 
 @pytest.mark.parametrize("sparsity", [0.3, 0.6])
 def test_sparse_logits_equal_masked_reference(gemma_calibrated, sparsity):
-    model = load(gemma_calibrated, sparsity=sparsity)
+    model = load(gemma_calibrated, sparsity=sparsity, gate_prefill=True)
     reference = reference_model(gemma_calibrated, sparsity)  # plain transformers + hooks written in the test
     ids = _heldout_ids(gemma_calibrated, 48)
     with torch.no_grad():
         got, want = model(ids).logits, reference(ids).logits
-        dense = load(gemma_calibrated, sparsity=0)(ids).logits
+        dense = load(gemma_calibrated, sparsity=0, gate_prefill=True)(ids).logits
     assert _rel(want, got) <= 1e-4
     assert _rel(dense, got) > 1e-3, "the gates must actually change the output"
 
@@ -133,7 +133,7 @@ def test_cli_convert_eval_inspect_generate_bench_push(tiny_gemma3, tmp_path, cap
     code, stdout, err = run(capsys, "eval", out, "--json", "--max-tokens", "512", "--seq-len", "128")
     assert code == 0, err
     result = json.loads(stdout)
-    assert result["tokens"] == 4 * 127 and 0.3 < result["sparsity"] < 0.7
+    assert result["protocol"] == "deployed" and result["tokens"] == 4 * 64 and 0.3 < result["sparsity"] < 0.7  # second halves scored
     assert math.isfinite(result["perplexity"]) and result["perplexity"] > 0
     code, stdout, err = run(capsys, "inspect", out, "--json")
     assert code == 0 and json.loads(stdout)["layers"] == 3, err
@@ -195,7 +195,7 @@ def gemma3_converted(gemma3_hf, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_gemma3_270m_is_exact_at_sparsity_0(gemma3_hf, gemma3_converted):
-    original, model = _original(gemma3_hf), load(gemma3_converted, sparsity=0)
+    original, model = _original(gemma3_hf), load(gemma3_converted, sparsity=0, gate_prefill=True)
     ids = _heldout_ids(gemma3_hf, 256)
     with torch.no_grad():
         error = _rel(original(ids).logits, model(ids).logits)
@@ -218,7 +218,7 @@ def test_gemma3_270m_tokenizer_adds_bos_and_windows_keep_it(gemma3_hf):
 
 @pytest.mark.slow
 def test_gemma3_270m_hits_the_target_on_heldout_text(gemma3_converted):
-    model = load(gemma3_converted)
+    model = load(gemma3_converted, gate_prefill=True)
     reference = reference_model(gemma3_converted, 0.5)
     ids = _heldout_ids(gemma3_converted, 128)
     with torch.no_grad():

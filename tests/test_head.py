@@ -35,13 +35,13 @@ def test_head_gate_is_calibrated_and_recorded(headed, family):
     path, plain = headed[family]
     wina = json.loads((path / "config.json").read_text())["wina"]
     assert wina["head_sparsity"] == 0.5
-    model = load(path)
+    model = load(path, gate_prefill=True)
     assert model.wina.head == "lm_head" and isinstance(model.lm_head, GatedLinear)
     assert model.wina.budget.head_sparsity == 0.5 and model.lm_head.active
     table = model.wina.tables["lm_head"]
     assert table.quantiles.shape == (1, 201) and (table.quantiles.diff(dim=-1) >= 0).all()
     # the layers' gates are the plain conversion's (the head is calibrated after them, on their output)
-    ref = load(plain)
+    ref = load(plain, gate_prefill=True)
     assert ref.wina.head is None and not isinstance(ref.lm_head, GatedLinear)
     for name, gate in ref.wina.gates.items():
         assert torch.equal(gate.thresholds, model.wina.gates[name].thresholds)
@@ -57,7 +57,7 @@ def test_head_gate_skips_its_bytes_and_is_dense_at_zero(headed, family):
     plain_eval = evaluate(plain, max_tokens=1024, seq_len=64)
     assert gated["head_sparsity"] == pytest.approx(0.5, abs=0.1)
     assert dense_head["head_sparsity"] == 0.0 and plain_eval["head_sparsity"] is None
-    model = load(path)
+    model = load(path, gate_prefill=True)
     head = model.lm_head.weight
     skipped = gated["head_sparsity"] * head.numel() * head.element_size()
     assert dense_head["bytes_per_token"] - gated["bytes_per_token"] == pytest.approx(skipped, rel=0.05)
@@ -69,21 +69,21 @@ def test_head_gate_skips_its_bytes_and_is_dense_at_zero(headed, family):
     ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     model.wina.set_sparsity(0.0)
     assert not model.lm_head.active
-    original = load(plain, sparsity=0.0)
+    original = load(plain, sparsity=0.0, gate_prefill=True)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, original(ids).logits, rtol=0, atol=0)
 
 
 def test_head_sparsity_at_load_time_and_refusals(headed):
     path, plain = headed["llama"]
-    model = load(path, head_sparsity=0.3)
+    model = load(path, head_sparsity=0.3, gate_prefill=True)
     assert model.wina.budget.head_sparsity == 0.3
     low = model.lm_head.thresholds.clone()
     model.wina.set_head_sparsity(0.6)
     assert (model.lm_head.thresholds >= low).all() and (model.lm_head.thresholds > low).any()
     with pytest.raises(WinaError, match="head sparsity must be a number in"):
         model.wina.set_head_sparsity(0.95)
-    ref = load(plain, head_sparsity=0)
+    ref = load(plain, head_sparsity=0, gate_prefill=True)
     with pytest.raises(WinaError, match="not calibrated: convert it with --head-sparsity"):
         ref.wina.set_head_sparsity(0.3)
     with pytest.raises(WinaError, match="--head-sparsity must be a number"):
@@ -95,9 +95,9 @@ def test_head_sparsity_at_load_time_and_refusals(headed):
 
 def test_head_gate_survives_save_and_load(headed, tmp_path):
     path, _ = headed["qwen2"]
-    model = load(path, head_sparsity=0.4)
+    model = load(path, head_sparsity=0.4, gate_prefill=True)
     model.save_pretrained(tmp_path / "again")
-    again = load(tmp_path / "again", head_sparsity=0.4)
+    again = load(tmp_path / "again", head_sparsity=0.4, gate_prefill=True)
     assert again.wina.head == "lm_head"
     torch.testing.assert_close(again.lm_head.thresholds, model.lm_head.thresholds)
     ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
@@ -107,7 +107,7 @@ def test_head_gate_survives_save_and_load(headed, tmp_path):
 def test_head_gate_through_the_kernel_hooks(headed):
     """The head is bound as a group of its own; a decode through the hooks equals the masking reference."""
     path, _ = headed["llama"]
-    model, ref = load(path), load(path)
+    model, ref = load(path, gate_prefill=True), load(path, gate_prefill=True)
     groups = bind_kernels(model.wina, input_groups(adapter_for("llama"), model.config.num_hidden_layers))
     assert any(g.gates == [model.lm_head] for g in groups)
     for gate in model.wina.gates.values():
@@ -123,7 +123,7 @@ def test_inspect_shows_the_head_and_its_bytes(headed):
     path, plain = headed["llama"]
     gated, dense = describe(path), describe(plain)
     assert gated["head_sparsity"] == 0.5 and dense["head_sparsity"] == 0.0
-    model = load(path)
+    model = load(path, gate_prefill=True)
     head = model.lm_head.weight
     assert dense["bytes_per_token"] - gated["bytes_per_token"] == pytest.approx(0.5 * head.numel() * head.element_size())
     assert gated["kept_bytes_fraction"] == dense["kept_bytes_fraction"]
@@ -157,7 +157,7 @@ def test_bad_head_inputs_are_one_line_errors(headed, tmp_path, capsys):
     write_sidecar(edited / SIDECAR, tensors, meta)
     write_manifest(edited)
     with pytest.raises(WinaError, match="output head's gate .* is missing"):
-        load(edited)
+        load(edited, gate_prefill=True)
 
 
 # --------------------------------------------------------------------------- the head inside the budget (auto)
@@ -188,7 +188,7 @@ def test_auto_head_share_is_searched_and_recorded(budgeted, family):
     assert report["kl"] == best and report["shares"][f"{report['share']:g}"] == best
     assert wina["head_share"] == report["share"]
     assert wina["head_sparsity"] == pytest.approx(min(report["share"] * 0.5, 0.9))
-    model = load(path)
+    model = load(path, gate_prefill=True)
     assert model.wina.budget.head_share == report["share"] and model.wina.head == "lm_head"
     assert model.wina.budget.head_level_scale == pytest.approx(report["level_scale"])
 
@@ -196,7 +196,7 @@ def test_auto_head_share_is_searched_and_recorded(budgeted, family):
 def test_in_budget_head_pays_for_the_layers_bytes(budgeted):
     """At any sparsity, what the head skips (its level times its size) is what the layers' levels give up, times
     the measured level scale: the model plans the same skipped bytes as the layers alone at that sparsity."""
-    model = load(budgeted["llama"])
+    model = load(budgeted["llama"], gate_prefill=True)
     ctl = model.wina
     ctl.budget = ctl.budget.with_head(share=0.8)
     gated = sum(ctl.gated_bytes)
@@ -218,7 +218,7 @@ def test_in_budget_head_reads_the_targets_bytes_and_is_dense_at_zero(budgeted, t
     result = evaluate(path, max_tokens=1024, seq_len=64)
     assert result["head_in_budget"]
     assert 1.0 - result["kept_bytes_fraction"] == pytest.approx(0.5, abs=0.06)
-    model = load(path)
+    model = load(path, gate_prefill=True)
     share = model.wina.budget.head_share
     head = model.lm_head.weight
     if share > 0:
@@ -237,7 +237,7 @@ def test_in_budget_head_reads_the_targets_bytes_and_is_dense_at_zero(budgeted, t
 
 def test_fixed_head_sparsity_takes_the_head_out_of_the_budget(budgeted):
     """``set_head_sparsity`` (or ``load(head_sparsity=)``) puts the head on top: the layers go back to the target."""
-    model = load(budgeted["llama"])
+    model = load(budgeted["llama"], gate_prefill=True)
     ctl = model.wina
     ctl.use_budget(ctl.budget.with_head(share=0.8))  # whatever was searched, a share that helps
     ctl.set_sparsity(0.5)
@@ -245,7 +245,7 @@ def test_fixed_head_sparsity_takes_the_head_out_of_the_budget(budgeted):
     ctl.set_head_sparsity(0.3)
     assert ctl.budget.head_share is None and ctl.head_level(0.5) == 0.3
     assert ctl.matrix_level(0, 0.5) == pytest.approx(0.5 + sum(ctl.extra_bytes) / sum(ctl.gated_bytes))
-    assert load(budgeted["llama"], head_sparsity=0.3).wina.budget.head_share is None
+    assert load(budgeted["llama"], head_sparsity=0.3, gate_prefill=True).wina.budget.head_share is None
 
 
 def test_in_budget_head_in_inspect_card_and_round_trip(budgeted, tmp_path):
@@ -253,14 +253,14 @@ def test_in_budget_head_in_inspect_card_and_round_trip(budgeted, tmp_path):
 
     path = budgeted["qwen2"]
     info = describe(path)
-    model = load(path)
+    model = load(path, gate_prefill=True)
     assert info["head_in_budget"] and info["head_sparsity"] == pytest.approx(model.wina.head_level(0.5))
     assert info["kept_bytes_fraction"] == pytest.approx(0.5, abs=0.02)
     card = (path / "README.md").read_text()
     if info["head_sparsity"] > 0:
         assert "gated inside the target's bytes" in card
     model.save_pretrained(tmp_path / "again")
-    again = load(tmp_path / "again")
+    again = load(tmp_path / "again", gate_prefill=True)
     assert again.wina.budget.head_share == model.wina.budget.head_share
     assert again.wina.budget.head_level_scale == model.wina.budget.head_level_scale
     torch.testing.assert_close(again.lm_head.thresholds, model.lm_head.thresholds)
@@ -274,7 +274,7 @@ def test_auto_head_without_calibration_is_dense_and_refusals(budgeted, tiny_mode
     out = convert(tiny_models["llama"], tmp_path / "uncalibrated", calibrate=False, quiet=True).output
     wina = json.loads((out / "config.json").read_text())["wina"]
     assert wina["head_sparsity"] == 0.0 and wina["head_share"] is None and wina["head"] is None
-    assert load(out).wina.head is None
+    assert load(out, gate_prefill=True).wina.head is None
     code, _, err = run(capsys, "convert", path, "-o", tmp_path / "never", "--head-sparsity", "automatic")
     assert_one_line_error(code, err, "--head-sparsity")
     assert not (tmp_path / "never").exists()

@@ -291,8 +291,8 @@ def converted(tiny_models, tmp_path_factory):
 def _pair(path, sparsity):
     from wina_convert import load
 
-    fast = load(path, sparsity=sparsity, device=DEV)
-    ref = load(path, sparsity=sparsity, device=DEV, kernels=False)
+    fast = load(path, sparsity=sparsity, device=DEV, gate_prefill=True)
+    ref = load(path, sparsity=sparsity, device=DEV, kernels=False, gate_prefill=True)
     assert fast.wina_decode is not None and getattr(ref, "wina_decode", None) is None
     return fast, ref
 
@@ -352,7 +352,7 @@ def test_decode_logits_match_reference_at_half(converted, key):
     from wina_convert import load
 
     fast, ref = _pair(converted[key], 0.5)
-    exact = load(converted[key], sparsity=0.5, device=DEV, kernels=False, dtype=torch.float32) if key[1] else None
+    exact = load(converted[key], sparsity=0.5, device=DEV, kernels=False, dtype=torch.float32, gate_prefill=True) if key[1] else None
     ids = _prompt(fast, n=24, seed=1)
     steps = 16
     for sparsity in (0.5, 0.4):
@@ -435,8 +435,8 @@ def test_batched_decode_in_graphs_is_dense(converted):
     from wina_convert.runtime.kernels.hook import set_sparse_batch
 
     path = converted[("qwen2", False, "float32")]
-    fast = load(path, sparsity=0.5, device=DEV)
-    dense = load(path, sparsity=0.0, device=DEV, kernels=False)
+    fast = load(path, sparsity=0.5, device=DEV, gate_prefill=True)
+    dense = load(path, sparsity=0.0, device=DEV, kernels=False, gate_prefill=True)
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(0, fast.config.vocab_size, (3, 6), generator=g).to(DEV)
     for m in (fast, dense):
@@ -462,8 +462,8 @@ def test_levers_on_cuda_equal_reference(tiny_models, tmp_path, center):
 
     target = tmp_path / center
     convert(tiny_models["qwen2"], target, sparsity=0.5, center=center, head_bases="pca", quiet=True, samples=4, seq_len=64)
-    fast = load(target, sparsity=0.5, device=DEV)
-    ref = load(target, sparsity=0.5, device=DEV, kernels=False)
+    fast = load(target, sparsity=0.5, device=DEV, gate_prefill=True)
+    ref = load(target, sparsity=0.5, device=DEV, kernels=False, gate_prefill=True)
     centered = [g for g in fast.wina.gates.values() if g.center is not None]
     assert bool(centered) == (center != "none")
     assert all(g.kernel is None for g in centered)
@@ -498,7 +498,7 @@ def test_lowrank_on_cuda_equal_reference(tiny_models, tmp_path, transform):
     assert not runner.failures, runner.failures
     assert runner.captures >= 1 and runner.replays >= steps - 2, (runner.captures, runner.replays)
     assert float((a - b).norm() / b.norm()) <= 1e-4
-    plain = load(target, sparsity=0.5, device=DEV, kernels=False)
+    plain = load(target, sparsity=0.5, device=DEV, kernels=False, gate_prefill=True)
     for gate in plain.wina.gates.values():
         gate.set_lowrank(None, None)
     c = _teacher_forced_logits(plain, ids, steps, plain)

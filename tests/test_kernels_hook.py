@@ -19,7 +19,7 @@ def checkpoint(tiny_models, tmp_path_factory):
 
 
 def _bound(path, sparsity, shortcuts=True):
-    model = load(path, sparsity=sparsity)
+    model = load(path, sparsity=sparsity, gate_prefill=True)
     adapter = adapter_for("qwen2")
     groups = bind_kernels(model.wina, input_groups(adapter, model.config.num_hidden_layers))
     if shortcuts:
@@ -35,7 +35,7 @@ def test_groups_and_aliasing(checkpoint):
         assert gate.weight.data_ptr() == qkv.weight_t[:, c0:c1].data_ptr()
         assert torch.equal(gate.weight, qkv.weight_t[:, c0:c1].t())
         assert gate.bias.data_ptr() == qkv.bias[c0:c1].data_ptr()
-    ref = load(checkpoint, sparsity=0.5)
+    ref = load(checkpoint, sparsity=0.5, gate_prefill=True)
     for name, gate in model.wina.gates.items():
         assert torch.equal(gate.weight, ref.wina.gates[name].weight)
 
@@ -44,7 +44,7 @@ def test_groups_and_aliasing(checkpoint):
 def test_decode_through_hooks_equals_reference(checkpoint, sparsity):
     """Counting off selects the hooks (one fused call per group); the tokens equal the masking reference."""
     model, _ = _bound(checkpoint, sparsity)
-    ref = load(checkpoint, sparsity=sparsity)
+    ref = load(checkpoint, sparsity=sparsity, gate_prefill=True)
     if sparsity == 0:
         force_kernels(model.wina)
         force_kernels(ref.wina)
@@ -60,7 +60,7 @@ def test_shortcuts_join_the_launches(checkpoint):
     """Each layer's two shortcut rotations are packed after its q/k/v and gate/up (weights held once) and
     decode computes them there: the Shortcut modules never run, and the logits equal the unfused ones."""
     model, groups = _bound(checkpoint, 0.5)
-    ref = load(checkpoint, sparsity=0.5)
+    ref = load(checkpoint, sparsity=0.5, gate_prefill=True)
     layer, ref_layer = model.model.layers[0], ref.model.layers[0]
     attn, mlp = layer.fused
     assert attn is groups[0] and mlp is groups[2] and attn.splits[-1] == model.config.hidden_size
@@ -86,7 +86,7 @@ def test_shortcuts_join_the_launches(checkpoint):
 
 
 def test_shortcuts_stay_apart_when_the_norm_has_a_weight(checkpoint):
-    model = load(checkpoint, sparsity=0.5)
+    model = load(checkpoint, sparsity=0.5, gate_prefill=True)
     adapter = adapter_for("qwen2")
     bind_kernels(model.wina, input_groups(adapter, model.config.num_hidden_layers))
     with torch.no_grad():
@@ -167,8 +167,8 @@ def test_batched_decode_runs_dense_unless_allowed(checkpoint):
     from wina_convert.runtime.kernels.hook import set_sparse_batch
 
     model, groups = _bound(checkpoint, 0.5)
-    dense = load(checkpoint, sparsity=0.0)
-    gated = load(checkpoint, sparsity=0.5)
+    dense = load(checkpoint, sparsity=0.0, gate_prefill=True)
+    gated = load(checkpoint, sparsity=0.5, gate_prefill=True)
     for gate in model.wina.gates.values():
         gate.counting = False
     ids = torch.randint(0, model.config.vocab_size, (3, 1), generator=torch.Generator().manual_seed(2))

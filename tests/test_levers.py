@@ -73,7 +73,7 @@ def test_head_bases_really_rotate_the_values(levers, tiny_models):
 
 def test_centered_gate_skips_around_the_center(levers):
     """A centered gate drops the channels whose |x - c| is small and adds W c back: checked by hand."""
-    model = load(levers["llama-center"], sparsity=0.5)
+    model = load(levers["llama-center"], sparsity=0.5, gate_prefill=True)
     gate = model.wina.gates["model.layers.1.mlp.down_proj"]
     assert gate.center is not None and gate.active
     x = torch.randn(5, gate.in_features) + gate.center
@@ -110,8 +110,8 @@ def test_bad_lever_options_are_refused(tiny_models, tmp_path):
 
 def test_transformed_matrices_pay_for_their_shortcuts(levers):
     """At 0.5 a transformed layer's matrices skip 0.5 + 2 d^2 / M, so it reads half its dense bytes."""
-    plain = load(levers["llama-center"], sparsity=0.5).wina
-    model = load(levers["llama-transform"], sparsity=0.5)
+    plain = load(levers["llama-center"], sparsity=0.5, gate_prefill=True).wina
+    model = load(levers["llama-transform"], sparsity=0.5, gate_prefill=True)
     control = model.wina
     d = model.config.hidden_size
     gated = sum(control.gates[n].weight.numel() for n in control.layers[0])
@@ -140,7 +140,7 @@ def test_kept_bytes_match_the_target(case, levers):
 
 def test_dense_bytes_per_token(levers):
     """At sparsity 0 the bytes per token are every gated matrix, the shortcuts, lm_head and one embedding row."""
-    model = load(levers["llama-transform"], sparsity=0)
+    model = load(levers["llama-transform"], sparsity=0, gate_prefill=True)
     result = evaluate(model, sparsity=0.0, max_tokens=256, seq_len=128)
     gated = sum(g.weight.numel() for g in model.wina.gates.values())
     d = model.config.hidden_size
@@ -153,7 +153,7 @@ def test_dense_bytes_per_token(levers):
 # --------------------------------------------------------------------------- top-k
 
 def test_topk_keeps_exactly_k_per_token(levers):
-    model = load(levers["llama-center"], sparsity=0.5)
+    model = load(levers["llama-center"], sparsity=0.5, gate_prefill=True)
     control = model.wina
     control.set_topk(True)
     ids = _ids(levers["llama-center"], 32)
@@ -214,7 +214,7 @@ def test_accuracy_table_script(tiny_models, tmp_path):
 def test_global_allocation_spends_the_model_budget_unevenly(tiny_models, tmp_path):
     """--allocation global: layers get different sparsities, the model as a whole reads 1 - s of its bytes."""
     out = convert(tiny_models["llama"], tmp_path / "global", sparsity=0.5, allocation="global", transform=True, **CAL).output
-    control = load(out, sparsity=0.5).wina
+    control = load(out, sparsity=0.5, gate_prefill=True).wina
     assert control.scope == "model"
     per_gate = control.gate_sparsities(0.5)
     levels, sizes = [], []

@@ -49,7 +49,7 @@ def test_lowrank_is_exact_at_sparsity_0(family, lowrank, tiny_models):
     from transformers import AutoModelForCausalLM
 
     original = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32).eval()
-    model = load(lowrank[family], sparsity=0)
+    model = load(lowrank[family], sparsity=0, gate_prefill=True)
     gates = model.wina.gates.values()
     assert all(g.lowrank_a is not None for g in gates)
     ids = _ids(tiny_models[family])
@@ -69,7 +69,7 @@ def test_lowrank_is_exact_at_sparsity_0(family, lowrank, tiny_models):
 def test_gate_adds_the_term_for_the_dropped_channels(lowrank):
     """By hand: y = W (m x) + A (B ((1 - m) x)) + b; the factors are the sidecar's; a fused gate too."""
     for family, name in (("qwen2", "model.layers.1.self_attn.q_proj"), ("phi3", "model.layers.1.self_attn.qkv_proj")):
-        model = load(lowrank[family], sparsity=0.5)
+        model = load(lowrank[family], sparsity=0.5, gate_prefill=True)
         gate = model.wina.gates[name]
         assert gate.active and gate.lowrank_a.shape == (gate.out_features, RANK)
         sidecar = load_file(str(lowrank[family] / "wina.safetensors"))
@@ -144,7 +144,7 @@ def test_randomized_fit_of_large_matrices_is_near_the_best(monkeypatch):
 
 def test_compensation_lowers_the_error_of_the_sparse_model(lowrank):
     """At the same thresholds, the term brings the logits closer to dense (the factors were fitted for that)."""
-    model = load(lowrank["llama"], sparsity=0.5)
+    model = load(lowrank["llama"], sparsity=0.5, gate_prefill=True)
     ids = _ids(lowrank["llama"])
     with torch.no_grad():
         with_term = model(ids).logits
@@ -163,8 +163,8 @@ def test_compensation_lowers_the_error_of_the_sparse_model(lowrank):
 def test_factors_are_paid_for_in_bytes(lowrank):
     """The factors' r (in + out) numbers per matrix are extra bytes: the matrices skip more, and on held-out
     text the bytes read (kept columns + factors) are still 1 - target; at sparsity 0 no factor is read."""
-    control = load(lowrank["llama"], sparsity=0.5).wina
-    plain = load(lowrank["llama-plain"], sparsity=0.5).wina
+    control = load(lowrank["llama"], sparsity=0.5, gate_prefill=True).wina
+    plain = load(lowrank["llama-plain"], sparsity=0.5, gate_prefill=True).wina
     names = control.layers[0]
     gated = sum(control.gates[n].weight.numel() for n in names)
     factors = sum(RANK * (control.gates[n].in_features + control.gates[n].out_features) for n in names)
@@ -179,7 +179,7 @@ def test_factors_are_paid_for_in_bytes(lowrank):
     assert result["bytes_per_token"] == pytest.approx(info["bytes_per_token"], rel=0.1)
     dense = evaluate(lowrank["llama"], sparsity=0.0, max_tokens=256, seq_len=128)
     assert dense["kept_bytes_fraction"] == pytest.approx(1.0)
-    model = load(lowrank["llama"], sparsity=0.5)  # factors dropped at run time: no longer read, not counted
+    model = load(lowrank["llama"], sparsity=0.5, gate_prefill=True)  # factors dropped at run time: no longer read, not counted
     for gate in model.wina.gates.values():
         gate.set_lowrank(None, None)
     stripped = evaluate(model, sparsity=0.5, max_tokens=2048, seq_len=128)
@@ -199,9 +199,9 @@ def test_lowrank_is_recorded_and_survives_save_and_load(lowrank, tmp_path, capsy
     capsys.readouterr()
     assert main(["inspect", str(lowrank["llama"])]) == 0
     assert "mlp.down_proj=8" in capsys.readouterr().out.replace("\n", "")
-    model = load(lowrank["llama"], sparsity=0.5)
+    model = load(lowrank["llama"], sparsity=0.5, gate_prefill=True)
     model.save_pretrained(tmp_path / "again")
-    again = load(tmp_path / "again", sparsity=0.5)
+    again = load(tmp_path / "again", sparsity=0.5, gate_prefill=True)
     ids = _ids(lowrank["llama"], 48)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)
@@ -216,7 +216,7 @@ def test_per_role_ranks(tiny_models, tmp_path):
         "q_proj": 2, "k_proj": 2, "v_proj": 2, "o_proj": 0, "gate_proj": 0, "up_proj": 0, "down_proj": 6}
     assert set(parse_ranks("0", linears).values()) == {0} and set(parse_ranks(None, linears).values()) == {0}
     out = convert(tiny_models["llama"], tmp_path / "roles", sparsity=0.5, lowrank="down_proj=6", **CAL).output
-    gates = load(out, sparsity=0.5).wina.gates
+    gates = load(out, sparsity=0.5, gate_prefill=True).wina.gates
     assert gates["model.layers.0.mlp.down_proj"].lowrank_a.shape[1] == 6
     assert all(g.lowrank_a is None for n, g in gates.items() if not n.endswith("down_proj"))
 
@@ -256,8 +256,8 @@ def test_kernel_hooks_add_the_term(family, lowrank, monkeypatch):
     top): its logits and greedy tokens equal the masking reference's, and differ without it."""
     from wina_convert.runtime.kernels import hook, launch
 
-    model = load(lowrank[family], sparsity=0.5)
-    ref = load(lowrank[family], sparsity=0.5)
+    model = load(lowrank[family], sparsity=0.5, gate_prefill=True)
+    ref = load(lowrank[family], sparsity=0.5, gate_prefill=True)
     groups = bind_kernels(model.wina, input_groups(adapter_for(family), model.config.num_hidden_layers))
     assert all(g.lr_b is not None for g in groups)
     for group in groups:  # the members' factors are views of the packed ones: held once
@@ -286,8 +286,8 @@ def test_kernel_hooks_with_mixed_ranks_add_the_term_apart(lowrank, monkeypatch):
     the kernel for the weights and adds each term with torch ops; the others stay packed."""
     from wina_convert.runtime.kernels import hook
 
-    model = load(lowrank["qwen2"], sparsity=0.5)
-    ref = load(lowrank["qwen2"], sparsity=0.5)
+    model = load(lowrank["qwen2"], sparsity=0.5, gate_prefill=True)
+    ref = load(lowrank["qwen2"], sparsity=0.5, gate_prefill=True)
     groups = bind_kernels(model.wina, input_groups(adapter_for("qwen2"), model.config.num_hidden_layers))
     for m in (model, ref):
         m.wina.gates["model.layers.0.self_attn.k_proj"].set_lowrank(None, None)

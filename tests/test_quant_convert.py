@@ -78,7 +78,7 @@ def quantized(tiny_models, tiny_gemma3, tmp_path_factory) -> Quantized:
 def test_sparsity0_equals_the_dequantized_model(quantized, family, bits):
     source, checkpoint = quantized[family, bits]
     reference = dequantized_reference(source, bits, GROUP)
-    model = load(checkpoint, sparsity=0)
+    model = load(checkpoint, sparsity=0, gate_prefill=True)
     ids = heldout_ids(source)
     with torch.no_grad():
         want, got = reference(ids).logits, model(ids).logits
@@ -103,7 +103,7 @@ def test_checkpoint_stores_codes_scales_offsets_not_floats(quantized, bits):
     assert torch.equal(q.qweight, want.qweight) and torch.equal(q.scales, want.scales)
     assert (q.offsets is None) == (bits == 8)
     # the runtime's module carries it (the kernels' contract) and computes with its dequantization
-    gate = load(checkpoint, sparsity=0).wina.gates[module]
+    gate = load(checkpoint, sparsity=0, gate_prefill=True).wina.gates[module]
     assert gate.quant is not None and torch.equal(gate.quant.qweight, want.qweight)
     assert torch.equal(gate.weight.detach(), want.dequantize(gate.weight.dtype))
 
@@ -113,7 +113,7 @@ def test_bytes_are_counted_as_stored(quantized):
     the shapes: int4 ``out in / 2 + 2 * 2 out in / G``, int8 ``out in + 2 out in / G``."""
     for bits in (4, 8):
         _, checkpoint = quantized["llama", bits]
-        model = load(checkpoint, sparsity=0.5)
+        model = load(checkpoint, sparsity=0.5, gate_prefill=True)
         ctl = model.wina
         adapter = adapter_for("llama")
         for layer, names in enumerate(ctl.layers):
@@ -142,11 +142,11 @@ def test_bytes_are_counted_as_stored(quantized):
 
 def test_save_pretrained_keeps_the_codes(quantized, tmp_path):
     _, checkpoint = quantized["qwen2", 4]
-    model = load(checkpoint, sparsity=0)
+    model = load(checkpoint, sparsity=0, gate_prefill=True)
     model.save_pretrained(tmp_path / "again")
     module = "model.layers.0.self_attn.k_proj"
     assert torch.equal(stored(checkpoint, module)[f"{module}.qweight"], stored(tmp_path / "again", module)[f"{module}.qweight"])
-    again = load(tmp_path / "again", sparsity=0)
+    again = load(tmp_path / "again", sparsity=0, gate_prefill=True)
     ids = torch.arange(20)[None]
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)
@@ -172,7 +172,7 @@ def test_a_scheme_the_loader_does_not_know_is_refused_in_one_line(quantized, tmp
     (edited / "config.json").write_text(json.dumps(config))
     write_manifest(edited)
     with pytest.raises(WinaError, match="weights are 'nf4', which this wina-convert cannot read"):
-        load(edited)
+        load(edited, gate_prefill=True)
     code, _, err = run(capsys, "eval", edited, "--sparsity", "0")
     assert_one_line_error(code, err, "nf4")
 
@@ -187,7 +187,7 @@ def test_smollm2_q4_1_gguf_keeps_its_values(smollm2_gguf, smollm2_hf, tmp_path):
     q = QuantizedWeight.from_tensors("model.layers.0.self_attn.q_proj", stored(out, "model.layers.0.self_attn.q_proj"))
     assert (q.group_in, q.group_out, q.bits) == (32, 1, 4) and q.offsets is not None
     original = original_model(smollm2_hf)
-    model = load(out, sparsity=0)
+    model = load(out, sparsity=0, gate_prefill=True)
     ids = heldout_ids(smollm2_hf)
     with torch.no_grad():
         assert relative_error(original(ids).logits, model(ids).logits) < 1e-5
@@ -254,7 +254,7 @@ def test_compressed_tensors_values_are_kept(tiny_tokenizer_dir, tmp_path, bits, 
     out = convert(tmp_path / "ct", tmp_path / "out", sparsity=0.5, weights=weights, **CHEAP).output
     wina = json.loads((out / "config.json").read_text())["wina"]
     assert wina["weights"]["source"] == "compressed-tensors" and wina["weights"]["scheme"] == weights
-    model = load(out, sparsity=0)
+    model = load(out, sparsity=0, gate_prefill=True)
     for name, gate in model.wina.gates.items():
         assert gate.quant.group_in == 16 and gate.quant.group_out == 1 and gate.quant.bits == int(weights[3])
         assert torch.equal(gate.weight.detach(), reference.get_submodule(name).weight.detach()), name
@@ -346,7 +346,7 @@ def test_gptq_is_rtn_for_uncorrelated_inputs_and_better_for_correlated_ones(bits
 def test_smollm2_int4_sparsity0_equals_its_dequantized_model(smollm2_hf, tmp_path):
     out = convert(smollm2_hf, tmp_path / "q", weights="int4", calibrate=False, quiet=True).output
     reference = dequantized_reference(smollm2_hf, 4, 64)
-    model = load(out, sparsity=0)
+    model = load(out, sparsity=0, gate_prefill=True)
     ids = heldout_ids(smollm2_hf)
     with torch.no_grad():
         assert relative_error(reference(ids).logits, model(ids).logits) < 1e-5
@@ -358,7 +358,7 @@ def test_bench_counts_the_stored_bytes(quantized):
     from wina_convert.evaluate.bench import bench
 
     _, checkpoint = quantized["qwen2", 4]
-    model = load(checkpoint, sparsity=0, kernels=False)
+    model = load(checkpoint, sparsity=0, kernels=False, gate_prefill=True)
     result = bench(model, sparsities=(0.5,), tokens=4, prompt_tokens=4)
     gates = [g for n, g in model.wina.gates.items() if n != model.wina.head]
     assert result["bytes"]["gated"] == sum(g.quant.nbytes for g in gates)

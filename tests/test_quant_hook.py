@@ -24,7 +24,7 @@ def checkpoint(tiny_models, tmp_path_factory):
 def _quantized(path, sparsity, bits):
     """The checkpoint with every gated linear quantized (``gl.quant``) and its float weight replaced by the
     dequantized one, so the masking reference computes the quantized model."""
-    model = load(path, sparsity=sparsity, dtype=torch.float32)
+    model = load(path, sparsity=sparsity, dtype=torch.float32, gate_prefill=True)
     with torch.no_grad():
         for gate in model.wina.gates.values():
             gate.quant = quantize_rtn(gate.weight.float(), bits, 8)

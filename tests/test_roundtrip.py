@@ -42,14 +42,14 @@ def _ids(n: int = 12, batch: int = 1, seed: int = 0) -> torch.Tensor:
 def test_save_pretrained_writes_a_wina_checkpoint(checkpoints, tmp_path, kind):
     from transformers import AutoModelForCausalLM
 
-    model = load(checkpoints[kind], sparsity=0.5)
+    model = load(checkpoints[kind], sparsity=0.5, gate_prefill=True)
     saved = tmp_path / "saved"
     model.save_pretrained(saved)
     verify_checkpoint(saved)  # complete: manifest, sidecar, index, every sha256
     if kind == "transformed":  # rotated weights: plain transformers must refuse them, not run them
         with pytest.raises((ValueError, KeyError), match="wina-convert"):
             AutoModelForCausalLM.from_pretrained(saved)
-    again = load(saved, sparsity=0.5)
+    again = load(saved, sparsity=0.5, gate_prefill=True)
     with torch.no_grad():
         torch.testing.assert_close(again(_ids()).logits, model(_ids()).logits, rtol=0, atol=0)
     original = load_file(str(next(checkpoints[kind].glob("model-*.safetensors"))))
@@ -61,18 +61,18 @@ def test_save_pretrained_writes_a_wina_checkpoint(checkpoints, tmp_path, kind):
 
 def test_save_pretrained_of_packed_weights(checkpoints, tmp_path):
     """With the kernels bound, q/k/v, gate/up and the shortcuts are views of one packed W^T: all are saved."""
-    model = load(checkpoints["transformed"], sparsity=0.5)
+    model = load(checkpoints["transformed"], sparsity=0.5, gate_prefill=True)
     adapter = adapter_for("qwen2")
     bind_kernels(model.wina, input_groups(adapter, model.config.num_hidden_layers))
     fuse_shortcuts(model.model.layers, adapter)
     model.save_pretrained(tmp_path / "saved")
-    again = load(tmp_path / "saved", sparsity=0.5)
-    for name, tensor in load(checkpoints["transformed"], sparsity=0.5).state_dict().items():
+    again = load(tmp_path / "saved", sparsity=0.5, gate_prefill=True)
+    for name, tensor in load(checkpoints["transformed"], sparsity=0.5, gate_prefill=True).state_dict().items():
         assert torch.equal(again.state_dict()[name], tensor), name
 
 
 def test_save_pretrained_follows_the_overwrite_rules(checkpoints, tmp_path):
-    model = load(checkpoints["plain"], sparsity=0.5)
+    model = load(checkpoints["plain"], sparsity=0.5, gate_prefill=True)
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
@@ -92,8 +92,8 @@ def test_save_pretrained_follows_the_overwrite_rules(checkpoints, tmp_path):
 
 @pytest.mark.parametrize("kind", ["transformed", "plain"])
 def test_to_bfloat16_equals_a_model_loaded_in_bfloat16(checkpoints, kind):
-    model = load(checkpoints[kind], sparsity=0.5).to(torch.bfloat16)
-    fresh = load(checkpoints[kind], sparsity=0.5, dtype="bfloat16")
+    model = load(checkpoints[kind], sparsity=0.5, gate_prefill=True).to(torch.bfloat16)
+    fresh = load(checkpoints[kind], sparsity=0.5, dtype="bfloat16", gate_prefill=True)
     for gate in model.wina.gates.values():
         assert gate.thresholds.dtype == torch.float32 and gate.zeroed.dtype == torch.int64
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_to_bfloat16_equals_a_model_loaded_in_bfloat16(checkpoints, kind):
 
 
 def _bound(path, dtype=None):
-    model = load(path, sparsity=0.5, dtype=dtype)
+    model = load(path, sparsity=0.5, dtype=dtype, gate_prefill=True)
     adapter = adapter_for("qwen2")
     groups = bind_kernels(model.wina, input_groups(adapter, model.config.num_hidden_layers))
     fuse_shortcuts(model.model.layers, adapter)
@@ -148,7 +148,7 @@ def test_decode_graphs_follow_to(checkpoints):
 # --------------------------------------------------------------------------- item 5: padding excluded
 
 def test_padded_positions_are_not_counted(checkpoints):
-    model = load(checkpoints["plain"], sparsity=0.5)
+    model = load(checkpoints["plain"], sparsity=0.5, gate_prefill=True)
     short, long_ = _ids(5, seed=1), _ids(11, seed=2)
     pad = torch.zeros(1, 6, dtype=torch.long)
     batch = torch.cat([torch.cat([pad, short], 1), long_])
@@ -173,7 +173,7 @@ def test_padded_generate_counts_real_positions_only(checkpoints):
 
     tok = AutoTokenizer.from_pretrained(checkpoints["plain"])
     tok.padding_side = "left"
-    model = load(checkpoints["plain"], sparsity=0.5)
+    model = load(checkpoints["plain"], sparsity=0.5, gate_prefill=True)
     batch = tok(["The river", "A longer prompt about the weather in the mountains"], return_tensors="pt", padding=True)
     real = int(batch["attention_mask"].sum())
     model.wina.reset_stats()
@@ -200,8 +200,8 @@ def test_real_positions_from_a_4d_mask():
 # --------------------------------------------------------------------------- item 6: two models, pad id 0
 
 def test_two_models_share_no_state(checkpoints):
-    a = load(checkpoints["plain"], sparsity=0.5)
-    b = load(checkpoints["transformed"], sparsity=0.5)
+    a = load(checkpoints["plain"], sparsity=0.5, gate_prefill=True)
+    b = load(checkpoints["transformed"], sparsity=0.5, gate_prefill=True)
     runner = DecodeGraphs(a, a.wina.gates.values())
     epoch = a.wina.epoch
     b.wina.set_sparsity(0.3)  # drops b's decode graphs, not a's
@@ -245,10 +245,10 @@ def test_save_pretrained_keeps_the_centers(tiny_models, tmp_path):
     otherwise gate |x| again): the reloaded model computes the same logits at the target."""
     src = convert(tiny_models["llama"], tmp_path / "c", sparsity=0.5, center="median", samples=4, seq_len=64,
                   quiet=True).output
-    model = load(src, sparsity=0.5)
+    model = load(src, sparsity=0.5, gate_prefill=True)
     assert any(g.center is not None for g in model.wina.gates.values())
     model.save_pretrained(tmp_path / "saved")
-    again = load(tmp_path / "saved", sparsity=0.5)
+    again = load(tmp_path / "saved", sparsity=0.5, gate_prefill=True)
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)

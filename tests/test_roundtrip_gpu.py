@@ -39,8 +39,8 @@ def _prompt(model, n=7, seed=0):
 def test_graph_replayed_decode_steps_are_counted(converted, transform):
     from wina_convert import load
 
-    fast = load(converted[transform], sparsity=0.5, device=DEV)
-    ref = load(converted[transform], sparsity=0.5, device=DEV, kernels=False)
+    fast = load(converted[transform], sparsity=0.5, device=DEV, gate_prefill=True)
+    ref = load(converted[transform], sparsity=0.5, device=DEV, kernels=False, gate_prefill=True)
     ids = _prompt(fast)
     new = 12
     for model in (fast, ref):
@@ -69,7 +69,7 @@ def test_graph_replayed_decode_steps_are_counted(converted, transform):
 def test_to_bfloat16_after_graphs_equals_a_bfloat16_model(converted):
     from wina_convert import load
 
-    model = load(converted[True], sparsity=0.5, device=DEV)
+    model = load(converted[True], sparsity=0.5, device=DEV, gate_prefill=True)
     ids = _prompt(model, seed=1)
     kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
     with torch.no_grad():
@@ -78,7 +78,7 @@ def test_to_bfloat16_after_graphs_equals_a_bfloat16_model(converted):
         old = group.weight_t.data_ptr()
         model.to(torch.bfloat16)
         got = model.generate(ids, **kw)
-        fresh = load(converted[True], sparsity=0.5, device=DEV, dtype="bfloat16")
+        fresh = load(converted[True], sparsity=0.5, device=DEV, dtype="bfloat16", gate_prefill=True)
         want = fresh.generate(ids, **kw)
     assert group.weight_t.dtype == torch.bfloat16 and group.weight_t.data_ptr() != old and not group.stale()
     assert torch.equal(got, want)
@@ -105,8 +105,8 @@ def test_two_models_decode_on_two_streams(converted):
     """Two models decoding at once on two streams: each gets the tokens it gets alone."""
     from wina_convert import load
 
-    a = load(converted[False], sparsity=0.5, device=DEV)
-    b = load(converted[True], sparsity=0.5, device=DEV)
+    a = load(converted[False], sparsity=0.5, device=DEV, gate_prefill=True)
+    b = load(converted[True], sparsity=0.5, device=DEV, gate_prefill=True)
     ids = _prompt(a, seed=2)
     kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False)
     with torch.no_grad():

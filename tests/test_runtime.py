@@ -39,12 +39,12 @@ def calibrated(tiny_models, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
 def test_sparse_logits_equal_masked_reference(case, sparsity, calibrated):
     directory = calibrated[case]
-    model = load(directory, sparsity=sparsity)
+    model = load(directory, sparsity=sparsity, gate_prefill=True)
     reference = reference_model(directory, sparsity)
     ids = _ids(directory, 64, start=1000)
     with torch.no_grad():
         got, want = model(ids).logits, reference(ids).logits
-        dense = load(directory, sparsity=0)(ids).logits
+        dense = load(directory, sparsity=0, gate_prefill=True)(ids).logits
     assert _rel(want, got) <= 1e-4
     assert _rel(dense, got) > 1e-3, "the gates must actually change the output"
     stats = model.wina.stats()
@@ -53,7 +53,7 @@ def test_sparse_logits_equal_masked_reference(case, sparsity, calibrated):
 
 def test_sparse_greedy_text_equals_reference(calibrated):
     directory = calibrated["llama"]
-    model, reference = load(directory, sparsity=0.5), reference_model(directory, 0.5)
+    model, reference = load(directory, sparsity=0.5, gate_prefill=True), reference_model(directory, 0.5)
     ids = _ids(directory, 8, start=1000)
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False, pad_token_id=0)
     with torch.no_grad():
@@ -66,7 +66,7 @@ def test_gate_prefill_flag(calibrated):
     directory = calibrated["llama"]
     ids = _ids(directory, 32, start=1000)
     with torch.no_grad():
-        dense = load(directory, sparsity=0)(ids).logits
+        dense = load(directory, sparsity=0, gate_prefill=True)(ids).logits
         ungated = load(directory, sparsity=0.5, gate_prefill=False)
         assert torch.equal(ungated(ids).logits, dense), "prompt tokens are not gated when gate_prefill=False"
         ungated.wina.reset_stats()
@@ -83,7 +83,7 @@ def test_batched_generation_with_padding_equals_one_by_one(tiny_models, calibrat
     tok = AutoTokenizer.from_pretrained(directory)
     tok.padding_side = "left"
     prompts = ["The river", "A longer prompt about the weather in the mountains, which"]
-    model = load(directory, sparsity=0)
+    model = load(directory, sparsity=0, gate_prefill=True)
     kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
     with torch.no_grad():
         batch = tok(prompts, return_tensors="pt", padding=True)
@@ -95,7 +95,7 @@ def test_batched_generation_with_padding_equals_one_by_one(tiny_models, calibrat
 
 
 def test_set_sparsity_and_stats(calibrated):
-    model = load(calibrated["llama"])
+    model = load(calibrated["llama"], gate_prefill=True)
     assert model.wina.sparsity == pytest.approx(0.5), "sparsity=None is the calibrated target"
     for bad in (-0.1, 0.95, "x"):
         with pytest.raises(WinaError):
@@ -109,15 +109,15 @@ def test_set_sparsity_and_stats(calibrated):
 
 def test_uncalibrated_checkpoint_runs_dense_only(tiny_models, tmp_path):
     out = convert(tiny_models["llama"], tmp_path / "o", calibrate=False, transform=True, quiet=True).output
-    load(out, sparsity=0)
+    load(out, sparsity=0, gate_prefill=True)
     with pytest.raises(WinaError, match="not calibrated"):
-        load(out, sparsity=0.5)
+        load(out, sparsity=0.5, gate_prefill=True)
 
 
 def test_model_is_a_transformers_model(calibrated):
     from transformers import PreTrainedModel
 
-    model = load(calibrated["llama"])
+    model = load(calibrated["llama"], gate_prefill=True)
     assert isinstance(model, PreTrainedModel)
     assert not any(type(m).__name__ == "Linear" and "layers" in n and "shortcut" not in n for n, m in model.named_modules())
 
@@ -140,12 +140,12 @@ def test_load_refuses_a_directory_without_sidecar(calibrated, tmp_path):
     d = _copy(calibrated["llama"], tmp_path)
     (d / "wina.safetensors").unlink()
     with pytest.raises(WinaError, match="wina.safetensors"):
-        load(d)
+        load(d, gate_prefill=True)
 
 
 def test_load_refuses_a_plain_model(tiny_models):
     with pytest.raises(WinaError, match="not a WINA checkpoint"):
-        load(tiny_models["llama"])
+        load(tiny_models["llama"], gate_prefill=True)
 
 
 def test_load_refuses_unknown_sidecar_version(calibrated, tmp_path):
@@ -153,17 +153,17 @@ def test_load_refuses_unknown_sidecar_version(calibrated, tmp_path):
     _edit_sidecar(d, lambda t, m: m.update(format_version=99))
     write_manifest(d)
     with pytest.raises(WinaError, match="version 99"):
-        load(d)
+        load(d, gate_prefill=True)
 
 
 def test_load_refuses_a_hand_edited_sidecar(calibrated, tmp_path):
     d = _copy(calibrated["llama"], tmp_path)
     _edit_sidecar(d, lambda t, m: t["model.layers.0.mlp.down_proj.quantiles"].mul_(-1))
     with pytest.raises(WinaError, match="changed since conversion"):
-        load(d)
+        load(d, gate_prefill=True)
     write_manifest(d)  # even with the manifest redone, the values are checked
     with pytest.raises(WinaError, match="quantile table"):
-        load(d)
+        load(d, gate_prefill=True)
 
 
 def test_load_refuses_a_sidecar_of_other_weights(calibrated, tiny_models, tiny_tokenizer_dir, tmp_path):
@@ -173,7 +173,7 @@ def test_load_refuses_a_sidecar_of_other_weights(calibrated, tiny_models, tiny_t
     shutil.copy(other / "wina.safetensors", d / "wina.safetensors")
     write_manifest(d)
     with pytest.raises(WinaError, match="does not match the weights"):
-        load(d)
+        load(d, gate_prefill=True)
 
 
 def test_load_refuses_wrong_layer_count(calibrated, tmp_path):
@@ -181,14 +181,14 @@ def test_load_refuses_wrong_layer_count(calibrated, tmp_path):
     _edit_sidecar(d, lambda t, m: m.update(num_layers=4))
     write_manifest(d)
     with pytest.raises(WinaError, match="4 layers"):
-        load(d)
+        load(d, gate_prefill=True)
 
 
 def test_load_refuses_a_missing_shard(calibrated, tmp_path):
     d = _copy(calibrated["llama"], tmp_path)
     next(d.glob("model-*.safetensors")).unlink()
     with pytest.raises(WinaError, match="incomplete"):
-        load(d)
+        load(d, gate_prefill=True)
 
 
 # --------------------------------------------------------------------------- the real model
@@ -196,7 +196,7 @@ def test_load_refuses_a_missing_shard(calibrated, tmp_path):
 @pytest.mark.slow
 def test_smollm2_sparse_equals_reference_and_hits_target(smollm2_converted):
     ids = _ids(smollm2_converted, 128, start=1000)
-    model = load(smollm2_converted)
+    model = load(smollm2_converted, gate_prefill=True)
     reference = reference_model(smollm2_converted, 0.5)
     with torch.no_grad():
         assert _rel(reference(ids).logits, model(ids).logits) <= 1e-4
@@ -222,7 +222,7 @@ def test_smollm2_batched_generation_equals_one_by_one(smollm2_converted):
     tok = AutoTokenizer.from_pretrained(smollm2_converted)
     tok.padding_side = "left"
     prompts = ["Hello", "Write a short poem about the sea and the", "The capital of France is"]
-    model = load(smollm2_converted, sparsity=0)
+    model = load(smollm2_converted, sparsity=0, gate_prefill=True)
     kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id)
     with torch.no_grad():
         batch = tok(prompts, return_tensors="pt", padding=True)

@@ -37,7 +37,7 @@ def test_output_allocation_is_exact_at_zero_and_hits_the_target(tiny_models, tmp
     assert config["wina"]["calibration"]["allocation"] == "output"
     assert search["beta"] in (0.0, 0.0125, 0.025, 0.0375, 0.05, 0.075)
     assert len(search["layer_levels"]) == 3
-    model = load(out.output, sparsity=0.5)
+    model = load(out.output, sparsity=0.5, gate_prefill=True)
     assert model.wina.budget.scope == "model"
     ids = torch.randint(0, model.config.vocab_size, (1, 40))
     from transformers import AutoModelForCausalLM
@@ -57,7 +57,7 @@ def test_output_allocation_is_exact_at_zero_and_hits_the_target(tiny_models, tmp
 
 def test_replayed_layers_give_the_full_runs_divergence(tiny_models, tmp_path):
     out = convert(tiny_models["llama"], tmp_path / "out", sparsity=0.5, **CAL)
-    model = load(out.output, sparsity=0.5)
+    model = load(out.output, sparsity=0.5, gate_prefill=True)
     ctl = model.wina
     ctl.set_counting(False)
     tokens = torch.randint(0, model.config.vocab_size, (2, 48))
@@ -80,7 +80,7 @@ def test_replayed_layers_give_the_full_runs_divergence(tiny_models, tmp_path):
 
 def test_search_report_and_errors(tiny_models, tmp_path):
     out = convert(tiny_models["llama"], tmp_path / "out", sparsity=0.5, **CAL)
-    model = load(out.output, sparsity=0.5)
+    model = load(out.output, sparsity=0.5, gate_prefill=True)
     tokens = torch.randint(0, model.config.vocab_size, (2, 64))
     allocation, report = search_layer_levels(model, tokens, 0.5, model.wina.layers_prefix)
     assert len(allocation) == 3 and all(a.shape[0] == 37 for a in allocation)
@@ -96,7 +96,7 @@ def test_search_tokens_are_whole_windows_recorded_and_checked(tiny_models, tmp_p
     from wina_convert import WinaError
 
     out = convert(tiny_models["llama"], tmp_path / "out", sparsity=0.5, **CAL)
-    model = load(out.output, sparsity=0.5)
+    model = load(out.output, sparsity=0.5, gate_prefill=True)
     tokens = torch.randint(0, model.config.vocab_size, (4, 64))
     for asked, used in ((1, 64), (64, 64), (130, 128), (10_000, 256)):
         _, report = search_layer_levels(model, tokens, 0.5, model.wina.layers_prefix, asked)
@@ -126,7 +126,7 @@ def test_search_chooses_the_least_divergence_measured_independently(tiny_models,
     measured again here by full forwards of the whole model at the same gate sparsities; they agree, the candidates
     differ, and the beta chosen is the candidate whose independently measured divergence is least."""
     out = convert(tiny_models["llama"], tmp_path / "out", sparsity=0.5, allocation="greedy", head_sparsity=0.0, **CAL)
-    model = load(out.output, sparsity=0.5)
+    model = load(out.output, sparsity=0.5, gate_prefill=True)
     ctl = model.wina
     ctl.set_counting(False)
     tokens = torch.randint(0, model.config.vocab_size, (3, 48), generator=torch.Generator().manual_seed(7))

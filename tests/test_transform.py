@@ -52,7 +52,7 @@ def converted_tiny(tiny_models, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_transform_is_exact_on_tiny_models(family, tiny_models, converted_tiny):
     original = _original(tiny_models[family])
-    model = load(converted_tiny[family], sparsity=0)
+    model = load(converted_tiny[family], sparsity=0, gate_prefill=True)
     ids = _text_ids(tiny_models[family], 96)
     with torch.no_grad():
         error = _relative_error(original(ids).logits, model(ids).logits)
@@ -134,7 +134,7 @@ def test_config_records_the_conversion(tiny_models, converted_tiny):
 def test_transform_is_exact_on_smollm2(smollm2_hf, tmp_path):
     out = convert(smollm2_hf, tmp_path / "out", calibrate=False, transform=True, quiet=True).output
     original = _original(smollm2_hf)
-    model = load(out, sparsity=0)
+    model = load(out, sparsity=0, gate_prefill=True)
     ids = _text_ids(smollm2_hf, 256)
     with torch.no_grad():
         error = _relative_error(original(ids).logits, model(ids).logits)
@@ -147,7 +147,7 @@ def test_transform_is_exact_on_smollm2(smollm2_hf, tmp_path):
 def test_gguf_input_converts_exactly(smollm2_gguf, smollm2_hf, tmp_path):
     """A .gguf converts like its dequantized safetensors copy (same weights, same logits)."""
     out = convert(smollm2_gguf, tmp_path / "out", calibrate=False, transform=True, quiet=True).output
-    model = load(out, sparsity=0)
+    model = load(out, sparsity=0, gate_prefill=True)
     ids = _text_ids(smollm2_hf, 64)
     with torch.no_grad():
         error = _relative_error(_original(smollm2_hf)(ids).logits, model(ids).logits)
