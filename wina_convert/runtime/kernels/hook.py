@@ -38,6 +38,24 @@ from . import launch
 from .backend import triton_available
 
 
+def copy_thresholds(gates: list, thr: torch.Tensor, last: tuple) -> tuple:
+    """Copy the group's threshold rows into ``thr`` in place (its address is what a recorded graph reads), unless
+    they are the tensors copied ``last``; an inactive member gets ``+inf`` (the launch reads none of its rows).
+    Returns what was copied, to pass as ``last`` next time."""
+    src = tuple(g.thresholds if g.active else None for g in gates)
+    if len(src) == len(last) and all(a is b for a, b in zip(src, last)):
+        return last
+    row = 0
+    for t, g in zip(src, gates):
+        n = len(g.splits)
+        if t is None:
+            thr[row : row + n].fill_(float("inf"))
+        else:
+            thr[row : row + n].copy_(t)
+        row += n
+    return src
+
+
 class SharedInput:
     """One launch for the gated linears that read the same input (one ``kernel`` hook per group).
 
@@ -152,18 +170,7 @@ class SharedInput:
         flags = tuple((g.active, g.drops) for g in self.gates)
         if flags != self._lr_flags:
             self.lr_mask, self._lr_flags = self._lowrank_mask(), flags
-        src = tuple(g.thresholds if g.active else None for g in self.gates)
-        if len(src) == len(self._thr_src) and all(a is b for a, b in zip(src, self._thr_src)):
-            return
-        row = 0
-        for t, g in zip(src, self.gates):
-            n = len(g.splits)
-            if t is None:
-                self.thr[row : row + n].fill_(float("inf"))
-            else:
-                self.thr[row : row + n].copy_(t)
-            row += n
-        self._thr_src = src
+        self._thr_src = copy_thresholds(self.gates, self.thr, self._thr_src)
 
     def add_shortcut(self, shortcut: nn.Linear, eps: float) -> None:
         """Pack a dense ``d x d`` shortcut (applied to the un-normalized input) as the group's last matrix.

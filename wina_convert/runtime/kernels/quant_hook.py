@@ -18,6 +18,7 @@ import torch
 
 from ..modules import GatedLinear
 from . import quant as qk
+from .hook import copy_thresholds
 
 
 def _decode_rows(x: torch.Tensor) -> int:
@@ -66,18 +67,7 @@ class QuantSharedInput:
     def refresh(self) -> None:
         """Copy the members' threshold rows into ``thr`` in place (its address is what a recorded graph reads);
         an inactive member gets ``+inf`` (its columns come out zero: it runs its own dense path)."""
-        src = tuple(g.thresholds if g.active else None for g in self.gates)
-        if len(src) == len(self._thr_src) and all(a is b for a, b in zip(src, self._thr_src)):
-            return
-        row = 0
-        for t, g in zip(src, self.gates):
-            n = len(g.splits)
-            if t is None:
-                self.thr[row : row + n].fill_(float("inf"))
-            else:
-                self.thr[row : row + n].copy_(t)
-            row += n
-        self._thr_src = src
+        self._thr_src = copy_thresholds(self.gates, self.thr, self._thr_src)
 
     def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """The group's output columns, and whether they were computed dense (nothing dropped)."""
