@@ -262,7 +262,10 @@ def convert(
         from .checkpoint.quantized_source import check_gguf_types
 
         check_gguf_types(local, plan.weights.bits, plan.rotates)
-    source = open_source(model, revision=revision, token=token, quantized=plan.weights.quantized)
+    opener = None  # --weights: a compressed-tensors directory is opened with its packed values
+    if plan.weights.quantized:
+        from .checkpoint.quantized_source import open_if_compressed as opener
+    source = open_source(model, revision=revision, token=token, quantized=opener)
     out_dir.protect([*source.origin, *source.files.values()])  # a Hub snapshot is known only now
     adapter, config = _checked_model(source, plan, lowrank)
     quantize = quantize_stage(plan.weights, source, adapter, config, _gated_shapes(source, adapter, config), plan.rotates)

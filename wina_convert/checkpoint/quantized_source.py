@@ -269,6 +269,11 @@ class CompressedSource(Source):
         return f"{module}.{part}" in self.files
 
 
+def open_if_compressed(directory: Path, *, model_id: str | None = None, revision: str | None = None) -> CompressedSource | None:
+    """``open_directory``'s opener for ``convert --weights``: a compressed-tensors directory, or None (read as usual)."""
+    return open_compressed(directory, model_id=model_id, revision=revision) if is_compressed(directory) else None
+
+
 def open_compressed(directory: Path, *, model_id: str | None = None, revision: str | None = None) -> CompressedSource:
     """A compressed-tensors directory with weight-only pack-quantized linears, read as floats (the quantization
     config set aside, nothing else refused) and able to give its codes as they are."""

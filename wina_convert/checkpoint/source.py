@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Callable, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -232,16 +232,15 @@ def safetensors_files(directory: Path) -> dict[str, Path]:
 
 
 def open_directory(directory: Path, *, model_id: str | None = None, revision: str | None = None,
-                   quantized: bool = False) -> Source:
-    """A local Hugging Face directory (safetensors, sharded or not); with ``quantized`` (``convert --weights``) a
-    compressed-tensors one too, its packed values kept (``quantized_source.py``)."""
+                   quantized: Callable[..., Source | None] | None = None) -> Source:
+    """A local Hugging Face directory (safetensors, sharded or not); ``quantized`` (``convert --weights``:
+    ``quantized_source.open_if_compressed``) opens a directory it takes as is, its packed values kept."""
     from transformers import GenerationConfig
 
-    if quantized:
-        from .quantized_source import is_compressed, open_compressed
-
-        if is_compressed(directory):
-            return open_compressed(directory, model_id=model_id, revision=revision)
+    if quantized is not None:
+        kept = quantized(directory, model_id=model_id, revision=revision)
+        if kept is not None:
+            return kept
 
     config = read_model_config(directory)
     files = safetensors_files(directory)
@@ -298,7 +297,7 @@ def open_gguf(path: Path) -> Source:
 
 
 def open_source(model: str | os.PathLike, *, revision: str | None = None, token: str | None = None,
-                quantized: bool = False) -> Source:
+                quantized: Callable[..., Source | None] | None = None) -> Source:
     """A Hub id, a local Hugging Face directory or a .gguf file."""
     path = Path(os.path.expanduser(str(model)))
     if revision is not None and (path.exists() or path.suffix == ".gguf"):

@@ -17,7 +17,7 @@ Low-rank factors (``convert --lowrank``) join the launch too when every member o
 rank: ``B_p^T`` and ``A^T`` are packed beside ``W^T`` (``[in, P R]``, ``[R, sum out]``; the members'
 ``lowrank_a``/``lowrank_b`` become views of them) and the GEMV adds the compensation of the channels it
 dropped (``gated_linear``'s ``lr_*`` arguments). A group with mixed ranks adds it on top of the
-kernel's output with torch ops (``_compensated``).
+kernel's output with torch ops (``group.compensated``).
 
 Only one-token inputs (decode) take the kernel; prompts return ``None`` here, so ``GatedLinear`` runs
 its masking reference (masked ``F.linear``, cuBLAS). A decode step of more than ``sparse_batch`` sequences
@@ -36,24 +36,7 @@ from ..control import WinaControl
 from ..modules import GatedLinear, WinaDecoderLayer
 from . import launch
 from .backend import triton_available
-
-
-def copy_thresholds(gates: list, thr: torch.Tensor, last: tuple) -> tuple:
-    """Copy the group's threshold rows into ``thr`` in place (its address is what a recorded graph reads), unless
-    they are the tensors copied ``last``; an inactive member gets ``+inf`` (the launch reads none of its rows).
-    Returns what was copied, to pass as ``last`` next time."""
-    src = tuple(g.thresholds if g.active else None for g in gates)
-    if len(src) == len(last) and all(a is b for a, b in zip(src, last)):
-        return last
-    row = 0
-    for t, g in zip(src, gates):
-        n = len(g.splits)
-        if t is None:
-            thr[row : row + n].fill_(float("inf"))
-        else:
-            thr[row : row + n].copy_(t)
-        row += n
-    return src
+from .group import compensated, copy_thresholds
 
 
 class SharedInput:
@@ -108,7 +91,7 @@ class SharedInput:
     def _pack_lowrank(self) -> None:
         """Pack the members' low-rank factors for the launch (``lr_b`` ``[in, sum P R]``, ``lr_a`` ``[R, sum
         out]``) if every member has factors of one rank, and make the members' factors views of them;
-        otherwise ``lr_b`` is None and each gate adds its term with torch ops (``_compensated``)."""
+        otherwise ``lr_b`` is None and each gate adds its term with torch ops (``group.compensated``)."""
         gates = self.gates
         self.lr_b = self.lr_a = None
         self.lr_rank = self.lr_mask = 0
@@ -259,20 +242,7 @@ class SharedInput:
 
     def _compensated(self, gate: GatedLinear, x: torch.Tensor, y: torch.Tensor, batched: bool) -> torch.Tensor:
         """``y``, with the gate's low-rank term added by torch ops unless the launch added it (packed)."""
-        return y if self.lr_b is not None else _compensated(gate, x, y, batched)
-
-
-def _compensated(gate: GatedLinear, x: torch.Tensor, y: torch.Tensor, batched: bool) -> torch.Tensor:
-    """``y`` plus the gate's low-rank compensation of the channels the kernel dropped (``convert --lowrank``).
-
-    The gated GEMV (one token) dropped the channels with ``|x| <= thresholds``: their part of ``x`` goes
-    through the factors with torch ops of fixed shapes (recorded by the decode graphs, traced by
-    torch.compile). A batched step through the kernel hook ran dense, and a gate whose thresholds are all
-    zero (forced onto its kernel by the decode graphs) dropped nothing: nothing to add, no factor read.
-    """
-    if gate.lowrank_a is None or batched or not gate.drops:
-        return y
-    return y + gate.lowrank_term(x, x.abs().unsqueeze(-2) > gate.thresholds)
+        return y if self.lr_b is not None else compensated(gate, x, y, batched)
 
 
 def _decode_rows(x: torch.Tensor) -> int:

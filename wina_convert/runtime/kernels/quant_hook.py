@@ -18,7 +18,7 @@ import torch
 
 from ..modules import GatedLinear
 from . import quant as qk
-from .hook import copy_thresholds
+from .group import compensated, copy_thresholds
 
 
 def _decode_rows(x: torch.Tensor) -> int:
@@ -76,14 +76,13 @@ class QuantSharedInput:
         return qk.quant_gated_linear_op(x, self.dense_thr if dense else self.thr, self.quant, self.splits, self.bias), dense
 
     def __call__(self, x: torch.Tensor, gate: GatedLinear) -> torch.Tensor | None:
-        from .hook import _compensated
 
         i = self.index[id(gate)]
         if not torch.compiler.is_compiling():
             self.refresh()
         if len(self.gates) == 1:
             y, dense = self._run(x)
-            return _compensated(gate, x, y, dense)
+            return compensated(gate, x, y, dense)
         c0, c1 = self.columns[i]
         if self._x is x and i in self._left and (torch.compiler.is_compiling() or self._x_version == x._version):
             y, dense = self._y
@@ -95,7 +94,7 @@ class QuantSharedInput:
             self._left = {j for j, g in enumerate(self.gates) if g.active and j != i}
         if not self._left:
             self._x = self._y = None
-        return _compensated(gate, x, y[..., c0:c1], dense)
+        return compensated(gate, x, y[..., c0:c1], dense)
 
 
 def bind_quantized(groups: list[list[GatedLinear]]) -> list[QuantSharedInput]:
