@@ -115,13 +115,13 @@ def test_transformed_matrices_pay_for_their_shortcuts(levers):
     control = model.wina
     d = model.config.hidden_size
     gated = sum(control.gates[n].weight.numel() for n in control.layers[0])
-    assert control.extra_fraction[0] == pytest.approx(2 * d * d / gated)
-    assert plain.extra_fraction == [0.0] * len(plain.layers)
+    assert control.budget.extra[0] == pytest.approx(2 * d * d / gated)
+    assert list(plain.budget.extra) == [0.0] * len(plain.layers)
     per_gate = control.gate_sparsities(0.5)
     names = control.layers[0]
     level = sum(float((per_gate[n] * torch.tensor(control.gates[n].splits)).sum()) * control.gates[n].in_features
                 for n in names) / gated
-    assert level == pytest.approx(0.5 + control.extra_fraction[0], abs=1e-6)
+    assert level == pytest.approx(0.5 + control.budget.extra[0], abs=1e-6)
     with pytest.raises(WinaError, match="maximum"):
         control.set_sparsity(0.85)
 
@@ -215,7 +215,7 @@ def test_global_allocation_spends_the_model_budget_unevenly(tiny_models, tmp_pat
     """--allocation global: layers get different sparsities, the model as a whole reads 1 - s of its bytes."""
     out = convert(tiny_models["llama"], tmp_path / "global", sparsity=0.5, allocation="global", transform=True, **CAL).output
     control = load(out, sparsity=0.5, gate_prefill=True).wina
-    assert control.scope == "model"
+    assert control.budget.scope == "model"
     per_gate = control.gate_sparsities(0.5)
     levels, sizes = [], []
     for names in control.layers:
@@ -225,7 +225,7 @@ def test_global_allocation_spends_the_model_budget_unevenly(tiny_models, tmp_pat
         levels.append(level)
         sizes.append(size)
     model_level = sum(lv * sz for lv, sz in zip(levels, sizes)) / sum(sizes)
-    extra = sum(e * sz for e, sz in zip(control.extra_fraction, sizes)) / sum(sizes)
+    extra = sum(e * sz for e, sz in zip(control.budget.extra, sizes)) / sum(sizes)
     assert model_level == pytest.approx(0.5 + extra, abs=1e-3)
     assert max(levels) - min(levels) > 0.005, levels  # per-layer greedy would put every layer at 0.5 + extra
     assert describe(out)["kept_bytes_fraction"] == pytest.approx(0.5, abs=1e-3)

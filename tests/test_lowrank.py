@@ -168,12 +168,12 @@ def test_factors_are_paid_for_in_bytes(lowrank):
     names = control.layers[0]
     gated = sum(control.gates[n].weight.numel() for n in names)
     factors = sum(RANK * (control.gates[n].in_features + control.gates[n].out_features) for n in names)
-    assert control.extra_fraction[0] == pytest.approx(factors / gated)
-    assert plain.extra_fraction == [0.0] * len(plain.layers)
+    assert control.budget.extra[0] == pytest.approx(factors / gated)
+    assert list(plain.budget.extra) == [0.0] * len(plain.layers)
     result = evaluate(lowrank["llama"], sparsity=0.5, max_tokens=2048, seq_len=128)
     base = evaluate(lowrank["llama-plain"], sparsity=0.5, max_tokens=2048, seq_len=128)
     assert result["kept_bytes_fraction"] == pytest.approx(0.5, abs=0.06)
-    assert result["sparsity"] > base["sparsity"] + 0.5 * control.extra_fraction[0]  # columns skipped to pay
+    assert result["sparsity"] > base["sparsity"] + 0.5 * control.budget.extra[0]  # columns skipped to pay
     info = describe(lowrank["llama"])
     assert info["kept_bytes_fraction"] == pytest.approx(0.5, abs=1e-3)
     assert result["bytes_per_token"] == pytest.approx(info["bytes_per_token"], rel=0.1)
@@ -183,7 +183,7 @@ def test_factors_are_paid_for_in_bytes(lowrank):
     for gate in model.wina.gates.values():
         gate.set_lowrank(None, None)
     stripped = evaluate(model, sparsity=0.5, max_tokens=2048, seq_len=128)
-    assert stripped["kept_bytes_fraction"] < result["kept_bytes_fraction"] - 0.5 * control.extra_fraction[0]
+    assert stripped["kept_bytes_fraction"] < result["kept_bytes_fraction"] - 0.5 * control.budget.extra[0]
 
 
 # --------------------------------------------------------------------------- recorded, saved, loaded
