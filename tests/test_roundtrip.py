@@ -214,32 +214,6 @@ def test_two_models_share_no_state(checkpoints):
     assert a.wina.stats()["sparsity"] == 0.0 and b.wina.stats()["sparsity"] > 0
 
 
-def test_generate_keeps_pad_token_id_zero(checkpoints, monkeypatch, capsys):
-    """``wina generate`` passes a pad id of 0 as 0 (it used to fall back to the EOS id: ``0 or eos``)."""
-    import transformers
-
-    from tests.helpers import run
-
-    seen = {}
-    real_from_pretrained = transformers.AutoTokenizer.from_pretrained
-
-    def tokenizer(*args, **kwargs):
-        tok = real_from_pretrained(*args, **kwargs)
-        tok.eos_token = tok.convert_ids_to_tokens(7)
-        assert tok.pad_token_id == 0 and tok.eos_token_id == 7
-        return tok
-
-    def generate(self, input_ids=None, **kwargs):
-        seen.update(kwargs)
-        return input_ids
-
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer)
-    monkeypatch.setattr(transformers.GenerationMixin, "generate", generate)
-    code, _, err = run(capsys, "generate", checkpoints["plain"], "Once", "-n", "2", "--raw")
-    assert code == 0, err
-    assert seen["pad_token_id"] == 0
-
-
 def test_save_pretrained_keeps_the_centers(tiny_models, tmp_path):
     """A --center checkpoint saved from a loaded model keeps its per-channel centers (the gates would
     otherwise gate |x| again): the reloaded model computes the same logits at the target."""
