@@ -114,7 +114,7 @@ def measure(path: Path, modes: list[str], tokens: int, prompt: int, device: str,
     model = load(path, sparsity=0.0, device=device)
     if head_share is not None:  # the head inside the budget at a fixed share (what --head-sparsity auto records)
         model.wina.use_budget(model.wina.budget.with_head(share=head_share))
-    if apart:  # the low-rank term by torch ops on top of the kernels (hook._compensated), not in the launch
+    if apart:  # the low-rank term by torch ops on top of the kernels (group.compensated), not in the launch
         for group in {id(g.kernel): g.kernel for g in model.wina.gates.values() if g.kernel is not None}.values():
             group.lr_b = None
     model.wina.set_counting(False)  # no counting ops in the recorded steps

@@ -478,7 +478,7 @@ def test_levers_on_cuda_equal_reference(tiny_models, tmp_path, center):
 @pytest.mark.parametrize("transform", [False, True])
 def test_lowrank_on_cuda_equal_reference(tiny_models, tmp_path, transform):
     """--lowrank on CUDA: the gates keep the kernels and add the compensation of the dropped channels with
-    torch ops on top of them (hook._compensated). Teacher-forced decode steps replayed from the CUDA graphs
+    torch ops on top of them (group.compensated). Teacher-forced decode steps replayed from the CUDA graphs
     (eager and torch.compile'd) give the masking reference's logits, which the term changes; prompt and
     greedy tokens too."""
     from wina_convert import convert, load

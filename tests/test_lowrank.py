@@ -269,8 +269,8 @@ def test_kernel_hooks_add_the_term(family, lowrank, monkeypatch):
     masks, added = [], []
     original = launch.gated_linear_op
     monkeypatch.setattr(launch, "gated_linear_op", lambda *a, **k: masks.append(a[12] if len(a) > 12 else 0) or original(*a, **k))
-    separate = hook._compensated
-    monkeypatch.setattr(hook, "_compensated", lambda *a: added.append(1) or separate(*a))
+    separate = hook.compensated
+    monkeypatch.setattr(hook, "compensated", lambda *a: added.append(1) or separate(*a))
     ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
     fast = _decode_logits(model, ids)
     assert masks and all(masks) and not added  # every launch carried the term
@@ -294,8 +294,8 @@ def test_kernel_hooks_with_mixed_ranks_add_the_term_apart(lowrank, monkeypatch):
     for gate in model.wina.gates.values():
         gate.counting = False
     added = []
-    separate = hook._compensated
-    monkeypatch.setattr(hook, "_compensated", lambda *a: added.append(1) or separate(*a))
+    separate = hook.compensated
+    monkeypatch.setattr(hook, "compensated", lambda *a: added.append(1) or separate(*a))
     ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
     fast = _decode_logits(model, ids)
     assert _rel(fast, _decode_logits(ref, ids)) <= 1e-5
